@@ -1,0 +1,288 @@
+"""Randomized-smoothing certification (Cohen, Rosenfeld & Kolter, ICML 2019).
+
+The smoothed classifier is ``g(x) = argmax_c P(f(x + delta) = c)`` with ``delta ~ N(0, sigma^2 I)``.
+``Smooth.certify`` is Cohen's CERTIFY: ``n0`` noisy copies pick the top class ``cA``, ``n`` *fresh* copies
+count it, and a one-sided Clopper-Pearson bound ``pA_lower`` on ``P(f(x + delta) = cA)`` gives the l2 radius
+``sigma * Phi^-1(pA_lower)``, valid with probability >= 1 - alpha. ``Smooth.predict`` is PREDICT.
+
+``f`` is any module mapping images in [0, 1] to logits, e.g. ``nn.Sequential(denoiser, classifier)`` (the
+denoised-smoothing composition used by DE-CROP); normalisation belongs inside ``f``.
+
+Per-image results are ``CertRow`` s with Cohen's columns ``idx label predict radius correct time``.
+``certify_indices`` seeds every image from ``(seed, idx)`` so a dataset can be split into shards (e.g. one
+per Ray task), certified anywhere, and merged with ``merge_rows`` into exactly the unsharded result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from scipy.stats import beta, binomtest, norm
+from torch import nn
+from torch.utils.data import Dataset
+
+ABSTAIN = -1
+_HEADER = ("idx", "label", "predict", "radius", "correct", "time")
+
+
+def lower_confidence_bound(k: int, n: int, alpha: float) -> float:
+    """One-sided (1 - alpha) Clopper-Pearson lower bound on a binomial proportion from k successes in n.
+
+    Equals ``statsmodels proportion_confint(k, n, alpha=2 * alpha, method="beta")[0]``; 0.0 when k == 0.
+    """
+    if n < 1 or not 0 <= k <= n:
+        raise ValueError(f"need 0 <= k <= n and n >= 1, got k={k}, n={n}")
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    if k == 0:
+        return 0.0
+    return float(beta.ppf(alpha, k, n - k + 1))
+
+
+def certified_radius(p_lower: float, sigma: float) -> float:
+    """l2 radius ``sigma * Phi^-1(p_lower)`` given a lower bound p_lower on the top-class probability."""
+    return float(sigma * norm.ppf(p_lower))
+
+
+@contextlib.contextmanager
+def _eval_mode(module: nn.Module) -> Iterator[None]:
+    """Put every submodule in eval mode; restore each one's own mode afterwards (modes may be mixed)."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+class Smooth:
+    """Gaussian-smoothed version of a base classifier, with Cohen's CERTIFY and PREDICT.
+
+    Args:
+        base: maps images in [0, 1] of shape (B, C, H, W) to logits (B, num_classes). Put in eval mode
+            during sampling; every submodule's mode is restored afterwards.
+        num_classes: number of classes (the logits' width).
+        sigma: standard deviation of the isotropic Gaussian noise, in [0, 1] pixel units.
+    """
+
+    def __init__(self, base: nn.Module, num_classes: int, sigma: float) -> None:
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if not sigma > 0:
+            raise ValueError(f"sigma must be > 0, got {sigma}")
+        self.base = base
+        self.num_classes = num_classes
+        self.sigma = sigma
+
+    def certify(
+        self,
+        x: torch.Tensor,
+        n0: int,
+        n: int,
+        alpha: float,
+        batch_size: int,
+        generator: torch.Generator | None = None,
+    ) -> tuple[int, float]:
+        """CERTIFY one image x of shape (C, H, W) in [0, 1], on any device (noise is drawn there).
+
+        Returns ``(cA, radius)``, or ``(ABSTAIN, 0.0)`` when ``pA_lower < 0.5``. With probability >= 1 - alpha
+        (over the noise) a non-abstaining answer is what the smoothed classifier predicts everywhere in the
+        l2 ball of that radius. ``generator`` (on x's device) makes the noise reproducible.
+        """
+        _check_counts(n0=n0, n=n, batch_size=batch_size)
+        with _eval_mode(self.base):
+            # Selection and estimation use independent samples; reusing the n0 copies would bias the bound.
+            counts0 = self._sample_noise(x, n0, batch_size, generator)
+            c_a = int(counts0.argmax().item())
+            counts = self._sample_noise(x, n, batch_size, generator)
+            count_a = int(counts[c_a].item())
+        p_lower = lower_confidence_bound(count_a, n, alpha)
+        if p_lower < 0.5:
+            return ABSTAIN, 0.0
+        return c_a, certified_radius(p_lower, self.sigma)
+
+    def predict(
+        self,
+        x: torch.Tensor,
+        n: int,
+        alpha: float,
+        batch_size: int,
+        generator: torch.Generator | None = None,
+    ) -> int:
+        """PREDICT for one image x of shape (C, H, W) in [0, 1]: the smoothed class, or ABSTAIN.
+
+        Abstains when a two-sided binomial test of the top two counts cannot reject equality at level alpha;
+        otherwise the answer differs from g(x) with probability <= alpha.
+        """
+        _check_counts(n0=1, n=n, batch_size=batch_size)
+        with _eval_mode(self.base):
+            counts = self._sample_noise(x, n, batch_size, generator)
+        counts_host = counts.cpu()  # the one host sync
+        top = counts_host.topk(min(2, self.num_classes)).indices.tolist()
+        count1 = int(counts_host[top[0]])
+        count2 = int(counts_host[top[1]]) if len(top) > 1 else 0
+        if binomtest(count1, count1 + count2, 0.5).pvalue > alpha:
+            return ABSTAIN
+        return top[0]
+
+    def _sample_noise(
+        self, x: torch.Tensor, num: int, batch_size: int, generator: torch.Generator | None
+    ) -> torch.Tensor:
+        """Classify ``num`` noisy copies of x (C, H, W); return class counts, shape (num_classes,), int64, on
+        x's device. Counting stays on the device so there is no host sync per batch."""
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point image in [0, 1], got dtype {x.dtype}")
+        counts = torch.zeros(self.num_classes, dtype=torch.long, device=x.device)
+        with torch.inference_mode():
+            remaining = num
+            while remaining > 0:
+                this_batch = min(batch_size, remaining)
+                remaining -= this_batch
+                noise = torch.randn(
+                    (this_batch, *x.shape), generator=generator, device=x.device, dtype=x.dtype
+                )
+                # In place: noise becomes x + sigma * noise, x broadcast (never materialised by repeat).
+                batch = noise.mul_(self.sigma).add_(x.unsqueeze(0))
+                logits = self.base(batch)
+                if logits.shape != (this_batch, self.num_classes):
+                    raise ValueError(
+                        f"base returned logits of shape {tuple(logits.shape)}, "
+                        f"expected ({this_batch}, {self.num_classes})"
+                    )
+                counts += torch.bincount(logits.argmax(dim=1), minlength=self.num_classes)
+        return counts
+
+
+def _check_counts(*, n0: int, n: int, batch_size: int) -> None:
+    for name, value in (("n0", n0), ("n", n), ("batch_size", batch_size)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+
+
+@dataclass(frozen=True)
+class CertRow:
+    """One certified image, Cohen's output columns.
+
+    ``predict`` is ABSTAIN (-1) or a class, ``radius`` is 0.0 on abstain, ``correct`` is 1 iff
+    ``predict == label``, ``time`` is the wall-clock seconds spent certifying this image.
+    """
+
+    idx: int
+    label: int
+    predict: int
+    radius: float
+    correct: int
+    time: float
+
+
+def _image_seed(seed: int, idx: int) -> int:
+    """Seed of image idx's noise: depends only on (seed, idx), so shards reproduce the unsharded run."""
+    return (seed * 1_000_003 + idx) % 2**63
+
+
+def certify_indices(
+    model: nn.Module,
+    dataset: Dataset | Sequence[tuple[torch.Tensor, int]],
+    indices: Iterable[int],
+    *,
+    num_classes: int,
+    sigma: float,
+    n0: int,
+    n: int,
+    alpha: float,
+    batch_size: int,
+    seed: int,
+    device: torch.device | str | None = None,
+    progress: Callable[[int, int, CertRow], None] | None = None,
+) -> list[CertRow]:
+    """CERTIFY ``dataset[i]`` for every i in ``indices`` (in that order) and return one row per image.
+
+    ``dataset[i]`` is ``(image (C, H, W) in [0, 1], label)``; images are moved to ``device`` (default: the
+    device of the model's parameters, CPU if it has none), where the model must already live. Image i's
+    noise comes from its own generator seeded by ``(seed, i)``, so any sharding of ``indices`` yields the
+    same rows. ``progress(done, total, row)`` is called after each image. Model modes are restored.
+    """
+    indices = list(indices)
+    if device is None:
+        param = next(model.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+    device = torch.device(device)
+    smooth = Smooth(model, num_classes, sigma)
+    rows: list[CertRow] = []
+    for done, idx in enumerate(indices, start=1):
+        image, label = dataset[idx]
+        label = int(label)
+        x = image.to(device)
+        generator = torch.Generator(device=device)
+        generator.manual_seed(_image_seed(seed, idx))
+        start = time.perf_counter()
+        prediction, radius = smooth.certify(x, n0, n, alpha, batch_size, generator=generator)
+        elapsed = time.perf_counter() - start
+        row = CertRow(idx, label, prediction, radius, int(prediction == label), elapsed)
+        rows.append(row)
+        if progress is not None:
+            progress(done, len(indices), row)
+    return rows
+
+
+def merge_rows(shards: Iterable[Sequence[CertRow]]) -> list[CertRow]:
+    """Concatenate shards' rows sorted by idx; ValueError if an idx appears twice."""
+    rows = sorted((row for shard in shards for row in shard), key=lambda row: row.idx)
+    for prev, row in zip(rows, rows[1:]):
+        if prev.idx == row.idx:
+            raise ValueError(f"duplicate idx {row.idx} across shards")
+    return rows
+
+
+def write_rows(rows: Iterable[CertRow], path: str | Path) -> None:
+    """Write rows as Cohen's tab-separated table (header ``idx label predict radius correct time``)."""
+    lines = ["\t".join(_HEADER)]
+    for r in rows:
+        lines.append(f"{r.idx}\t{r.label}\t{r.predict}\t{r.radius:.4f}\t{r.correct}\t{r.time:.4f}")
+    Path(path).write_text("\n".join(lines) + "\n")
+
+
+def read_rows(path: str | Path) -> list[CertRow]:
+    """Read a table written by ``write_rows``; ValueError naming the file and line if it is malformed."""
+    lines = Path(path).read_text().splitlines()
+    if not lines or tuple(lines[0].split("\t")) != _HEADER:
+        expected = "\t".join(_HEADER)
+        raise ValueError(f"{path}: expected header {expected!r}")
+    rows = []
+    for lineno, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if len(fields) != len(_HEADER):
+            raise ValueError(f"{path}: line {lineno}: expected {len(_HEADER)} fields, got {len(fields)}")
+        try:
+            idx, label, predict, correct = (int(fields[i]) for i in (0, 1, 2, 4))
+            radius, elapsed = float(fields[3]), float(fields[5])
+        except ValueError as err:
+            raise ValueError(f"{path}: line {lineno}: {err}") from None
+        rows.append(CertRow(idx, label, predict, radius, correct, elapsed))
+    return rows
+
+
+def certified_accuracy(rows: Sequence[CertRow], radii: Sequence[float]) -> dict[float, float]:
+    """For each r in radii, the fraction of rows certified correct with radius >= r (at r = 0: correct and
+    not abstained)."""
+    if not rows:
+        raise ValueError("certified_accuracy needs at least one row")
+    return {
+        float(r): sum(row.correct == 1 and row.radius >= r for row in rows) / len(rows) for r in radii
+    }
+
+
+def average_certified_radius(rows: Sequence[CertRow]) -> float:
+    """ACR: mean over rows of the radius if certified correct, else 0."""
+    if not rows:
+        raise ValueError("average_certified_radius needs at least one row")
+    return math.fsum(row.radius if row.correct == 1 else 0.0 for row in rows) / len(rows)

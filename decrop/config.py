@@ -1,0 +1,324 @@
+"""Experiment configuration: one frozen object per run, built in one place.
+
+A run is described by an `ExperimentConfig`, built from a YAML profile (``configs/quick.yaml``) plus dotted
+overrides (``--set train.epochs=5``), or from a flat dict with dotted keys (what Ray Tune hands a trial).
+Every key and value is checked here, before any compute: an unknown key or an out-of-range value raises
+`ConfigError` naming the key and what is allowed. Library functions then receive only the part they need
+(``cfg.train``, ``cfg.certify``, ...).
+
+Each field carries its help text, its bounds and (through ``Literal``) its choices in one place, so the
+checks, the error messages and the docs cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import math
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is invalid; the message names the key and the allowed values."""
+
+
+def _field(default: Any, help: str, *, ge: float | None = None, gt: float | None = None,
+           le: float | None = None, lt: float | None = None) -> Any:
+    """A dataclass field with its help text and numeric bounds (checked by `_check_bounds`)."""
+    bounds = {k: v for k, v in dict(ge=ge, gt=gt, le=le, lt=lt).items() if v is not None}
+    if isinstance(default, (list, tuple)):
+        return field(default_factory=lambda: tuple(default), metadata={"help": help, **bounds})
+    return field(default=default, metadata={"help": help, **bounds})
+
+
+Dataset = Literal["fashion_mnist", "cifar10"]
+ClassifierArch = Literal["small_cnn", "resnet20", "resnet56", "resnet110"]
+DenoiserArch = Literal["dncnn", "memnet"]
+Method = Literal["baseline"]
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: Dataset = _field("fashion_mnist", "dataset the classifier was trained on")
+    root: str = _field("~/.cache/decrop/data", "folder holding the torchvision dataset files")
+    download: bool = _field(False, "download the dataset with torchvision if it is not found (needs internet)")
+    percent: float = _field(1.0, "size of the limited training subset in percent of the training split, "
+                                 "drawn per class", gt=0, le=100)
+    val_size: int = _field(500, "validation images (training images disjoint from the subset) for model "
+                                "selection and the per-epoch metric; never the test images", ge=1)
+    test_every: int = _field(20, "certify every m-th test image (the paper: 20, i.e. 500 of CIFAR-10)", ge=1)
+    augment: Literal[0, 1, 2, 3] = _field(1, "augmentation policy for denoiser training: 0 none, 1 crop+flip, "
+                                             "2 one of {hflip, vflip, crop, affine}, 3 all of policy 2")
+
+
+@dataclass(frozen=True)
+class ClassifierConfig:
+    arch: ClassifierArch = _field("small_cnn", "base classifier architecture")
+    epochs: int = _field(300, "training epochs of the base classifier (on the full training split)", ge=1)
+    batch_size: int = _field(128, "batch size", ge=1)
+    lr: float = _field(0.1, "SGD learning rate", gt=0)
+    momentum: float = _field(0.9, "SGD momentum", ge=0, lt=1)
+    weight_decay: float = _field(5e-4, "SGD weight decay", ge=0)
+    lr_step: int = _field(100, "multiply the learning rate by lr_gamma every lr_step epochs", ge=1)
+    lr_gamma: float = _field(0.1, "learning-rate decay factor", gt=0, le=1)
+    seed: int = _field(0, "seed of the classifier's training; separate from the experiment seed because the "
+                          "classifier is the fixed pretrained model every seed of a study protects", ge=0)
+
+
+@dataclass(frozen=True)
+class DenoiserConfig:
+    arch: DenoiserArch = _field("dncnn", "denoiser architecture")
+    depth: int = _field(17, "DnCNN: number of conv layers", ge=3)
+    width: int = _field(64, "channels of the hidden layers (DnCNN and MemNet)", ge=1)
+    num_memblocks: int = _field(3, "MemNet: memory blocks", ge=1)
+    num_resblocks: int = _field(6, "MemNet: residual blocks per memory block", ge=1)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = _field(600, "denoiser training epochs", ge=1)
+    batch_size: int = _field(64, "batch size", ge=1)
+    lr: float = _field(1e-3, "learning rate of Adam and of SGD after the switch", gt=0)
+    adam_epochs: int = _field(50, "epochs with Adam before switching to SGD (the paper's supplementary: 50)", ge=0)
+    momentum: float = _field(0.9, "SGD momentum after the switch", ge=0, lt=1)
+    lr_step: int = _field(200, "after the switch, multiply the SGD learning rate by lr_gamma every lr_step "
+                               "epochs", ge=1)
+    lr_gamma: float = _field(0.1, "SGD learning-rate decay factor", gt=0, le=1)
+    objective: Literal["stability", "mse"] = _field(
+        "stability", "baseline objective: 'stability' = CE(f(D(x+delta)), argmax f(x)) (Salman et al.), "
+                     "'mse' = ||D(x+delta) - x||^2")
+
+
+@dataclass(frozen=True)
+class CertifyConfig:
+    n0: int = _field(100, "noisy samples to select the top class", ge=1)
+    n: int = _field(10_000, "noisy samples to estimate its probability", ge=1)
+    alpha: float = _field(0.001, "failure probability of the certificate", gt=0, lt=1)
+    batch_size: int = _field(1000, "noisy samples per forward pass", ge=1)
+    radii: tuple[float, ...] = _field((0.0, 0.25, 0.5, 0.75, 1.0), "radii at which certified accuracy is "
+                                                                   "reported")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    name: str = _field("decrop", "name of the experiment (MLflow experiment, output folder prefix)")
+    seed: int = _field(0, "seed of the subset, the training and the certification noise", ge=0)
+    device: Literal["auto", "cpu", "cuda"] = _field("auto", "'auto' uses CUDA when available")
+    sigma: float = _field(0.25, "noise level of randomized smoothing (training and certification)", gt=0)
+    methods: tuple[Method, ...] = _field(("baseline",), "denoiser methods to train and certify (the "
+                                                        "no-denoiser reference is always certified)")
+    cache_dir: str = _field("~/.cache/decrop", "cache of trained classifiers and subsets, keyed by config")
+    data: DataConfig = field(default_factory=DataConfig)
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    denoiser: DenoiserConfig = field(default_factory=DenoiserConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    certify: CertifyConfig = field(default_factory=CertifyConfig)
+
+    def __post_init__(self) -> None:
+        if len(set(self.methods)) != len(self.methods):
+            raise ConfigError(f"config key 'methods' lists a method twice: {list(self.methods)}")
+        if any(r < 0 for r in self.certify.radii) or not self.certify.radii:
+            raise ConfigError(f"config key 'certify.radii' must be a non-empty list of radii >= 0, "
+                              f"got {list(self.certify.radii)}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Building and checking
+
+
+def _allowed_keys(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _unknown_key_error(key: str, prefix: str, cls: type) -> ConfigError:
+    allowed = _allowed_keys(cls)
+    close = difflib.get_close_matches(key, allowed, n=1)
+    hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+    return ConfigError(f"unknown config key '{prefix}{key}'{hint}; allowed keys"
+                       f"{' in ' + repr(prefix[:-1]) if prefix else ''}: {', '.join(allowed)}")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp` and convert lossless cases (int -> float, list -> tuple)."""
+    origin = get_origin(tp)
+    if origin is Literal:
+        choices = get_args(tp)
+        # type() as well as ==: True == 1 and 1.0 == 1, but neither is the augmentation policy 1.
+        if value not in choices or type(value) is not type(choices[0]):
+            raise ConfigError(f"config key '{key}' = {value!r} is not allowed; choose one of: "
+                              f"{', '.join(repr(c) for c in choices)}")
+        return value
+    if origin is tuple:
+        (item_tp, _ellipsis) = get_args(tp)
+        if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+            raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
+        return tuple(_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin in (Union, types.UnionType):
+        raise TypeError("optional config fields are not supported; use a sentinel value")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"config key '{key}' must be a finite number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config annotation {tp!r} for '{key}'")
+
+
+def _check_bounds(value: Any, meta: Mapping[str, Any], key: str) -> None:
+    ops = {"ge": (lambda v, b: v >= b, ">="), "gt": (lambda v, b: v > b, ">"),
+           "le": (lambda v, b: v <= b, "<="), "lt": (lambda v, b: v < b, "<")}
+    for name, (ok, symbol) in ops.items():
+        if name in meta and not ok(value, meta[name]):
+            allowed = " and ".join(f"{ops[n][1]} {meta[n]}" for n in ops if n in meta)
+            raise ConfigError(f"config key '{key}' = {value!r} is out of range: must be {allowed} "
+                              f"({meta['help']})")
+
+
+def _build(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"config key '{prefix[:-1]}' must be a mapping of keys, got {data!r}")
+    hints = get_type_hints(cls)
+    names = set(_allowed_keys(cls))
+    for key in data:
+        if key not in names:
+            raise _unknown_key_error(str(key), prefix, cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        key, tp, value = prefix + f.name, hints[f.name], data[f.name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[f.name] = _build(tp, value, key + ".")
+        else:
+            kwargs[f.name] = _coerce(value, tp, key)
+            if isinstance(kwargs[f.name], (int, float)) and not isinstance(kwargs[f.name], bool):
+                _check_bounds(kwargs[f.name], f.metadata, key)
+    return cls(**kwargs)
+
+
+def from_dict(data: Mapping[str, Any]) -> ExperimentConfig:
+    """Build a config from a nested dict (a parsed YAML profile). Missing keys take their defaults."""
+    return _build(ExperimentConfig, data)
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    node = tree
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"config key '{key}': '{part}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def from_flat(flat: Mapping[str, Any], base: ExperimentConfig | None = None) -> ExperimentConfig:
+    """Build a config from dotted keys (``{"train.epochs": 5}``), on top of `base` (defaults if None)."""
+    tree = to_dict(base) if base is not None else {}
+    for key, value in flat.items():
+        _set_dotted(tree, key, value)
+    return from_dict(tree)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse ``key=value`` from the command line; the value is read as YAML (``5``, ``0.1``, ``[0, 0.5]``)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key=value, e.g. train.epochs=5")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else raw
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {text!r}: cannot parse the value: {err}") from None
+    return key.strip(), value
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """Read a YAML profile (defaults if `path` is None) and apply ``key=value`` overrides in order."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist (profiles live in configs/, "
+                              f"e.g. configs/quick.yaml)")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys")
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    return from_dict(tree)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Views of a config
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Nested plain dict (tuples become lists) that `from_dict` reads back to an equal config."""
+    def plain(v: Any) -> Any:
+        return [plain(x) for x in v] if isinstance(v, tuple) else v
+    return {f.name: to_dict(getattr(cfg, f.name)) if dataclasses.is_dataclass(getattr(cfg, f.name))
+            else plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+
+
+def to_flat(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    """Flat dict with dotted keys and primitive values (lists for tuples): MLflow params, Tune spaces."""
+    flat: dict[str, Any] = {}
+    for key, value in to_dict(cfg).items():
+        if isinstance(value, dict):
+            flat.update(to_flat(getattr(cfg, key), prefix + key + "."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def to_yaml(cfg: ExperimentConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def config_hash(*parts: Any) -> str:
+    """Short stable hash of config sections or primitives, used to key caches (classifier, subsets)."""
+    payload = json.dumps([to_dict(p) if dataclasses.is_dataclass(p) else p for p in parts], sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+
+def expand_path(path: str) -> Path:
+    """Absolute path with ``~`` expanded: Ray moves workers into trial folders, so relative paths break."""
+    return Path(path).expanduser().resolve()
+
+
+def describe(cls: type = ExperimentConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, default, help) for every field: the reference printed by ``python -m decrop config --help-keys``."""
+    rows = []
+    hints = get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            rows += describe(hints[f.name], prefix + f.name + ".")
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            choices = get_args(hints[f.name]) if get_origin(hints[f.name]) is Literal else None
+            text = f.metadata.get("help", "") + (f" (one of {list(choices)})" if choices else "")
+            rows.append((prefix + f.name, repr(default), text))
+    return rows

@@ -1,0 +1,45 @@
+"""Process-level helpers: the device, seeding, and progress lines for long phases."""
+
+from __future__ import annotations
+
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> CUDA when available, else CPU; 'cuda' without a GPU fails with the fix."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("config asks for device 'cuda' but no CUDA device is visible; "
+                           "use --set device=cpu (or device=auto)")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Progress:
+    """Prints ``label: done/total (pct) elapsed, eta`` at most every `every_s` seconds and at the end."""
+
+    def __init__(self, label: str, total: int, every_s: float = 10.0, stream=None):
+        self.label, self.total, self.every_s = label, total, every_s
+        self.stream = stream or sys.stdout
+        self.start = self.last = time.perf_counter()
+
+    def update(self, done: int, extra: str = "") -> None:
+        now = time.perf_counter()
+        if done < self.total and now - self.last < self.every_s:
+            return
+        self.last = now
+        elapsed = now - self.start
+        eta = elapsed / done * (self.total - done) if done else float("nan")
+        print(f"{self.label}: {done}/{self.total} ({100 * done / max(self.total, 1):.0f}%) "
+              f"{elapsed:.0f}s elapsed, eta {eta:.0f}s {extra}".rstrip(), file=self.stream, flush=True)
