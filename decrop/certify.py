@@ -50,6 +50,12 @@ def certified_radius(p_lower: float, sigma: float) -> float:
     return float(sigma * norm.ppf(p_lower))
 
 
+def max_certifiable_radius(n: int, alpha: float, sigma: float) -> float:
+    """The largest radius CERTIFY can return with `n` samples: all n votes for the top class give
+    pA_lower = alpha^(1/n). Radii above it are never certified, whatever the model."""
+    return certified_radius(lower_confidence_bound(n, n, alpha), sigma)
+
+
 @contextlib.contextmanager
 def _eval_mode(module: nn.Module) -> Iterator[None]:
     """Put every submodule in eval mode; restore each one's own mode afterwards (modes may be mixed)."""

@@ -21,15 +21,19 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, corrupt, or was written for another model or setting."""
 
 
-def save_checkpoint(path: str | Path, model: nn.Module, meta: Mapping[str, Any]) -> Path:
+def save_tensors(path: str | Path, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> Path:
+    """Write named tensors (a state dict, or cached samples) with their metadata, atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    module = getattr(model, "module", model)  # unwrap DistributedDataParallel
-    state = {k: v.detach().cpu() for k, v in module.state_dict().items()}
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save({"meta": dict(meta), "state_dict": state}, tmp)
+    torch.save({"meta": dict(meta), "state_dict": {k: v.detach().cpu() for k, v in tensors.items()}}, tmp)
     os.replace(tmp, path)
     return path
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, meta: Mapping[str, Any]) -> Path:
+    module = getattr(model, "module", model)  # unwrap DistributedDataParallel
+    return save_tensors(path, module.state_dict(), meta)
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -49,12 +53,9 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return payload
 
 
-def load_checkpoint(path: str | Path, model: nn.Module, expect: Mapping[str, Any] | None = None
-                    ) -> dict[str, Any]:
-    """Load weights from `path` into `model` after checking ``meta[k] == expect[k]`` for every key of `expect`.
-
-    Returns the checkpoint's metadata. The model is left untouched when any check fails.
-    """
+def load_tensors(path: str | Path, expect: Mapping[str, Any] | None = None
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Named tensors and metadata of `path`, after checking ``meta[k] == expect[k]`` for every key of `expect`."""
     payload = read_checkpoint(path)
     meta = payload["meta"]
     for key, want in (expect or {}).items():
@@ -62,9 +63,18 @@ def load_checkpoint(path: str | Path, model: nn.Module, expect: Mapping[str, Any
             raise CheckpointError(f"checkpoint {str(path)!r} was written for {key}={meta.get(key)!r}, but this "
                                   f"run needs {key}={want!r}; point the run at the right file or delete this "
                                   f"one to recreate it")
+    return payload["state_dict"], meta
+
+
+def load_checkpoint(path: str | Path, model: nn.Module, expect: Mapping[str, Any] | None = None
+                    ) -> dict[str, Any]:
+    """Load weights from `path` into `model` after checking ``meta[k] == expect[k]`` for every key of `expect`.
+
+    Returns the checkpoint's metadata. The model is left untouched when any check fails.
+    """
+    theirs, meta = load_tensors(path, expect)
     module = getattr(model, "module", model)
     ours = module.state_dict()
-    theirs = payload["state_dict"]
     missing, unexpected = sorted(set(ours) - set(theirs)), sorted(set(theirs) - set(ours))
     shapes = [k for k in set(ours) & set(theirs) if ours[k].shape != theirs[k].shape]
     if missing or unexpected or shapes:

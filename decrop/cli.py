@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+from .certify import max_certifiable_radius
 from .checkpoint import CheckpointError
 from .config import ConfigError, describe, load_config, to_yaml
 from .data import DatasetNotFoundError
@@ -29,6 +30,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="override a config key (repeatable), e.g. --set train.epochs=5")
         if name == "run":
             p.add_argument("--out", type=Path, default=None, help="output folder (default runs/<name>-<time>)")
+            p.add_argument("--blackbox", action="store_true",
+                           help="also run DE-CROP in the black-box setting (same as adding decrop_blackbox to "
+                                "the methods key)")
         else:
             p.add_argument("--keys", action="store_true", help="list every key with its default and meaning")
     return parser
@@ -41,7 +45,12 @@ def main(argv: list[str] | None = None) -> int:
             for key, default, text in describe():
                 print(f"{key:28s} {default:24s} {text}")
             return 0
-        cfg = load_config(args.config, args.overrides)
+        overrides = list(args.overrides)
+        if getattr(args, "blackbox", False):
+            base = load_config(args.config, overrides)
+            if "decrop_blackbox" not in base.methods:
+                overrides.append(f"methods={[*base.methods, 'decrop_blackbox']}")
+        cfg = load_config(args.config, overrides)
         if args.command == "config":
             print(to_yaml(cfg), end="")
             return 0
@@ -54,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nCertified accuracy (%) under sigma={cfg.sigma}, {cfg.data.percent}% of {cfg.data.dataset} "
               f"training data, n={cfg.certify.n}, alpha={cfg.certify.alpha}:")
         print(format_table(table))
+        limit = max_certifiable_radius(cfg.certify.n, cfg.certify.alpha, cfg.sigma)
+        if limit < max(cfg.certify.radii):
+            print(f"(with n={cfg.certify.n} and alpha={cfg.certify.alpha} no radius above {limit:.3f} can be "
+                  f"certified: raise certify.n to report larger radii)")
         print(f"\nwall time {time.perf_counter() - tic:.0f}s; results in {out}")
         return 0
     except (ConfigError, DatasetNotFoundError, CheckpointError) as err:

@@ -41,7 +41,8 @@ def _field(default: Any, help: str, *, ge: float | None = None, gt: float | None
 Dataset = Literal["fashion_mnist", "cifar10"]
 ClassifierArch = Literal["small_cnn", "resnet20", "resnet56", "resnet110"]
 DenoiserArch = Literal["dncnn", "memnet"]
-Method = Literal["baseline"]
+Method = Literal["baseline", "decrop", "decrop_blackbox"]
+AttackName = Literal["pgd", "autoattack", "deepfool", "none"]
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,38 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class DecropConfig:
+    attack: AttackName = _field("pgd", "how boundary samples are made: pgd, autoattack (APGD-CE), deepfool, or "
+                                       "none (a random partner of the same class, the paper's ablation)")
+    eps: float = _field(8 / 255, "L-inf radius of the boundary attacks (a property of the dataset: 8/255 flips "
+                                 "too few Fashion-MNIST predictions, 16/255 most)", gt=0, le=1)
+    attack_steps: int = _field(20, "iterations of pgd and autoattack", ge=1)
+    attack_step_size: float = _field(2 / 255, "pgd step size", gt=0)
+    alpha: float = _field(0.8, "mixing coefficient of interpolated samples: target logits "
+                               "alpha f(x) + (1 - alpha) f(x_b)", ge=0, le=1)
+    n_interp: Literal[1, 2, 5] = _field(1, "interpolated samples per original, each from its own start")
+    interp_steps: int = _field(50, "Adam steps of the input optimisation towards the interpolated target", ge=1)
+    interp_lr: float = _field(1e-2, "Adam learning rate of the input optimisation", gt=0)
+    w_lc: float = _field(1.0, "weight of L_lc (label consistency)", ge=0)
+    w_cs: float = _field(4.0, "weight of L_cs (cosine similarity of logits), per generated kind", ge=0)
+    w_mmd: float = _field(4.0, "weight of L_mmd (feature MMD), per generated kind", ge=0)
+    stage2_epochs: int = _field(0, "epochs of stage 2 (adds the domain discriminator), taken from the end of "
+                                   "train.epochs so every method has the same budget; 0 = stage 1 only", ge=0)
+    beta_scale: float = _field(2.0, "w_beta: final scale of the gradient-reversal coefficient", ge=0)
+    beta_gamma: float = _field(10.0, "gamma: steepness of the gradient-reversal ramp", gt=0)
+    disc_lr: float = _field(1e-5, "Adam learning rate of the domain discriminator", gt=0)
+
+
+@dataclass(frozen=True)
+class BlackBoxConfig:
+    arch: ClassifierArch = _field("small_cnn", "surrogate classifier distilled from the black-box outputs")
+    epochs: int = _field(30, "distillation epochs on the limited data (and again with the generated samples)",
+                         ge=1)
+    lr: float = _field(1e-3, "Adam learning rate of the distillation", gt=0)
+    temperature: float = _field(1.0, "softmax temperature of the distillation targets", gt=0)
+
+
+@dataclass(frozen=True)
 class CertifyConfig:
     n0: int = _field(100, "noisy samples to select the top class", ge=1)
     n: int = _field(10_000, "noisy samples to estimate its probability", ge=1)
@@ -119,6 +152,8 @@ class ExperimentConfig:
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     denoiser: DenoiserConfig = field(default_factory=DenoiserConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    decrop: DecropConfig = field(default_factory=DecropConfig)
+    blackbox: BlackBoxConfig = field(default_factory=BlackBoxConfig)
     certify: CertifyConfig = field(default_factory=CertifyConfig)
 
     def __post_init__(self) -> None:
@@ -127,6 +162,9 @@ class ExperimentConfig:
         if any(r < 0 for r in self.certify.radii) or not self.certify.radii:
             raise ConfigError(f"config key 'certify.radii' must be a non-empty list of radii >= 0, "
                               f"got {list(self.certify.radii)}")
+        if self.decrop.stage2_epochs >= self.train.epochs:
+            raise ConfigError(f"config key 'decrop.stage2_epochs' = {self.decrop.stage2_epochs} must be smaller "
+                              f"than train.epochs = {self.train.epochs} (stage 2 is the end of the same budget)")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -43,3 +43,30 @@ class Progress:
         eta = elapsed / done * (self.total - done) if done else float("nan")
         print(f"{self.label}: {done}/{self.total} ({100 * done / max(self.total, 1):.0f}%) "
               f"{elapsed:.0f}s elapsed, eta {eta:.0f}s {extra}".rstrip(), file=self.stream, flush=True)
+
+
+_ALLOCATOR_TUNED = False
+
+
+def tune_allocator() -> bool:
+    """Stop glibc from returning large activation buffers to the OS after every forward pass.
+
+    By default glibc serves allocations above 128 KiB-32 MiB with mmap and frees them with munmap, so a CPU
+    forward pass over a batch of noisy images maps and unmaps (and page-faults) its activations anew every
+    time: measured here, certification spent more time in the kernel than in convolutions. Raising the mmap
+    and trim thresholds keeps those pages in the heap for reuse (2.6x faster certification on a 2-core CPU,
+    `benchmarks/`). Process-wide, so entry points call it explicitly; a no-op off glibc. Returns whether
+    the setting took effect.
+    """
+    global _ALLOCATOR_TUNED
+    if _ALLOCATOR_TUNED:
+        return True
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # from <malloc.h>
+    _ALLOCATOR_TUNED = bool(libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, 1 << 30))
+    return _ALLOCATOR_TUNED

@@ -124,6 +124,8 @@ def train_denoiser(denoiser: nn.Module, classifier: nn.Module, loader: DataLoade
         for epoch in range(start_epoch, cfg.epochs):
             tic = time.perf_counter()
             optimizer = schedule.for_epoch(epoch)
+            if hasattr(objective, "set_progress"):  # p runs from 0 at the first epoch to 1 at the last
+                objective.set_progress((epoch - start_epoch) / max(cfg.epochs - start_epoch - 1, 1))
             if hasattr(loader.sampler, "set_epoch"):  # DistributedSampler reshuffles per epoch
                 loader.sampler.set_epoch(epoch)
             denoiser.train()
@@ -135,6 +137,8 @@ def train_denoiser(denoiser: nn.Module, classifier: nn.Module, loader: DataLoade
                 loss, parts = objective(denoiser, classifier, images, labels)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                if hasattr(objective, "after_backward"):
+                    objective.after_backward()
                 optimizer.step()
                 size = len(labels)
                 seen += size

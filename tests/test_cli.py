@@ -1,0 +1,81 @@
+"""The run command end to end on tiny settings, and its error paths (which must fail before any compute)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from decrop.certify import read_rows
+from decrop.cli import main
+from decrop.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+FMNIST = Path(os.environ.get("DECROP_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
+TINY = ["classifier.epochs=1", "train.epochs=2", "train.adam_epochs=1", "data.test_every=1000",
+        "data.val_size=50", "certify.n0=20", "certify.n=100", "certify.batch_size=100", "denoiser.depth=3",
+        "denoiser.width=8"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    if not (FMNIST / "train-images-idx3-ubyte.gz").exists():
+        pytest.skip(f"Fashion-MNIST not installed in {FMNIST} (scripts/setup.sh installs it)")
+    tmp = tmp_path_factory.mktemp("run")
+    overrides = TINY + [f"cache_dir={tmp / 'cache'}", f"data.root={tmp / 'data'}"]
+    args = ["run", "--config", str(REPO / "configs/quick.yaml"), "--out", str(tmp / "out")]
+    for o in overrides:
+        args += ["--set", o]
+    assert main(args) == 0
+    return tmp, args
+
+
+def test_run_writes_rows_config_and_table(tiny_run, capsys):
+    tmp, _ = tiny_run
+    out = tmp / "out"
+    for method in ("none", "baseline"):
+        rows = read_rows(out / f"certify_{method}.tsv")
+        assert [r.idx for r in rows] == list(range(0, 10_000, 1000))
+        assert all(r.radius >= 0 and r.correct in (0, 1) for r in rows)
+    cfg = load_config(out / "config.yaml")
+    assert cfg.train.epochs == 2 and cfg.data.test_every == 1000
+    assert (out / "denoiser_baseline.pt").exists() and (out / "subset_indices.json").exists()
+    summary = (out / "summary.csv").read_text()
+    assert "baseline" in summary and "none" in summary and "classifier" in summary
+
+
+def test_second_run_reuses_the_cached_classifier(tiny_run, capsys):
+    tmp, args = tiny_run
+    args = [a if a != str(tmp / "out") else str(tmp / "out2") for a in args]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "classifier: reusing" in printed and "classifier: training" not in printed
+    assert "r=0.25" in printed and "baseline" in printed
+    # same seed, same subset, same classifier: the no-denoiser rows are identical (certification is seeded)
+    first = [(r.idx, r.predict, r.radius) for r in read_rows(tmp / "out" / "certify_none.tsv")]
+    second = [(r.idx, r.predict, r.radius) for r in read_rows(tmp / "out2" / "certify_none.tsv")]
+    assert first == second
+
+
+def test_config_error_is_one_line_before_any_compute(tmp_path, capsys):
+    code = main(["run", "--config", str(REPO / "configs/quick.yaml"), "--set", "train.epoch=3",
+                 "--out", str(tmp_path / "out")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "unknown config key 'train.epoch'" in err and "train.epochs" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_dataset_is_reported_with_the_fix(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("DECROP_FASHION_MNIST_DIR", str(tmp_path / "empty"))
+    code = main(["run", "--config", str(REPO / "configs/quick.yaml"), "--set", f"data.root={tmp_path / 'd'}",
+                 "--set", f"cache_dir={tmp_path / 'c'}", "--out", str(tmp_path / "out")])
+    assert code == 2
+    assert "dataset-fashion-mnist" in capsys.readouterr().err
+
+
+def test_module_entry_point_and_config_listing():
+    out = subprocess.run([sys.executable, "-m", "decrop", "config", "--keys"], capture_output=True, text=True,
+                         check=True, cwd=REPO)
+    assert "train.adam_epochs" in out.stdout and "certify.alpha" in out.stdout
