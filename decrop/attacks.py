@@ -1,8 +1,7 @@
 """Boundary samples: attacks that push each limited-data image to (or across) the classifier's decision boundary.
 
 Every attack has one call shape, torchattacks-style: ``attack(model, x, y, *, eps, generator) -> x_b`` with
-`x` (B, C, H, W) in [0, 1], `y` (B,) the labels to move away from (DE-CROP uses the classifier's own
-predictions), and `x_b` the same shape, inside the L-inf `eps`-ball around `x` (except `none`) and in [0, 1].
+`x` (B, C, H, W) in [0, 1], `y` (B,) the labels to move away from (the limited data's true labels), and `x_b` the same shape, inside the L-inf `eps`-ball around `x` (except `none`) and in [0, 1].
 The model is put in eval mode for the attack and left in the mode it was found in; its parameters receive no
 gradient. `generator` seeds the random parts (random start, partner choice) so cached samples are reproducible.
 
@@ -76,11 +75,10 @@ def apgd_ce(model: nn.Module, x: Tensor, y: Tensor, *, eps: float = 8 / 255, ste
     fraction `rho` of the steps since the last checkpoint improved its loss (or nothing improved), in which
     case it also restarts from its best point; momentum `momentum`. Returns the highest-loss point found."""
     # Checkpoints p_j of the paper: p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06).
-    marks, p = [0.0, 0.22], [0.0, 0.22]
+    p = [0.0, 0.22]
     while p[-1] < 1:
         p.append(p[-1] + max(p[-1] - p[-2] - 0.03, 0.06))
-        marks.append(p[-1])
-    checkpoints = sorted({math.ceil(m * steps) for m in marks if 0 < m <= 1})
+    checkpoints = sorted({math.ceil(m * steps) for m in p if 0 < m <= 1})
     with _frozen_eval(model):
         b = len(x)
         view = (b,) + (1,) * (x.dim() - 1)
@@ -89,26 +87,29 @@ def apgd_ce(model: nn.Module, x: Tensor, y: Tensor, *, eps: float = 8 / 255, ste
         loss, grad = _loss_grad(model, x_cur, y)
         x_best, loss_best, grad_best = x_cur.clone(), loss.clone(), grad.clone()
         x_prev = x_cur.clone()
-        improved = torch.zeros(b, device=x.device)
-        last_check, loss_best_at_check = 0, loss_best.clone()
-        step_at_check = step.clone()
+        improved = torch.zeros(b, device=x.device)  # steps since the last checkpoint that raised the loss
+        last_check = 0
+        # Step size and best loss as they were at the previous checkpoint, before its decision.
+        step_at_check, loss_best_at_check = step.clone(), loss_best.clone()
         for i in range(1, steps + 1):
             z = _project(x_cur + step * grad.sign(), x, eps)
             a = 1.0 if i == 1 else momentum
             x_next = _project(x_cur + a * (z - x_cur) + (1 - a) * (x_cur - x_prev), x, eps)
-            x_prev, x_cur = x_cur, x_next
+            x_prev, x_cur, loss_prev = x_cur, x_next, loss
             loss, grad = _loss_grad(model, x_cur, y)
+            improved += (loss > loss_prev).float()
             better = loss > loss_best
-            improved += better.float()
             x_best[better], loss_best[better], grad_best[better] = x_cur[better], loss[better], grad[better]
             if i in checkpoints:
-                window = i - last_check
-                stalled = (improved < rho * window) | (
+                # Condition 1: too few of the recent steps made progress. Condition 2: the step size was not
+                # reduced at the previous checkpoint and the best loss has not moved since.
+                stalled = (improved < rho * (i - last_check)) | (
                     (step.view(-1) == step_at_check.view(-1)) & (loss_best <= loss_best_at_check))
+                step_at_check, loss_best_at_check = step.clone(), loss_best.clone()
                 step[stalled] /= 2
                 x_cur[stalled], grad[stalled] = x_best[stalled], grad_best[stalled]
                 improved.zero_()
-                last_check, loss_best_at_check, step_at_check = i, loss_best.clone(), step.clone()
+                last_check = i
     return x_best.detach()
 
 

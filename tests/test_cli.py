@@ -15,7 +15,8 @@ REPO = Path(__file__).resolve().parents[1]
 FMNIST = Path(os.environ.get("DECROP_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 TINY = ["classifier.epochs=1", "train.epochs=2", "train.adam_epochs=1", "data.test_every=1000",
         "data.val_size=50", "certify.n0=20", "certify.n=100", "certify.batch_size=100", "denoiser.depth=3",
-        "denoiser.width=8"]
+        "denoiser.width=8", "decrop.stage2_epochs=1", "decrop.attack_steps=2", "decrop.interp_steps=2",
+        "blackbox.epochs=1", "methods=[baseline, decrop]"]
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +25,7 @@ def tiny_run(tmp_path_factory):
         pytest.skip(f"Fashion-MNIST not installed in {FMNIST} (scripts/setup.sh installs it)")
     tmp = tmp_path_factory.mktemp("run")
     overrides = TINY + [f"cache_dir={tmp / 'cache'}", f"data.root={tmp / 'data'}"]
-    args = ["run", "--config", str(REPO / "configs/quick.yaml"), "--out", str(tmp / "out")]
+    args = ["run", "--config", str(REPO / "configs/quick.yaml"), "--out", str(tmp / "out"), "--blackbox"]
     for o in overrides:
         args += ["--set", o]
     assert main(args) == 0
@@ -34,15 +35,17 @@ def tiny_run(tmp_path_factory):
 def test_run_writes_rows_config_and_table(tiny_run, capsys):
     tmp, _ = tiny_run
     out = tmp / "out"
-    for method in ("none", "baseline"):
+    for method in ("none", "baseline", "decrop", "decrop_blackbox"):
         rows = read_rows(out / f"certify_{method}.tsv")
         assert [r.idx for r in rows] == list(range(0, 10_000, 1000))
         assert all(r.radius >= 0 and r.correct in (0, 1) for r in rows)
     cfg = load_config(out / "config.yaml")
     assert cfg.train.epochs == 2 and cfg.data.test_every == 1000
-    assert (out / "denoiser_baseline.pt").exists() and (out / "subset_indices.json").exists()
+    assert cfg.methods == ("baseline", "decrop", "decrop_blackbox")  # --blackbox appended the variant
+    assert all((out / f"denoiser_{m}.pt").exists() for m in cfg.methods)
+    assert (out / "subset_indices.json").exists()
     summary = (out / "summary.csv").read_text()
-    assert "baseline" in summary and "none" in summary and "classifier" in summary
+    assert all(m in summary for m in ("classifier", "none", "baseline", "decrop", "decrop_blackbox"))
 
 
 def test_second_run_reuses_the_cached_classifier(tiny_run, capsys):
@@ -51,6 +54,7 @@ def test_second_run_reuses_the_cached_classifier(tiny_run, capsys):
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "classifier: reusing" in printed and "classifier: training" not in printed
+    assert "samples: reusing" in printed and "samples: generating" not in printed
     assert "r=0.25" in printed and "baseline" in printed
     # same seed, same subset, same classifier: the no-denoiser rows are identical (certification is seeded)
     first = [(r.idx, r.predict, r.radius) for r in read_rows(tmp / "out" / "certify_none.tsv")]

@@ -52,6 +52,52 @@ def test_mmd_gradient_is_finite_even_with_coincident_points():
     assert b.grad.abs().sum() > 0
 
 
+def _reference_mmd(a, b):
+    """DESIGN.md section 2 spelled out with loops: biased MMD^2, 5 Gaussian kernels exp(-d^2 / (h 2^(k-2))),
+    h = mean squared distance over distinct pairs of the pooled batch."""
+    pooled = torch.cat([a, b]).double()
+    n = len(pooled)
+    d2 = [[float(((pooled[i] - pooled[j]) ** 2).sum()) for j in range(n)] for i in range(n)]
+    h = sum(d2[i][j] for i in range(n) for j in range(n) if i != j) / (n * n - n)
+
+    def k(i, j):
+        return sum(math.exp(-d2[i][j] / (h * 2.0 ** (q - 2))) for q in range(5))
+
+    na, nb = len(a), len(b)
+    xx = sum(k(i, j) for i in range(na) for j in range(na)) / na ** 2
+    yy = sum(k(i, j) for i in range(na, n) for j in range(na, n)) / nb ** 2
+    xy = sum(k(i, j) for i in range(na) for j in range(na, n)) / (na * nb)
+    return xx + yy - 2 * xy
+
+
+@pytest.mark.parametrize("sizes", [(6, 6), (5, 9)])
+def test_mmd_matches_the_multi_kernel_definition(sizes):
+    a, b = torch.randn(sizes[0], 4), torch.randn(sizes[1], 4) * 1.5 + 0.3
+    assert mmd_loss(a, b).item() == pytest.approx(_reference_mmd(a, b), rel=1e-4, abs=1e-6)
+
+
+def test_mmd_bandwidth_is_detached():
+    """The data-driven scale h carries no gradient: the loss cannot lower itself by inflating distances."""
+    a = torch.randn(6, 4, requires_grad=True)
+    b = torch.randn(6, 4)
+    (grad,) = torch.autograd.grad(mmd_loss(a, b), a)
+    eps = 1e-3
+    direction = torch.randn_like(a)
+    # numerical derivative with h frozen at its value at `a`: pooled distances recomputed, h held fixed
+    pooled = torch.cat([a.detach(), b])
+    sq = torch.cdist(pooled, pooled).pow(2)
+    h = sq.sum() / (len(pooled) ** 2 - len(pooled))
+
+    def fixed_h_mmd(a_):
+        p = torch.cat([a_, b]).double()
+        s = torch.cdist(p, p).pow(2)
+        kern = sum(torch.exp(-s / (h.double() * 2.0 ** (q - 2))) for q in range(5))
+        return kern[:6, :6].mean() + kern[6:, 6:].mean() - 2 * kern[:6, 6:].mean()
+
+    numeric = (fixed_h_mmd(a.detach() + eps * direction) - fixed_h_mmd(a.detach() - eps * direction)) / (2 * eps)
+    assert (grad * direction).sum().item() == pytest.approx(numeric.item(), rel=1e-3, abs=1e-6)
+
+
 # --------------------------------------------------------------------------------------------------- cosine
 
 def test_cosine_loss_at_identical_opposite_and_orthogonal_logits():
