@@ -27,8 +27,10 @@ from scipy.stats import beta, binomtest, norm
 from torch import nn
 from torch.utils.data import Dataset
 
+from . import sequential
+
 ABSTAIN = -1
-_HEADER = ("idx", "label", "predict", "radius", "correct", "time")
+_HEADER = ("idx", "label", "predict", "radius", "correct", "time", "samples")  # Cohen's six + samples used
 
 
 def lower_confidence_bound(k: int, n: int, alpha: float) -> float:
@@ -114,6 +116,32 @@ class Smooth:
             return ABSTAIN, 0.0
         return c_a, certified_radius(p_lower, self.sigma)
 
+    def certify_sequential(self, x: torch.Tensor, n0: int, n: int, alpha: float, batch_size: int,
+                           radii: Sequence[float], generator: torch.Generator | None = None,
+                           first_look: int = 100) -> tuple[int, float, int]:
+        """CERTIFY with anytime-valid early stopping (`decrop.sequential`): ``(cA or ABSTAIN, radius, samples)``.
+
+        Draws at most ``n`` samples after the ``n0`` selection samples, checking at a fixed doubling schedule
+        of looks with alpha split across them, and stops once the certified-at-r outcome is settled for every
+        r in `radii`. The guarantee is CERTIFY's: a non-abstaining answer holds with probability >= 1 - alpha.
+        """
+        _check_counts(n0=n0, n=n, batch_size=batch_size)
+        levels = sequential.thresholds(radii, self.sigma)
+        looks = sequential.look_schedule(n, first_look)
+        count, drawn = 0, 0
+        with _eval_mode(self.base):
+            c_a = int(self._sample_noise(x, n0, batch_size, generator).argmax().item())
+            for look, a_k in zip(looks, sequential.alpha_split(alpha, len(looks))):
+                count += int(self._sample_noise(x, look - drawn, batch_size, generator)[c_a].item())
+                drawn = look
+                p_lower = lower_confidence_bound(count, drawn, a_k)
+                p_upper = sequential.upper_confidence_bound(count, drawn, a_k)
+                if look == n or sequential.decided(p_lower, p_upper, levels):
+                    break
+        if p_lower < 0.5:
+            return ABSTAIN, 0.0, n0 + drawn
+        return c_a, certified_radius(p_lower, self.sigma), n0 + drawn
+
     def predict(
         self,
         x: torch.Tensor,
@@ -177,7 +205,8 @@ class CertRow:
     """One certified image, Cohen's output columns.
 
     ``predict`` is ABSTAIN (-1) or a class, ``radius`` is 0.0 on abstain, ``correct`` is 1 iff
-    ``predict == label``, ``time`` is the wall-clock seconds spent certifying this image.
+    ``predict == label``, ``time`` is the wall-clock seconds spent certifying this image, ``samples`` the
+    noisy forward passes it used (n0 + n in the exact mode, fewer when the sequential mode stops early).
     """
 
     idx: int
@@ -186,6 +215,7 @@ class CertRow:
     radius: float
     correct: int
     time: float
+    samples: int = 0
 
 
 def _image_seed(seed: int, idx: int) -> int:
@@ -207,6 +237,8 @@ def certify_indices(
     seed: int,
     device: torch.device | str | None = None,
     progress: Callable[[int, int, CertRow], None] | None = None,
+    mode: str = "exact",
+    radii: Sequence[float] = (0.0,),
 ) -> list[CertRow]:
     """CERTIFY ``dataset[i]`` for every i in ``indices`` (in that order) and return one row per image.
 
@@ -214,7 +246,11 @@ def certify_indices(
     device of the model's parameters, CPU if it has none), where the model must already live. Image i's
     noise comes from its own generator seeded by ``(seed, i)``, so any sharding of ``indices`` yields the
     same rows. ``progress(done, total, row)`` is called after each image. Model modes are restored.
+    ``mode="sequential"`` stops sampling an image once its certified-at-r outcome is decided for every r in
+    `radii`, with the same alpha guarantee (`decrop.sequential`); ``n`` is then the most it may draw.
     """
+    if mode not in ("exact", "sequential"):
+        raise ValueError(f"unknown certification mode {mode!r}; choose 'exact' or 'sequential'")
     indices = list(indices)
     if device is None:
         param = next(model.parameters(), None)
@@ -229,9 +265,13 @@ def certify_indices(
         generator = torch.Generator(device=device)
         generator.manual_seed(_image_seed(seed, idx))
         start = time.perf_counter()
-        prediction, radius = smooth.certify(x, n0, n, alpha, batch_size, generator=generator)
+        if mode == "exact":
+            prediction, radius = smooth.certify(x, n0, n, alpha, batch_size, generator=generator)
+            samples = n0 + n
+        else:
+            prediction, radius, samples = smooth.certify_sequential(x, n0, n, alpha, batch_size, radii, generator)
         elapsed = time.perf_counter() - start
-        row = CertRow(idx, label, prediction, radius, int(prediction == label), elapsed)
+        row = CertRow(idx, label, prediction, radius, int(prediction == label), elapsed, samples)
         rows.append(row)
         if progress is not None:
             progress(done, len(indices), row)
@@ -251,14 +291,15 @@ def write_rows(rows: Iterable[CertRow], path: str | Path) -> None:
     """Write rows as Cohen's tab-separated table (header ``idx label predict radius correct time``)."""
     lines = ["\t".join(_HEADER)]
     for r in rows:
-        lines.append(f"{r.idx}\t{r.label}\t{r.predict}\t{r.radius:.4f}\t{r.correct}\t{r.time:.4f}")
+        lines.append(f"{r.idx}\t{r.label}\t{r.predict}\t{r.radius:.4f}\t{r.correct}\t{r.time:.4f}\t{r.samples}")
     Path(path).write_text("\n".join(lines) + "\n")
 
 
 def read_rows(path: str | Path) -> list[CertRow]:
     """Read a table written by ``write_rows``; ValueError naming the file and line if it is malformed."""
     lines = Path(path).read_text().splitlines()
-    if not lines or tuple(lines[0].split("\t")) != _HEADER:
+    header = tuple(lines[0].split("\t")) if lines else ()
+    if header not in (_HEADER, _HEADER[:6]):  # Cohen's original six columns are read too
         expected = "\t".join(_HEADER)
         raise ValueError(f"{path}: expected header {expected!r}")
     rows = []
@@ -266,14 +307,15 @@ def read_rows(path: str | Path) -> list[CertRow]:
         if not line.strip():
             continue
         fields = line.split("\t")
-        if len(fields) != len(_HEADER):
-            raise ValueError(f"{path}: line {lineno}: expected {len(_HEADER)} fields, got {len(fields)}")
+        if len(fields) != len(header):
+            raise ValueError(f"{path}: line {lineno}: expected {len(header)} fields, got {len(fields)}")
         try:
             idx, label, predict, correct = (int(fields[i]) for i in (0, 1, 2, 4))
             radius, elapsed = float(fields[3]), float(fields[5])
+            samples = int(fields[6]) if len(fields) > 6 else 0
         except ValueError as err:
             raise ValueError(f"{path}: line {lineno}: {err}") from None
-        rows.append(CertRow(idx, label, predict, radius, correct, elapsed))
+        rows.append(CertRow(idx, label, predict, radius, correct, elapsed, samples))
     return rows
 
 

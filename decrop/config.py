@@ -135,6 +135,10 @@ class CertifyConfig:
     n: int = _field(10_000, "noisy samples to estimate its probability", ge=1)
     alpha: float = _field(0.001, "failure probability of the certificate", gt=0, lt=1)
     batch_size: int = _field(1000, "noisy samples per forward pass", ge=1)
+    mode: Literal["exact", "sequential"] = _field(
+        "exact", "'exact' = Cohen's fixed-n CERTIFY; 'sequential' = stop an image once its certified-at-r "
+                 "outcome is decided for every reported radius (alpha split over looks; same guarantee, n is "
+                 "the maximum)")
     radii: tuple[float, ...] = _field((0.0, 0.25, 0.5, 0.75, 1.0), "radii at which certified accuracy is "
                                                                    "reported")
 
