@@ -30,6 +30,9 @@ from torch.utils.data import Dataset
 from . import sequential
 
 ABSTAIN = -1
+# precision -> autocast dtype (None: plain fp32). Reduced precision certifies the reduced-precision model:
+# the guarantee is about the function actually evaluated, which is f in bf16/fp16, not the fp32 f.
+_AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 _HEADER = ("idx", "label", "predict", "radius", "correct", "time", "samples")  # Cohen's six + samples used
 
 
@@ -80,14 +83,17 @@ class Smooth:
         sigma: standard deviation of the isotropic Gaussian noise, in [0, 1] pixel units.
     """
 
-    def __init__(self, base: nn.Module, num_classes: int, sigma: float) -> None:
+    def __init__(self, base: nn.Module, num_classes: int, sigma: float, precision: str = "fp32") -> None:
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         if not sigma > 0:
             raise ValueError(f"sigma must be > 0, got {sigma}")
+        if precision not in _AUTOCAST:
+            raise ValueError(f"precision must be one of {sorted(_AUTOCAST)}, got {precision!r}")
         self.base = base
         self.num_classes = num_classes
         self.sigma = sigma
+        self.precision = precision
 
     def certify(
         self,
@@ -104,17 +110,26 @@ class Smooth:
         (over the noise) a non-abstaining answer is what the smoothed classifier predicts everywhere in the
         l2 ball of that radius. ``generator`` (on x's device) makes the noise reproducible.
         """
+        return self.certify_many(x.unsqueeze(0), n0, n, alpha, batch_size, [generator])[0]
+
+    def certify_many(self, xs: torch.Tensor, n0: int, n: int, alpha: float, batch_size: int,
+                     generators: Sequence[torch.Generator | None]) -> list[tuple[int, float]]:
+        """CERTIFY each of the K images ``xs`` (K, C, H, W), image k with noise from ``generators[k]``.
+
+        When n0 and n are small, several images share one forward batch (``batch_size // n`` of them), which
+        keeps the model busy; each image's noise is still drawn from its own generator in the chunks it would
+        get alone, so the result of an image never depends on its neighbours. One host sync for all K.
+        """
         _check_counts(n0=n0, n=n, batch_size=batch_size)
         with _eval_mode(self.base):
             # Selection and estimation use independent samples; reusing the n0 copies would bias the bound.
-            counts0 = self._sample_noise(x, n0, batch_size, generator)
-            c_a = int(counts0.argmax().item())
-            counts = self._sample_noise(x, n, batch_size, generator)
-            count_a = int(counts[c_a].item())
-        p_lower = lower_confidence_bound(count_a, n, alpha)
-        if p_lower < 0.5:
-            return ABSTAIN, 0.0
-        return c_a, certified_radius(p_lower, self.sigma)
+            c_a = self._count_many(xs, n0, batch_size, generators).argmax(dim=1)
+            count_a = self._count_many(xs, n, batch_size, generators).gather(1, c_a.unsqueeze(1)).squeeze(1)
+        results = []
+        for c, k in torch.stack([c_a, count_a]).T.tolist():  # the one host sync
+            p_lower = lower_confidence_bound(k, n, alpha)
+            results.append((ABSTAIN, 0.0) if p_lower < 0.5 else (c, certified_radius(p_lower, self.sigma)))
+        return results
 
     def certify_sequential(self, x: torch.Tensor, n0: int, n: int, alpha: float, batch_size: int,
                            radii: Sequence[float], generator: torch.Generator | None = None,
@@ -166,11 +181,21 @@ class Smooth:
             return ABSTAIN
         return top[0]
 
+    def _logits(self, batch: torch.Tensor) -> torch.Tensor:
+        dtype = _AUTOCAST[self.precision]
+        with torch.autocast(batch.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            logits = self.base(batch)
+        if logits.shape != (len(batch), self.num_classes):
+            raise ValueError(f"base returned logits of shape {tuple(logits.shape)}, "
+                             f"expected ({len(batch)}, {self.num_classes})")
+        return logits
+
     def _sample_noise(
         self, x: torch.Tensor, num: int, batch_size: int, generator: torch.Generator | None
     ) -> torch.Tensor:
         """Classify ``num`` noisy copies of x (C, H, W); return class counts, shape (num_classes,), int64, on
-        x's device. Counting stays on the device so there is no host sync per batch."""
+        x's device. Noise is drawn in chunks of ``min(batch_size, remaining)``; counting stays on the device
+        so there is no host sync per batch."""
         if not x.is_floating_point():
             raise TypeError(f"x must be a floating-point image in [0, 1], got dtype {x.dtype}")
         counts = torch.zeros(self.num_classes, dtype=torch.long, device=x.device)
@@ -184,13 +209,30 @@ class Smooth:
                 )
                 # In place: noise becomes x + sigma * noise, x broadcast (never materialised by repeat).
                 batch = noise.mul_(self.sigma).add_(x.unsqueeze(0))
-                logits = self.base(batch)
-                if logits.shape != (this_batch, self.num_classes):
-                    raise ValueError(
-                        f"base returned logits of shape {tuple(logits.shape)}, "
-                        f"expected ({this_batch}, {self.num_classes})"
-                    )
-                counts += torch.bincount(logits.argmax(dim=1), minlength=self.num_classes)
+                counts += torch.bincount(self._logits(batch).argmax(dim=1), minlength=self.num_classes)
+        return counts
+
+    def _count_many(self, xs: torch.Tensor, num: int, batch_size: int,
+                    generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+        """Counts (K, num_classes) of ``num`` noisy copies of each image in xs (K, C, H, W)."""
+        k_total, per_batch = len(xs), batch_size // num
+        if per_batch < 2 or k_total == 1:
+            return torch.stack([self._sample_noise(x, num, batch_size, g) for x, g in zip(xs, generators)])
+        if not xs.is_floating_point():
+            raise TypeError(f"xs must be floating-point images in [0, 1], got dtype {xs.dtype}")
+        counts = torch.zeros(k_total, self.num_classes, dtype=torch.long, device=xs.device)
+        with torch.inference_mode():
+            for start in range(0, k_total, per_batch):
+                group = xs[start:start + per_batch]
+                # Each image's whole phase is one draw from its own generator: what `_sample_noise` draws
+                # for it alone (num <= batch_size), so packing does not change any image's noise.
+                noise = torch.stack([torch.randn((num, *xs.shape[1:]), generator=g, device=xs.device,
+                                                 dtype=xs.dtype) for g in generators[start:start + len(group)]])
+                batch = noise.mul_(self.sigma).add_(group.unsqueeze(1)).flatten(0, 1)
+                image = torch.arange(len(group), device=xs.device).repeat_interleave(num)
+                flat = image * self.num_classes + self._logits(batch).argmax(dim=1)
+                counts[start:start + len(group)] += torch.bincount(
+                    flat, minlength=len(group) * self.num_classes).view(len(group), self.num_classes)
         return counts
 
 
@@ -239,6 +281,7 @@ def certify_indices(
     progress: Callable[[int, int, CertRow], None] | None = None,
     mode: str = "exact",
     radii: Sequence[float] = (0.0,),
+    precision: str = "fp32",
 ) -> list[CertRow]:
     """CERTIFY ``dataset[i]`` for every i in ``indices`` (in that order) and return one row per image.
 
@@ -246,8 +289,11 @@ def certify_indices(
     device of the model's parameters, CPU if it has none), where the model must already live. Image i's
     noise comes from its own generator seeded by ``(seed, i)``, so any sharding of ``indices`` yields the
     same rows. ``progress(done, total, row)`` is called after each image. Model modes are restored.
-    ``mode="sequential"`` stops sampling an image once its certified-at-r outcome is decided for every r in
-    `radii`, with the same alpha guarantee (`decrop.sequential`); ``n`` is then the most it may draw.
+    In the exact mode, ``batch_size // max(n0, n)`` images share each forward batch when that is >= 2 (their
+    ``time`` is the group's time divided evenly). ``mode="sequential"`` stops sampling an image once its
+    certified-at-r outcome is decided for every r in `radii`, with the same alpha guarantee
+    (`decrop.sequential`); ``n`` is then the most it may draw. ``precision`` "bf16"/"fp16" autocasts the model
+    and certifies the reduced-precision model.
     """
     if mode not in ("exact", "sequential"):
         raise ValueError(f"unknown certification mode {mode!r}; choose 'exact' or 'sequential'")
@@ -256,25 +302,25 @@ def certify_indices(
         param = next(model.parameters(), None)
         device = param.device if param is not None else torch.device("cpu")
     device = torch.device(device)
-    smooth = Smooth(model, num_classes, sigma)
+    smooth = Smooth(model, num_classes, sigma, precision)
+    group_size = max(1, batch_size // max(n0, n)) if mode == "exact" else 1
     rows: list[CertRow] = []
-    for done, idx in enumerate(indices, start=1):
-        image, label = dataset[idx]
-        label = int(label)
-        x = image.to(device)
-        generator = torch.Generator(device=device)
-        generator.manual_seed(_image_seed(seed, idx))
-        start = time.perf_counter()
+    for start in range(0, len(indices), group_size):
+        group = indices[start:start + group_size]
+        images, labels = zip(*(dataset[idx] for idx in group))
+        xs = torch.stack([image.to(device) for image in images])
+        generators = [torch.Generator(device=device).manual_seed(_image_seed(seed, idx)) for idx in group]
+        tic = time.perf_counter()
         if mode == "exact":
-            prediction, radius = smooth.certify(x, n0, n, alpha, batch_size, generator=generator)
-            samples = n0 + n
+            results = [(*result, n0 + n) for result in smooth.certify_many(xs, n0, n, alpha, batch_size, generators)]
         else:
-            prediction, radius, samples = smooth.certify_sequential(x, n0, n, alpha, batch_size, radii, generator)
-        elapsed = time.perf_counter() - start
-        row = CertRow(idx, label, prediction, radius, int(prediction == label), elapsed, samples)
-        rows.append(row)
-        if progress is not None:
-            progress(done, len(indices), row)
+            results = [smooth.certify_sequential(xs[0], n0, n, alpha, batch_size, radii, generators[0])]
+        elapsed = (time.perf_counter() - tic) / len(group)
+        for idx, label, (prediction, radius, samples) in zip(group, labels, results):
+            row = CertRow(idx, int(label), prediction, radius, int(prediction == int(label)), elapsed, samples)
+            rows.append(row)
+            if progress is not None:
+                progress(len(rows), len(indices), row)
     return rows
 
 

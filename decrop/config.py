@@ -141,6 +141,11 @@ class CertifyConfig:
                  "the maximum)")
     radii: tuple[float, ...] = _field((0.0, 0.25, 0.5, 0.75, 1.0), "radii at which certified accuracy is "
                                                                    "reported")
+    precision: Literal["fp32", "bf16", "fp16"] = _field(
+        "fp32", "arithmetic of the certified model: bf16/fp16 autocast is faster but certifies the "
+                "reduced-precision model, not the fp32 one")
+    fold_bn: bool = _field(False, "fold eval-mode BatchNorm into the preceding convs before certifying (the same "
+                                  "function up to float rounding, which the certificate then covers)")
 
 
 @dataclass(frozen=True)

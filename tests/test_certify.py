@@ -289,3 +289,28 @@ def test_certified_radius_is_sound_for_a_linear_classifier(mode: str) -> None:
         assert samples == [550] * num
     else:  # points far from every reported threshold stop at an early look
         assert max(samples) <= 550 and sum(samples) / num < 0.8 * 550
+
+
+def test_packing_images_into_one_batch_changes_no_result() -> None:
+    """batch_size 1000 with n0 = n = 100 packs 10 images per forward pass; batch_size 100 packs none.
+    Each image draws its noise from its own generator either way, so the rows are identical."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 3))
+    data = [(torch.rand(1, 8, 8), i % 3) for i in range(23)]
+    common = dict(num_classes=3, sigma=0.5, n0=100, n=100, alpha=0.01, seed=4)
+    packed = certify_indices(model, data, range(23), batch_size=1000, **common)
+    alone = certify_indices(model, data, range(23), batch_size=100, **common)
+    assert [(r.idx, r.predict, r.radius) for r in packed] == [(r.idx, r.predict, r.radius) for r in alone]
+    assert len({r.predict for r in packed}) > 1  # a model with varied answers, so equality means something
+
+
+def test_bf16_autocast_certifies_and_stays_close_to_fp32() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 3))
+    data = [(torch.rand(1, 8, 8), i % 3) for i in range(10)]
+    common = dict(num_classes=3, sigma=0.25, n0=50, n=400, alpha=0.01, seed=1, batch_size=450)
+    fp32 = certify_indices(model, data, range(10), **common)
+    bf16 = certify_indices(model, data, range(10), precision="bf16", **common)
+    assert sum(a.predict == b.predict for a, b in zip(fp32, bf16)) >= 8
+    with pytest.raises(ValueError, match="precision"):
+        certify_indices(model, data, range(1), precision="int8", **common)

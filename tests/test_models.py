@@ -189,3 +189,24 @@ def test_domain_discriminator_shape() -> None:
     assert DomainDiscriminator(64, hidden=32, num_domains=3)(torch.randn(4, 64)).shape == (4, 3)
     assert [type(m) for m in disc.net] == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear]
     assert disc.net[0].out_features == 100
+
+
+@pytest.mark.parametrize("denoiser", ["dncnn", "memnet"])
+@pytest.mark.parametrize("classifier", ["small_cnn", "resnet20"])
+def test_batchnorm_folding_keeps_the_function(denoiser, classifier):
+    from decrop.models import fold_batchnorm
+
+    torch.manual_seed(0)
+    model = nn.Sequential(create_model(denoiser, in_channels=1, **({"depth": 4, "width": 8} if denoiser == "dncnn" else {"width": 8, "num_memblocks": 1, "num_resblocks": 1})),
+                          create_model(classifier, in_channels=1, num_classes=10))
+    for m in model.modules():  # non-trivial statistics and a non-identity denoiser
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2.0), m.weight.data.uniform_(0.5, 1.5)
+        if isinstance(m, nn.Conv2d):
+            m.weight.data.normal_(0, 0.1)
+    model.eval()
+    x = torch.rand(4, 1, 28, 28)
+    folded = fold_batchnorm(model)
+    assert torch.allclose(folded(x), model(x), atol=1e-4, rtol=1e-4)
+    n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert n_bn < sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
