@@ -123,6 +123,18 @@ class DecropObjective:
             metrics["beta"] = self.beta
         return loss, metrics
 
+    def state_dict(self) -> dict:
+        """The discriminator and its optimiser (stage 2), for checkpoints; empty in stage 1."""
+        if self.discriminator is None:
+            return {}
+        module = getattr(self.discriminator, "module", self.discriminator)
+        return {"discriminator": module.state_dict(), "optimizer": self.disc_optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.discriminator is not None and state:
+            getattr(self.discriminator, "module", self.discriminator).load_state_dict(state["discriminator"])
+            self.disc_optimizer.load_state_dict(state["optimizer"])
+
     def after_backward(self) -> None:
         """Discriminator step first (its gradient is the plain domain loss), then the loop steps the denoiser
         (whose gradient holds the reversed, beta-scaled domain gradient)."""

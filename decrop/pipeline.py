@@ -9,6 +9,7 @@ certification file per method (``certify_<method>.tsv``, Cohen's columns), the d
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import time
@@ -32,7 +33,7 @@ from .data import (AugmentedTensorDataset, DatasetInfo, as_tensors, augmentation
                    validation_indices)
 from .metrics import MetricSink, PrintSink
 from .models import DomainDiscriminator, create_model, fold_batchnorm
-from .objectives import DecropObjective, baseline_objective
+from .objectives import DecropObjective, Objective, baseline_objective
 from .runtime import Progress, resolve_device, seed_everything, tune_allocator
 from .samples import GeneratedSamples, load_or_generate_samples, sample_settings
 from .training import AdamThenSGD, TrainResult, train_denoiser
@@ -114,12 +115,88 @@ def build_denoiser(cfg: DenoiserConfig, in_channels: int) -> nn.Module:
                         num_memblocks=cfg.num_memblocks, num_resblocks=cfg.num_resblocks)
 
 
-def _loader(prep: Prepared, images: tuple[Tensor, ...]) -> DataLoader:
-    """Shuffled batches of aligned image tuples; one spatial augmentation per sample applied to all of them."""
+@dataclass
+class TrainHooks:
+    """How `tuning/` runs the same training under Ray Train; the defaults are a plain single-process run.
+
+    `wrap` wraps every trained module (denoiser, discriminator), e.g. in DistributedDataParallel; `loader`
+    adapts the DataLoader (a distributed sampler); `batch_size` is the per-process batch (default
+    ``train.batch_size``); `resume` is a state dict produced by `on_epoch_end`'s ``state()``;
+    ``on_epoch_end(epoch, metrics, state)`` runs after every epoch, ``state()`` returning what a resumed run
+    needs (plain tensors and numbers, for ``torch.save``).
+    """
+
+    wrap: Callable[[nn.Module], nn.Module] = lambda module: module
+    loader: Callable[[DataLoader], DataLoader] = lambda loader: loader
+    batch_size: int | None = None
+    resume: dict | None = None
+    on_epoch_end: Callable[[int, dict[str, float], Callable[[], dict]], None] | None = None
+
+
+Stage = tuple[int, Callable[[], Objective]]  # (epoch at which the stage ends, objective factory)
+
+
+def _unwrap(module: nn.Module) -> nn.Module:
+    return getattr(module, "module", module)
+
+
+def _restore_rng(rng: dict, loader: DataLoader) -> None:
+    torch.set_rng_state(rng["torch"])
+    if loader.generator is not None and rng["loader"] is not None:
+        loader.generator.set_state(rng["loader"])
+
+
+def run_stages(prep: Prepared, classifier: nn.Module, images: tuple[Tensor, ...], stages: list[Stage],
+               sink: MetricSink | None = None, hooks: TrainHooks | None = None) -> tuple[nn.Module, TrainResult]:
+    """Train a fresh denoiser on `images` (aligned tuples, one augmentation per sample) through consecutive
+    stages that share the denoiser and the optimiser schedule; returns the (unwrapped) denoiser."""
+    cfg, hooks = prep.cfg, hooks or TrainHooks()
+    torch.manual_seed(cfg.seed)
+    denoiser = build_denoiser(cfg.denoiser, prep.info.channels).to(prep.device)
     dataset = AugmentedTensorDataset(images, prep.subset_labels,
-                                     augmentation_policy(prep.cfg.data.augment, prep.info.image_size))
-    return DataLoader(dataset, batch_size=prep.cfg.train.batch_size, shuffle=True,
-                      generator=torch.Generator().manual_seed(prep.cfg.seed))
+                                     augmentation_policy(cfg.data.augment, prep.info.image_size))
+    loader = hooks.loader(DataLoader(dataset, batch_size=hooks.batch_size or cfg.train.batch_size, shuffle=True,
+                                     generator=torch.Generator().manual_seed(cfg.seed)))
+    start = 0
+    if hooks.resume is not None:
+        denoiser.load_state_dict(hooks.resume["denoiser"])
+        start = hooks.resume["epoch"]
+    model = hooks.wrap(denoiser)
+    schedule = AdamThenSGD(model.parameters(), cfg.train)
+    if hooks.resume is not None:
+        schedule.load_state_dict(hooks.resume["schedule"], start)
+    result, stage_start = TrainResult(), 0
+    for end, make_objective in stages:
+        if start < end:
+            resuming = hooks.resume is not None and stage_start <= start  # the stage the run stopped in
+            # The global RNG drives weight init, augmentation and noise, the loader's generator the shuffle.
+            # Restoring both where the interrupted run saved them (before building a stage that begins at
+            # the resume point; after rebuilding one that was under way) continues it exactly.
+            if resuming and start == stage_start:
+                _restore_rng(hooks.resume["rng"], loader)
+            objective = make_objective()
+            if resuming and start > stage_start:
+                if hooks.resume.get("objective"):
+                    objective.load_state_dict(hooks.resume["objective"])
+                _restore_rng(hooks.resume["rng"], loader)
+
+            def on_epoch_end(epoch, schedule, metrics, objective=objective):
+                if hooks.on_epoch_end is not None:
+                    # A deep copy: state dicts hold the live tensors, which the next epoch changes in place.
+                    hooks.on_epoch_end(epoch, metrics, lambda: copy.deepcopy({
+                        "epoch": epoch + 1, "denoiser": _unwrap(model).state_dict(),
+                        "schedule": schedule.state_dict(),
+                        "objective": objective.state_dict() if hasattr(objective, "state_dict") else None,
+                        "rng": {"torch": torch.get_rng_state(),
+                                "loader": loader.generator.get_state() if loader.generator is not None else None}}))
+
+            part = train_denoiser(model, classifier, loader, objective, dataclasses.replace(cfg.train, epochs=end),
+                                  val_images=prep.val_images, sigma=cfg.sigma, seed=cfg.seed, sink=sink,
+                                  schedule=schedule, start_epoch=max(start, stage_start), stage_start=stage_start,
+                                  on_epoch_end=on_epoch_end)
+            result.history += part.history
+        stage_start = end
+    return denoiser.eval(), result
 
 
 def samples_for(prep: Prepared, model: nn.Module, model_key: str, log: Log = print) -> GeneratedSamples:
@@ -131,31 +208,20 @@ def samples_for(prep: Prepared, model: nn.Module, model_key: str, log: Log = pri
                                     seed=cfg.seed, key=key, log=log)
 
 
-def train_decrop(prep: Prepared, classifier: nn.Module, samples: GeneratedSamples,
-                 sink: MetricSink | None = None) -> tuple[nn.Module, TrainResult]:
-    """DE-CROP's two stages in one budget: stage 1 (L_lc + L_cs + L_mmd) for ``train.epochs - stage2_epochs``
-    epochs, then stage 2 (adds the domain discriminator) continues the same denoiser and optimiser schedule.
-    `classifier` carries the gradients (the real classifier, or the black-box setting's surrogate)."""
-    cfg = prep.cfg
-    torch.manual_seed(cfg.seed)
-    denoiser = build_denoiser(cfg.denoiser, prep.info.channels).to(prep.device)
-    loader = _loader(prep, (prep.subset_images, *samples.as_images()))
-    schedule = AdamThenSGD(denoiser.parameters(), cfg.train)
+def decrop_stages(prep: Prepared, classifier: nn.Module, hooks: TrainHooks | None = None) -> list[Stage]:
+    """DE-CROP's two stages in one budget: stage 1 (L_lc + L_cs + L_mmd) until ``train.epochs - stage2_epochs``,
+    then stage 2 adds the domain discriminator (its own Adam) and continues the same denoiser and schedule."""
+    cfg, wrap = prep.cfg, (hooks or TrainHooks()).wrap
     stage1_end = cfg.train.epochs - cfg.decrop.stage2_epochs
-    common = dict(val_images=prep.val_images, sigma=cfg.sigma, seed=cfg.seed, sink=sink, schedule=schedule)
-    result = train_denoiser(denoiser, classifier, loader, DecropObjective(cfg.sigma, cfg.decrop),
-                            dataclasses.replace(cfg.train, epochs=stage1_end), **common)
+    stages: list[Stage] = [(stage1_end, lambda: DecropObjective(cfg.sigma, cfg.decrop))]
     if cfg.decrop.stage2_epochs:
-        discriminator = DomainDiscriminator(classifier.feature_dim).to(prep.device)
-        stage2 = train_denoiser(denoiser, classifier, loader,
-                                DecropObjective(cfg.sigma, cfg.decrop, discriminator), cfg.train,
-                                start_epoch=stage1_end, **common)
-        result.history += stage2.history
-    return denoiser, result
+        stages.append((cfg.train.epochs, lambda: DecropObjective(
+            cfg.sigma, cfg.decrop, wrap(DomainDiscriminator(classifier.feature_dim).to(prep.device)))))
+    return stages
 
 
-def train_method(method: str, prep: Prepared, sink: MetricSink | None = None, log: Log = print
-                 ) -> tuple[nn.Module, TrainResult]:
+def train_method(method: str, prep: Prepared, sink: MetricSink | None = None, log: Log = print,
+                 hooks: TrainHooks | None = None) -> tuple[nn.Module, TrainResult]:
     """Train the denoiser of `method` on the limited subset; returns it in eval mode with its history.
 
     ``baseline``: Salman et al. (L_lc). ``decrop``: white-box DE-CROP through the classifier.
@@ -163,28 +229,34 @@ def train_method(method: str, prep: Prepared, sink: MetricSink | None = None, lo
     """
     cfg = prep.cfg
     if method == "baseline":
-        torch.manual_seed(cfg.seed)
-        denoiser = build_denoiser(cfg.denoiser, prep.info.channels).to(prep.device)
-        result = train_denoiser(denoiser, prep.classifier, _loader(prep, (prep.subset_images,)),
-                                baseline_objective(cfg.train.objective, cfg.sigma), cfg.train,
-                                val_images=prep.val_images, sigma=cfg.sigma, seed=cfg.seed, sink=sink)
-        return denoiser, result
+        stages = [(cfg.train.epochs, lambda: baseline_objective(cfg.train.objective, cfg.sigma))]
+        return run_stages(prep, prep.classifier, (prep.subset_images,), stages, sink, hooks)
     if method == "decrop":
         samples = samples_for(prep, prep.classifier, classifier_key(cfg), log)
-        return train_decrop(prep, prep.classifier, samples, sink)
+        return run_stages(prep, prep.classifier, (prep.subset_images, *samples.as_images()),
+                          decrop_stages(prep, prep.classifier, hooks), sink, hooks)
     if method == "decrop_blackbox":
-        blackbox = BlackBox(prep.classifier)
-        torch.manual_seed(cfg.seed)
-        surrogate = build_classifier(cfg.data.dataset, cfg.blackbox.arch).to(prep.device)
-        common = dict(image_size=prep.info.image_size, seed=cfg.seed, log=log)
-        distill_surrogate(blackbox, surrogate, prep.subset_images, cfg.blackbox, **common)
-        surrogate_key = config_hash(classifier_key(cfg), "surrogate", cfg.blackbox, cfg.seed)
-        samples = samples_for(prep, surrogate, surrogate_key, log)
-        # Second round: the generated samples lie near the boundary, where the surrogate must match best.
-        distill_surrogate(blackbox, surrogate, torch.cat([prep.subset_images, *samples.as_images()]),
-                          cfg.blackbox, **common)
-        return train_decrop(prep, surrogate, samples, sink)
+        surrogate, samples = distilled_surrogate(prep, log)
+        return run_stages(prep, surrogate, (prep.subset_images, *samples.as_images()),
+                          decrop_stages(prep, surrogate, hooks), sink, hooks)
     raise ValueError(f"unknown method {method!r}")
+
+
+def distilled_surrogate(prep: Prepared, log: Log = print) -> tuple[nn.Module, GeneratedSamples]:
+    """The black-box setting's surrogate (distilled from the classifier's outputs on the subset, then on the
+    subset plus the samples generated through it) and those samples."""
+    cfg = prep.cfg
+    blackbox = BlackBox(prep.classifier)
+    torch.manual_seed(cfg.seed)
+    surrogate = build_classifier(cfg.data.dataset, cfg.blackbox.arch).to(prep.device)
+    common = dict(image_size=prep.info.image_size, seed=cfg.seed, log=log)
+    distill_surrogate(blackbox, surrogate, prep.subset_images, cfg.blackbox, **common)
+    surrogate_key = config_hash(classifier_key(cfg), "surrogate", cfg.blackbox, cfg.seed)
+    samples = samples_for(prep, surrogate, surrogate_key, log)
+    # Second round: the generated samples lie near the boundary, where the surrogate must match best.
+    distill_surrogate(blackbox, surrogate, torch.cat([prep.subset_images, *samples.as_images()]),
+                      cfg.blackbox, **common)
+    return surrogate, samples
 
 
 def smoothed_model(classifier: nn.Module, denoiser: nn.Module | None, fold_bn: bool = False) -> nn.Module:

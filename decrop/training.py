@@ -103,18 +103,20 @@ class TrainResult:
 def train_denoiser(denoiser: nn.Module, classifier: nn.Module, loader: DataLoader, objective: Objective,
                    cfg: TrainConfig, *, val_images: Tensor, sigma: float, seed: int,
                    sink: MetricSink | None = None, schedule: AdamThenSGD | None = None, start_epoch: int = 0,
-                   on_epoch_end: Callable[[int, AdamThenSGD, dict[str, float]], None] | None = None,
+                   stage_start: int | None = None, on_epoch_end: Callable[[int, AdamThenSGD, dict[str, float]], None] | None = None,
                    ) -> TrainResult:
     """Train `denoiser` in front of the frozen `classifier` for ``cfg.epochs`` epochs.
 
     `loader` yields ``(images_tuple, labels)`` (see `decrop.data.AugmentedTensorDataset`); images are moved to
     the device of `val_images`. Every epoch reports ``train/loss``, ``train/<part>`` for each part the
     objective returns, ``train/lr``, ``train/epoch_time`` and ``val/agreement`` to `sink` at step = epoch + 1.
-    To resume, pass the restored `schedule` and `start_epoch`. `on_epoch_end(epoch, schedule, metrics)` runs
+    To resume, pass the restored `schedule` and `start_epoch`; `stage_start` (default `start_epoch`) is where
+    the objective's progress p = 0 lies, so a resumed stage continues its schedule instead of restarting it. `on_epoch_end(epoch, schedule, metrics)` runs
     after each epoch (checkpointing). Leaves the denoiser in eval mode.
     """
     device = val_images.device
     schedule = schedule or AdamThenSGD(denoiser.parameters(), cfg)
+    stage_start = start_epoch if stage_start is None else stage_start
     frozen = [(p, p.requires_grad) for p in classifier.parameters()]
     classifier_mode = classifier.training
     classifier.requires_grad_(False)
@@ -124,8 +126,8 @@ def train_denoiser(denoiser: nn.Module, classifier: nn.Module, loader: DataLoade
         for epoch in range(start_epoch, cfg.epochs):
             tic = time.perf_counter()
             optimizer = schedule.for_epoch(epoch)
-            if hasattr(objective, "set_progress"):  # p runs from 0 at the first epoch to 1 at the last
-                objective.set_progress((epoch - start_epoch) / max(cfg.epochs - start_epoch - 1, 1))
+            if hasattr(objective, "set_progress"):  # p runs from 0 at the stage's first epoch to 1 at its last
+                objective.set_progress((epoch - stage_start) / max(cfg.epochs - stage_start - 1, 1))
             if hasattr(loader.sampler, "set_epoch"):  # DistributedSampler reshuffles per epoch
                 loader.sampler.set_epoch(epoch)
             denoiser.train()

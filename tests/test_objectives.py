@@ -289,7 +289,7 @@ def test_training_keeps_the_classifier_bit_identical_and_ramps_progress_from_0_t
 
 
 def test_stage_two_continues_from_the_stage_one_weights_and_schedule():
-    """The two calls of `decrop.pipeline.train_decrop`: stage 1 for the first epochs, then stage 2 (with the
+    """The two calls of `decrop.pipeline.run_stages` with `decrop_stages`: stage 1 for the first epochs, then stage 2 (with the
     discriminator) from `start_epoch` on the same denoiser and the same `AdamThenSGD` schedule."""
     classifier = _classifier(train_steps=10)
     state = {k: v.clone() for k, v in classifier.state_dict().items()}

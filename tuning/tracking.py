@@ -1,0 +1,331 @@
+"""Everything MLflow for a sweep; the rest of ``tuning/`` never calls mlflow directly.
+
+Schema (DESIGN.md section 3): one experiment per study; one *parent* run per sweep (tags ``decrop.study``,
+``decrop.role=sweep``); one nested *child* run per Tune trial (tags ``mlflow.parentRunId``, ``decrop.role=trial``,
+``decrop.trial_id``) holding the trial's flat config as params, ``train/*``, ``val/*`` and ``certify/*`` metrics,
+and the certification rows, curve, resolved config and weights as artifacts. Every run carries the git commit.
+
+Runs are created explicitly and found again by tag, never remembered in process state: a resumed sweep
+(``Tuner.restore``) or a retried trial gets back the run it had, so no run is ever duplicated. Ray's
+``MLflowLoggerCallback`` is not used: it makes no nested runs and duplicates runs after a restore.
+
+All calls go through an explicit ``MlflowClient(tracking_uri)``, never mlflow's global "active run" state, so
+several studies (or Ray workers in one process) cannot log into each other's runs. A local SQLite store is
+fine for one machine; several processes writing it can hit "database is locked", so use an ``mlflow server``
+URI on a cluster.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import subprocess
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, Run
+from mlflow.exceptions import MlflowException
+from ray.tune import Callback
+
+from decrop.certify import CertRow, average_certified_radius, certified_accuracy, write_rows
+
+log = logging.getLogger(__name__)
+
+STUDY_TAG, ROLE_TAG, TRIAL_TAG, COMMIT_TAG = "decrop.study", "decrop.role", "decrop.trial_id", "decrop.git_commit"
+PARENT_TAG = "mlflow.parentRunId"  # MLflow's own tag: the UI folds child runs under their parent
+TERMINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
+_PARAMS_PER_BATCH = 100  # MLflow rejects a log_batch with more than 100 params
+_MAX_PARAM_VALUE = 6000  # ... or a param value longer than this
+_BAD_KEY_CHARS = re.compile(r"[^\w./\- ]")  # what MLflow accepts in a param key (colons aside: not on Windows)
+
+
+def default_tracking_uri(root: Path) -> str:
+    """``sqlite:///<root>/mlflow.db``, absolute. MLflow 3.17's own default is relative to the current directory,
+    and Ray moves workers into trial folders, which would scatter the runs over several stores."""
+    return f"sqlite:///{(Path(root).expanduser().resolve() / 'mlflow.db').as_posix()}"
+
+
+def resolve_tracking_uri(uri: str | None, root: Path) -> str:
+    """The given tracking URI with any local path made absolute, or `default_tracking_uri(root)` when None/empty.
+
+    ``http(s)://`` and other remote URIs pass unchanged; ``sqlite:///rel.db`` and plain paths are resolved against
+    the current directory *now* (in the driver), before Ray changes it. A plain path ending in ``.db`` means a SQLite
+    store; any other path is a ``file:`` store (which MLflow 3.17 refuses unless explicitly allowed).
+    """
+    if not uri:
+        return default_tracking_uri(root)
+    if uri.startswith("sqlite:///"):
+        path = uri[len("sqlite:///"):]
+        return uri if path.startswith("/") else f"sqlite:///{Path(path).resolve().as_posix()}"
+    if uri.startswith("file:"):
+        return Path(uri[len("file:"):].removeprefix("//")).expanduser().resolve().as_uri()
+    if "://" in uri:
+        return uri
+    path = Path(uri).expanduser().resolve()
+    return f"sqlite:///{path.as_posix()}" if path.suffix == ".db" else path.as_uri()
+
+
+def git_commit(repo: Path | None = None) -> str:
+    """``git rev-parse HEAD`` of `repo` (default: the checkout holding this code), with ``-dirty`` when tracked files
+    have uncommitted changes; ``"unknown"`` outside a git checkout or without git. Never raises."""
+    cwd = Path(repo) if repo is not None else Path(__file__).resolve().parents[1]
+    # GIT_OPTIONAL_LOCKS=0: `git status` must not rewrite the index of a checkout another process may be using.
+    env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0"}
+    try:
+        def git(*args: str) -> str:
+            return subprocess.run(["git", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                                  timeout=20, check=True).stdout.strip()
+        head = git("rev-parse", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    if not re.fullmatch(r"[0-9a-f]{40}", head):
+        return "unknown"
+    return head + ("-dirty" if dirty else "")
+
+
+def plot_certified_curve(rows_by_label: Mapping[str, Sequence[CertRow]], path: Path, title: str) -> Path:
+    """Certified accuracy (%) against l2 radius, one step curve per label, from radius 0 to the largest certified
+    radius; written as a PNG at `path` (Agg canvas: no display, no pyplot global state). Returns `path`."""
+    max_radius = max((row.radius for rows in rows_by_label.values() for row in rows), default=0.0)
+    grid = np.linspace(0.0, max_radius if max_radius > 0 else 1.0, 201)
+    fig = Figure(figsize=(5.5, 3.8))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for label, rows in rows_by_label.items():
+        acc = certified_accuracy(rows, grid)
+        ax.step(grid, [100.0 * acc[float(r)] for r in grid], where="post", label=label)
+    ax.set(xlabel="l2 radius", ylabel="certified accuracy (%)", ylim=(0, 100), xlim=(0, grid[-1]), title=title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def _quote(value: str) -> str:
+    """A value inside a search filter: MLflow's filter grammar has no escape for quotes, so refuse them."""
+    if "'" in value:
+        raise ValueError(f"names used to find runs may not contain a single quote: {value!r}")
+    return f"'{value}'"
+
+
+def _param_key(key: str) -> str:
+    return _BAD_KEY_CHARS.sub("_", str(key)).strip("/") or "_"
+
+
+class StudyTracker:
+    """Parent and child runs of one study in one MLflow experiment, through an explicit client.
+
+    Picklable (it pickles as its URI and experiment name), so it can be handed to Tune callbacks and Ray tasks.
+    """
+
+    def __init__(self, tracking_uri: str, experiment: str) -> None:
+        self.tracking_uri = tracking_uri
+        self.experiment = experiment
+        is_sqlite = tracking_uri.startswith("sqlite:///")
+        self._db = Path(tracking_uri.removeprefix("sqlite:///")).resolve() if is_sqlite else None
+        if self._db is not None:  # SQLite creates the file, not its folder
+            self._db.parent.mkdir(parents=True, exist_ok=True)
+        self.client = MlflowClient(tracking_uri)
+        self.commit = git_commit()
+        self._experiment_id: str | None = None
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return StudyTracker, (self.tracking_uri, self.experiment)  # the client holds a DB engine: rebuild it
+
+    @property
+    def experiment_id(self) -> str:
+        """The experiment's id, creating the experiment on first use."""
+        if self._experiment_id is None:
+            exp = self.client.get_experiment_by_name(self.experiment)
+            if exp is None:
+                try:
+                    self._experiment_id = self.client.create_experiment(self.experiment, self._artifact_location())
+                    return self._experiment_id
+                except MlflowException:  # another process created it between our lookup and our create
+                    exp = self.client.get_experiment_by_name(self.experiment)
+                    if exp is None:
+                        raise
+            if exp.lifecycle_stage == "deleted":
+                raise ValueError(f"MLflow experiment {self.experiment!r} is deleted; restore it "
+                                 f"(mlflow experiments restore) or use another experiment name")
+            self._experiment_id = exp.experiment_id
+        return self._experiment_id
+
+    def _artifact_location(self) -> str | None:
+        # A SQLite store's default artifact root is ./mlruns *relative to the current directory* at the time
+        # the store is opened, i.e. inside whichever Ray trial folder made the experiment. Pin it next to the DB.
+        # Servers (http) choose their own root: leave those alone.
+        return (self._db.parent / "mlartifacts").as_uri() if self._db is not None else None
+
+    # ---------------------------------------------------------------------------------------------------
+    # Runs
+
+    def start_sweep(self, study: str, params: Mapping[str, Any], resume: bool) -> str:
+        """The parent run id of `study`'s sweep: created (and `params` logged), or with ``resume`` the existing
+        one set back to RUNNING (a missing one is created). ValueError when it exists and ``resume`` is False."""
+        existing = self._search(f"tags.`{STUDY_TAG}` = {_quote(study)} and tags.`{ROLE_TAG}` = 'sweep'")
+        if existing and not resume:
+            raise ValueError(f"study {study!r} already has a sweep run ({existing[0].info.run_id}) in MLflow "
+                             f"experiment {self.experiment!r}; pass --resume to continue it or choose another "
+                             f"--study name")
+        if existing:
+            run = existing[0]
+            self.client.update_run(run.info.run_id, status="RUNNING")
+        else:
+            run = self.client.create_run(self.experiment_id, run_name=study, tags={
+                STUDY_TAG: study, ROLE_TAG: "sweep", COMMIT_TAG: self.commit})
+        self._log_new_params(run, params)
+        return run.info.run_id
+
+    def find_trial_run(self, parent_run_id: str, trial_id: str) -> str | None:
+        """The id of Tune trial `trial_id`'s child run under the parent run, or None."""
+        run = self._find_trial(parent_run_id, trial_id)
+        return run.info.run_id if run is not None else None
+
+    def _find_trial(self, parent_run_id: str, trial_id: str) -> Run | None:
+        runs = self._search(f"tags.`{PARENT_TAG}` = {_quote(parent_run_id)} and "
+                            f"tags.`{TRIAL_TAG}` = {_quote(trial_id)}")
+        return runs[0] if runs else None
+
+    def trial_run(self, parent_run_id: str, trial_id: str, trial_name: str, params: Mapping[str, Any]) -> str:
+        """The child run of a Tune trial: the one already tagged with `trial_id` (a resumed or retried trial, set
+        back to RUNNING) or a new nested one. `params` (the trial's flat config) not yet logged are logged."""
+        run = self._find_trial(parent_run_id, trial_id)
+        if run is not None:
+            self.client.update_run(run.info.run_id, status="RUNNING")
+        else:
+            run = self.client.create_run(self.experiment_id, run_name=trial_name, tags={
+                PARENT_TAG: parent_run_id, ROLE_TAG: "trial", TRIAL_TAG: trial_id, COMMIT_TAG: self.commit})
+        self._log_new_params(run, params)
+        return run.info.run_id
+
+    def _log_new_params(self, run: Run, params: Mapping[str, Any]) -> None:
+        # MLflow params are immutable: re-logging a key with another value fails, so a resumed run keeps the
+        # values it was started with and only gains keys it lacked.
+        logged = run.data.params
+        new = []
+        for key, value in params.items():
+            key, text = _param_key(key), str(value)[:_MAX_PARAM_VALUE]
+            if key not in logged:
+                new.append(Param(key, text))
+            elif logged[key] != text:
+                log.warning("run %s keeps param %s=%r (not %r): params are immutable", run.info.run_id, key,
+                            logged[key], text)
+        for start in range(0, len(new), _PARAMS_PER_BATCH):
+            self.client.log_batch(run.info.run_id, params=new[start:start + _PARAMS_PER_BATCH])
+
+    def finish(self, run_id: str, status: str) -> None:
+        """End a run with status FINISHED, FAILED or KILLED."""
+        if status not in TERMINAL_STATUSES:
+            raise ValueError(f"status must be one of {TERMINAL_STATUSES}, got {status!r}")
+        self.client.set_terminated(run_id, status)
+
+    def run_status(self, run_id: str) -> str:
+        return self.client.get_run(run_id).info.status
+
+    def trial_runs(self, parent_run_id: str) -> pd.DataFrame:
+        """One row per child run of the parent, oldest first: run_id, run_name, trial_id, status, start_time,
+        then ``params.<key>`` (strings, as MLflow stores them) and ``metrics.<key>`` (latest values)."""
+        runs = self._search(f"tags.`{PARENT_TAG}` = {_quote(parent_run_id)}")
+        rows = [{"run_id": r.info.run_id, "run_name": r.info.run_name, "trial_id": r.data.tags.get(TRIAL_TAG),
+                 "status": r.info.status, "start_time": pd.to_datetime(r.info.start_time, unit="ms"),
+                 **{f"params.{k}": v for k, v in r.data.params.items()},
+                 **{f"metrics.{k}": v for k, v in r.data.metrics.items()}} for r in runs]
+        return pd.DataFrame(rows) if rows else pd.DataFrame(columns=["run_id", "run_name", "trial_id", "status",
+                                                                        "start_time"])
+
+    def _search(self, filter_string: str) -> list[Run]:
+        """Active runs of the experiment matching the filter, oldest first (so "the" run found is the first made)."""
+        runs, token = [], None
+        while True:  # search_runs pages at 1000 runs
+            page = self.client.search_runs([self.experiment_id], filter_string, max_results=1000,
+                                           order_by=["attributes.start_time ASC"], page_token=token)
+            runs.extend(page)
+            token = page.token
+            if not token:
+                return runs
+
+    # ---------------------------------------------------------------------------------------------------
+    # Metrics and artifacts
+
+    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int) -> None:
+        """Log all `metrics` at `step` in one call; keys (``train/loss``, ``certify/acc_r0.25``) kept as given."""
+        now = int(time.time() * 1000)
+        entries = [Metric(key, float(value), now, int(step)) for key, value in metrics.items()]
+        for start in range(0, len(entries), 1000):  # MLflow's batch limit
+            self.client.log_batch(run_id, metrics=entries[start:start + 1000])
+
+    def log_certification(self, run_id: str, rows: Sequence[CertRow], radii: Sequence[float], label: str,
+                          artifact_dir: str = "certify", step: int = 0) -> dict[str, float]:
+        """Certified accuracy at each radius and the ACR of `rows` as metrics (``certify/...`` for the
+        "validation" label, ``certify_<label>/...`` otherwise), plus ``<artifact_dir>/<label>.tsv`` (Cohen's
+        table) and ``<artifact_dir>/<label>_curve.png``. Returns the metrics logged."""
+        if not re.fullmatch(r"[\w\-]+", label):
+            raise ValueError(f"label must be letters, digits, '_' or '-', got {label!r}")
+        prefix = "certify" if label == "validation" else f"certify_{label}"
+        metrics = {f"{prefix}/acc_r{r:.2f}": acc for r, acc in certified_accuracy(rows, radii).items()}
+        metrics[f"{prefix}/acr"] = average_certified_radius(rows)
+        self.log_metrics(run_id, metrics, step)
+        with tempfile.TemporaryDirectory() as tmp:
+            table = Path(tmp) / f"{label}.tsv"
+            write_rows(rows, table)
+            curve = plot_certified_curve({label: rows}, Path(tmp) / f"{label}_curve.png",
+                                         title=f"certified accuracy ({label}, {len(rows)} images)")
+            for path in (table, curve):
+                self.log_artifact(run_id, path, artifact_dir)
+        return metrics
+
+    def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
+        """Copy a local file (or folder) into the run's artifacts, under `artifact_path` if given."""
+        self.client.log_artifact(run_id, str(path), artifact_path)
+
+    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        """Store `text` as the artifact `artifact_file` (e.g. ``config.yaml``)."""
+        self.client.log_text(run_id, text, artifact_file)
+
+
+class MlflowStatusCallback(Callback):
+    """Driver-side Tune callback that ends each trial's child run with the trial's fate.
+
+    Trials cannot always end their own run: an errored trial's process may be gone, and a trial stopped by the
+    scheduler (ASHA) is terminated without running its own clean-up. Errored trials become FAILED (a run is
+    created if the trial died before making one, so every failure shows in MLflow); completed trials FINISHED,
+    unless already FAILED or KILLED. Tracking problems are logged, never raised: they must not abort the sweep.
+    """
+
+    def __init__(self, tracker: StudyTracker, parent_run_id: str) -> None:
+        self.tracker = tracker
+        self.parent_run_id = parent_run_id
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._end(trial, "FAILED", create=True)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._end(trial, "FINISHED", create=False)
+
+    def _end(self, trial: Any, status: str, create: bool) -> None:
+        try:
+            run_id = self.tracker.find_trial_run(self.parent_run_id, trial.trial_id)
+            if run_id is None and create:
+                run_id = self.tracker.trial_run(self.parent_run_id, trial.trial_id, str(trial),
+                                                getattr(trial, "config", None) or {})
+            if run_id is None:
+                return
+            if status == "FINISHED" and self.tracker.run_status(run_id) in ("FAILED", "KILLED"):
+                return
+            self.tracker.finish(run_id, status)
+        except (MlflowException, OSError, ValueError) as err:
+            log.warning("could not mark the MLflow run of trial %s %s: %s", trial.trial_id, status, err)
