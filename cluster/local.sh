@@ -137,6 +137,11 @@ start_head() {
         --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" --ray-client-server-port="$CLIENT_PORT" \
         --disable-usage-stats --temp-dir="$HEAD_DIR" >"$CLUSTER_DIR/ray-head.log" 2>&1 ||
         { tail -20 "$CLUSTER_DIR/ray-head.log" >&2; die "ray start --head failed"; }
+    # The job server is ready when it accepts the token (without it: 401).
+    local token_file=${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}
+    local token=${RAY_AUTH_TOKEN:-$(cat "$token_file")}
+    wait_for_url "http://127.0.0.1:$DASHBOARD_PORT/api/version" 60 -H @<(printf 'Authorization: Bearer %s\n' "$token") ||
+        die "the job server did not answer on 127.0.0.1:$DASHBOARD_PORT within 60 s (log: $HEAD_DIR/session_latest/logs)"
 }
 
 start_worker() {

@@ -141,6 +141,8 @@ class CertifyConfig:
                  "the maximum)")
     radii: tuple[float, ...] = _field((0.0, 0.25, 0.5, 0.75, 1.0), "radii at which certified accuracy is "
                                                                    "reported")
+    val_images: int = _field(100, "validation images certified for a tuning trial's objective (the first ones of "
+                                  "the validation set; never test images)", ge=1)
     precision: Literal["fp32", "bf16", "fp16"] = _field(
         "fp32", "arithmetic of the certified model: bf16/fp16 autocast is faster but certifies the "
                 "reduced-precision model, not the fp32 one")
@@ -171,6 +173,9 @@ class ExperimentConfig:
         if any(r < 0 for r in self.certify.radii) or not self.certify.radii:
             raise ConfigError(f"config key 'certify.radii' must be a non-empty list of radii >= 0, "
                               f"got {list(self.certify.radii)}")
+        if self.certify.val_images > self.data.val_size:
+            raise ConfigError(f"config key 'certify.val_images' = {self.certify.val_images} exceeds "
+                              f"data.val_size = {self.data.val_size}: it certifies a part of the validation set")
         if self.decrop.stage2_epochs >= self.train.epochs:
             raise ConfigError(f"config key 'decrop.stage2_epochs' = {self.decrop.stage2_epochs} must be smaller "
                               f"than train.epochs = {self.train.epochs} (stage 2 is the end of the same budget)")

@@ -73,8 +73,11 @@ def subset_for(cfg: ExperimentConfig, labels: Tensor) -> np.ndarray:
     return indices
 
 
-def prepare(cfg: ExperimentConfig, log: Log = print) -> Prepared:
-    """Load the data, get the classifier (trained and cached on first use) and draw the subsets."""
+def prepare(cfg: ExperimentConfig, log: Log = print, evaluate: bool = True) -> Prepared:
+    """Load the data, get the classifier (trained and cached on first use) and draw the subsets.
+
+    `evaluate` measures the classifier's clean test accuracy (NaN without it: workers that only train or
+    certify skip it)."""
     seed_everything(cfg.seed)
     tune_allocator()
     device = resolve_device(cfg.device)
@@ -92,8 +95,9 @@ def prepare(cfg: ExperimentConfig, log: Log = print) -> Prepared:
         cfg, train_images, train_labels, device, log=log,
         sink_factory=lambda epochs: PrintSink("classifier: ", total=epochs))
     timings["classifier"] = time.perf_counter() - tic
-    clean = accuracy(classifier, test_images, test_labels)
-    log(f"classifier: clean test accuracy {clean:.4f}")
+    clean = accuracy(classifier, test_images, test_labels) if evaluate else float("nan")
+    if evaluate:
+        log(f"classifier: clean test accuracy {clean:.4f}")
 
     subset = subset_for(cfg, train_labels)
     val = validation_indices(train_labels.numpy(), subset, cfg.data.val_size, cfg.seed)

@@ -1,0 +1,59 @@
+"""Certification as parallel Ray tasks: images split into shards, each certified by its own task.
+
+Every image's noise is seeded by (seed, image index) (`decrop.certify.certify_indices`), so the merged shards
+equal the unsharded result exactly, whatever the number of shards or where they ran. Tasks are launched with
+``scheduling_strategy="SPREAD"``: from inside a Tune trial the default strategy would capture them into the
+trial's placement group, where they never get a CPU (PLATFORM_NOTES).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+import ray
+import torch
+from torch.utils.data import TensorDataset
+
+from decrop.certify import CertRow, certify_indices, merge_rows
+from decrop.config import from_flat
+from decrop.pipeline import build_denoiser, prepare, smoothed_model
+from decrop.runtime import tune_allocator
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+@ray.remote(num_cpus=1)
+def certify_shard(flat_config: Mapping[str, Any], denoiser_state: Mapping[str, torch.Tensor] | None, split: str,
+                  indices: list[int]) -> list[CertRow]:
+    """Certify images `indices` of `split` ("val": the validation set, "test": the test split) with the
+    classifier behind the denoiser `denoiser_state` (None: the classifier alone)."""
+    cfg = from_flat(flat_config)
+    tune_allocator()
+    torch.set_num_threads(1)  # one CPU per task: parallelism comes from the shards
+    prep = prepare(cfg, log=_quiet, evaluate=False)
+    denoiser = None
+    if denoiser_state is not None:
+        denoiser = build_denoiser(cfg.denoiser, prep.info.channels).to(prep.device)
+        denoiser.load_state_dict(denoiser_state)
+    model = smoothed_model(prep.classifier, denoiser, cfg.certify.fold_bn)
+    dataset = TensorDataset(prep.val_images.cpu(), prep.val_labels) if split == "val" else prep.test_set
+    c = cfg.certify
+    return certify_indices(model, dataset, indices, num_classes=prep.info.num_classes, sigma=cfg.sigma, n0=c.n0,
+                           n=c.n, alpha=c.alpha, batch_size=c.batch_size, seed=cfg.seed, device=prep.device,
+                           mode=c.mode, radii=c.radii, precision=c.precision)
+
+
+def certify_parallel(flat_config: Mapping[str, Any], denoisers: Mapping[str, Mapping[str, torch.Tensor] | None],
+                     split: str, indices: list[int], num_shards: int, gpus_per_task: float = 0
+                     ) -> dict[str, list[CertRow]]:
+    """Certify several denoisers (label -> state, None for no denoiser) on images `indices` of `split`
+    (``Prepared.test_indices`` for "test", ``range(certify.val_images)`` for "val"), each over `num_shards`
+    shards, all tasks in flight at once; returns the merged rows per label."""
+    shards = [list(map(int, s)) for s in np.array_split(indices, min(num_shards, len(indices))) if len(s)]
+    task = certify_shard.options(scheduling_strategy="SPREAD", num_gpus=gpus_per_task)
+    futures = {label: [task.remote(flat_config, ray.put(state) if state is not None else None, split, shard)
+                       for shard in shards] for label, state in denoisers.items()}
+    return {label: merge_rows(ray.get(refs)) for label, refs in futures.items()}

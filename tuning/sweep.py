@@ -1,0 +1,193 @@
+"""A hyperparameter study of DE-CROP on Ray: Tune + Optuna search, Ray Train DDP trials, MLflow records.
+
+    python tuning/sweep.py                                   # local Ray, quick profile, 8 trials
+    ray job submit --working-dir . -- python tuning/sweep.py --profile paper --gpus-per-worker 1 \\
+        --mlflow-uri http://127.0.0.1:5000                   # on a cluster (see cluster/README.md)
+
+What happens: the profile's classifier is trained (or taken from the cache) once; Optuna's seeded TPE
+proposes alpha, the loss weights, n_interp, the attack and the stage-2 schedule (`tuning/space.py`); each
+trial trains DE-CROP in a Ray Train `TorchTrainer` (W DDP workers), ASHA stops weak trials on the per-epoch
+validation agreement, and the survivors' denoisers are certified on validation images as Ray tasks; the
+objective is the validation ACR (`tuning/trainable.py`). After the search the best trial and the baseline
+(same data and budget) are certified on the test subset in parallel tasks, and a table of both is printed.
+MLflow gets one experiment per study, a parent run per sweep and a child run per trial. ``--resume`` continues
+an interrupted sweep: finished trials are not rerun and no MLflow run is duplicated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+# `python tuning/sweep.py` puts tuning/ on sys.path, not the repo root that holds the `tuning` package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# The per-epoch results of a trial carry the scheduler's metric (val/agreement) but not the searcher's
+# final objective, which only the last result has; Tune's strict check would reject them.
+os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+
+import ray  # noqa: E402
+import ray.tune  # noqa: E402
+from optuna.samplers import TPESampler  # noqa: E402
+from ray.tune.schedulers import ASHAScheduler  # noqa: E402
+
+from decrop.config import ConfigError, load_config, to_flat  # noqa: E402
+from decrop.pipeline import format_table, prepare, summarize  # noqa: E402
+from tuning.certify_tasks import certify_parallel  # noqa: E402
+from tuning.space import FinalObjectiveOptunaSearch, define_space  # noqa: E402
+from tuning.tracking import MlflowStatusCallback, StudyTracker, resolve_tracking_uri  # noqa: E402
+from tuning.trainable import StudySettings, load_denoiser_state, run_trial, trial_config  # noqa: E402
+from tuning.train_loop import train_loop_per_worker, trained_state  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--profile", default="quick", help="configs/<profile>.yaml: quick (CPU, minutes) or paper")
+    p.add_argument("--study", default=None, help="study name (default <profile>-study); also the MLflow experiment")
+    p.add_argument("--num-trials", type=int, default=8)
+    p.add_argument("--max-concurrent", type=int, default=None,
+                   help="trials at once (default: cluster CPUs, or GPUs, / demand of one trial)")
+    p.add_argument("--workers-per-trial", type=int, default=1, help="DDP workers of each trial's training")
+    p.add_argument("--gpus-per-worker", type=float, default=0.0)
+    p.add_argument("--cert-shards", type=int, default=2, help="parallel certification tasks per trial")
+    p.add_argument("--mlflow-uri", default=None, help="tracking server URI (default: <storage>/mlflow.db)")
+    p.add_argument("--experiment", default=None, help="MLflow experiment (default: the study name)")
+    p.add_argument("--storage", type=Path, default=Path("~/decrop-runs"),
+                   help="folder for trial checkpoints, denoisers and the default MLflow store")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted sweep of this study")
+    p.add_argument("--seed", type=int, default=0, help="seed of the TPE sampler")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key of the profile for every trial, e.g. --set train.epochs=10")
+    return p.parse_args(argv)
+
+
+def connect() -> None:
+    """Join the cluster this runs on (under `ray job submit` RAY_ADDRESS is set), else start a local one."""
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+        return
+    try:
+        ray.init(address="auto")
+    except ConnectionError:
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
+
+
+class Progress(ray.tune.Callback):
+    """One line per finished trial with its objective and the best so far."""
+
+    def __init__(self, total: int):
+        self.total, self.done, self.best = total, 0, float("-inf")
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.done += 1
+        value = (trial.last_result or {}).get("objective")
+        if value is not None:
+            self.best = max(self.best, value)
+        shown = f"objective (val ACR) {value:.4f}" if value is not None else "stopped early by ASHA"
+        print(f"sweep: trial {trial.trial_id} done ({self.done}/{self.total}): {shown}; best so far "
+              f"{self.best:.4f}", flush=True)
+
+
+def train_baseline(flat: dict, settings: StudySettings) -> dict:
+    """The Salman et al. baseline on the same subset and budget, as a Ray Train run like the trials'."""
+    from ray.train.torch import TorchTrainer
+
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": flat, "method": "baseline", "label": "baseline",
+                           "checkpoint_every": settings.checkpoint_every},
+        scaling_config=ray.train.ScalingConfig(num_workers=settings.workers, use_gpu=settings.gpus_per_worker > 0),
+        run_config=ray.train.RunConfig(name="baseline", storage_path=settings.storage,
+                                       failure_config=ray.train.FailureConfig(max_failures=1,
+                                                                              controller_failure_limit=1)))
+    return trained_state(trainer.fit())
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    study = args.study or f"{args.profile}-study"
+    try:
+        cfg = load_config(REPO / "configs" / f"{args.profile}.yaml", args.overrides)
+    except ConfigError as err:  # before Ray starts or any trial runs
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    storage = args.storage.expanduser().resolve() / study
+    storage.mkdir(parents=True, exist_ok=True)
+    uri = resolve_tracking_uri(args.mlflow_uri, storage)
+    tracker = StudyTracker(uri, args.experiment or study)
+    try:
+        parent = tracker.start_sweep(study, {"profile": args.profile, "num_trials": args.num_trials,
+                                             "workers_per_trial": args.workers_per_trial,
+                                             "gpus_per_worker": args.gpus_per_worker, "seed": args.seed,
+                                             **{f"base.{k}": v for k, v in to_flat(cfg).items()}}, args.resume)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"sweep {study}: storage {storage}, MLflow {uri} (experiment {tracker.experiment_id})", flush=True)
+
+    connect()
+    tic = time.perf_counter()
+    prep = prepare(cfg)  # trains and caches the classifier once, before trials could race to do it
+    resources = ray.cluster_resources()
+    demand = ("GPU", args.gpus_per_worker * args.workers_per_trial) if args.gpus_per_worker else (
+        "CPU", args.workers_per_trial)
+    concurrent = args.max_concurrent or max(1, int(resources.get(demand[0], 1) // demand[1]))
+    settings = StudySettings(base=to_flat(cfg), storage=str(storage), tracking_uri=uri,
+                             experiment=args.experiment or study, parent_run_id=parent,
+                             workers=args.workers_per_trial, gpus_per_worker=args.gpus_per_worker,
+                             cert_shards=args.cert_shards)
+    # The trial function only drives its Train run: it holds no CPU (a CPU held idle by every driver
+    # deadlocks a 2-CPU machine), just a sliver of the head node, where the drivers live.
+    trainable = ray.tune.with_resources(ray.tune.with_parameters(run_trial, settings=settings),
+                                        {"cpu": 0, "node:__internal_head__": 0.01})
+    path = storage / "tune"
+    if args.resume and ray.tune.Tuner.can_restore(str(path)):
+        print(f"sweep: resuming {path}", flush=True)
+        tuner = ray.tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        tuner = ray.tune.Tuner(
+            trainable,
+            tune_config=ray.tune.TuneConfig(
+                search_alg=FinalObjectiveOptunaSearch(space=define_space, metric="objective", mode="max",
+                                        sampler=TPESampler(seed=args.seed)),
+                scheduler=ASHAScheduler(metric="val/agreement", mode="max", max_t=cfg.train.epochs + 1,
+                                        grace_period=max(1, cfg.train.epochs // 4), reduction_factor=2),
+                num_samples=args.num_trials, max_concurrent_trials=concurrent),
+            run_config=ray.tune.RunConfig(name="tune", storage_path=str(storage),
+                                          callbacks=[MlflowStatusCallback(tracker, parent),
+                                                     Progress(args.num_trials)],
+                                          failure_config=ray.tune.FailureConfig(max_failures=1), verbose=1))
+    results = tuner.fit()
+    best = results.get_best_result(metric="objective", mode="max", filter_nan_and_inf=True)
+    best_params = dict(best.config)
+    print(f"sweep: best trial {best.path.split('/')[-1]}: objective {best.metrics['objective']:.4f}, "
+          f"{best_params}", flush=True)
+
+    # The best trial's denoiser and the baseline's, certified on the test subset: reporting only.
+    best_id = best.metrics["trial_id"]
+    best_flat = trial_config(settings, best_params)
+    baseline_state = train_baseline({**settings.base, "methods": ["baseline"]}, settings)
+    rows = certify_parallel(best_flat, {"none": None, "baseline": baseline_state,
+                                        "decrop_best": load_denoiser_state(storage / "denoisers" / f"{best_id}.pt")},
+                            "test", [int(i) for i in prep.test_indices], args.cert_shards,
+                            gpus_per_task=args.gpus_per_worker)
+    for label, label_rows in rows.items():
+        tracker.log_certification(parent, label_rows, cfg.certify.radii, f"test_{label}")
+    table = summarize(rows, cfg.certify.radii, prep.clean_accuracy)
+    tracker.log_text(parent, table.to_csv(), "test_summary.csv")
+    tracker.finish(parent, "FINISHED")
+    print(f"\nTest-subset certified accuracy (%), best trial vs baseline, sigma={cfg.sigma}, "
+          f"{cfg.data.percent}% of {cfg.data.dataset}, n={cfg.certify.n}:")
+    print(format_table(table))
+    print(f"\nsweep wall time {time.perf_counter() - tic:.0f}s; MLflow UI: mlflow ui --backend-store-uri {uri}, "
+          f"then open http://127.0.0.1:5000/#/experiments/{tracker.experiment_id}/runs?workflowType=machine_learning")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
