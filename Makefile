@@ -2,7 +2,7 @@
 #                                  make test (set up, then run the test suite)
 PY := .venv/bin/python
 
-.PHONY: setup run test test-all
+.PHONY: setup run test test-all sweep
 setup:
 	@bash scripts/setup.sh
 
@@ -14,3 +14,6 @@ test: setup
 
 test-all: setup
 	$(PY) -m pytest -q -m ""
+
+sweep: setup
+	$(PY) tuning/sweep.py

@@ -94,10 +94,11 @@ def git_commit(repo: Path | None = None) -> str:
 
 
 def plot_certified_curve(rows_by_label: Mapping[str, Sequence[CertRow]], path: Path, title: str) -> Path:
-    """Certified accuracy (%) against l2 radius, one step curve per label, from radius 0 to the largest certified
-    radius; written as a PNG at `path` (Agg canvas: no display, no pyplot global state). Returns `path`."""
+    """Certified accuracy (%) against l2 radius, one step curve per label, from radius 0 to just past the largest
+    certified radius; written as a PNG at `path` (Agg canvas: no display, no pyplot global state). Returns `path`."""
     max_radius = max((row.radius for rows in rows_by_label.values() for row in rows), default=0.0)
-    grid = np.linspace(0.0, max_radius if max_radius > 0 else 1.0, 201)
+    # 10% past the largest radius so the final drop to zero is visible
+    grid = np.linspace(0.0, 1.1 * max_radius if max_radius > 0 else 1.0, 201)
     fig = Figure(figsize=(5.5, 3.8))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()

@@ -1,0 +1,87 @@
+"""The sweep command: errors before any compute, the search space, and (slow) a real sweep with resume."""
+
+import os
+import sys
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+import ray
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from tuning import sweep  # noqa: E402
+from tuning.space import define_space, trial_overrides  # noqa: E402
+from tuning.tracking import StudyTracker, default_tracking_uri  # noqa: E402
+
+TINY = ["train.epochs=2", "decrop.stage2_epochs=1", "decrop.attack_steps=2", "decrop.interp_steps=2",
+        "certify.val_images=8", "certify.n=100", "certify.n0=20", "data.test_every=1000", "denoiser.depth=3",
+        "denoiser.width=8"]
+
+
+def test_config_error_stops_the_sweep_before_ray_starts(tmp_path, capsys):
+    code = sweep.main(["--storage", str(tmp_path), "--set", "train.epoch=3"])
+    assert code == 2
+    assert "unknown config key 'train.epoch'" in capsys.readouterr().err
+    assert not ray.is_initialized()
+    assert not any(tmp_path.iterdir())  # nothing written, no MLflow store created
+
+
+def test_an_existing_study_needs_resume(tmp_path, capsys):
+    storage = tmp_path / "quick-study"
+    storage.mkdir()
+    StudyTracker(default_tracking_uri(storage), "quick-study").start_sweep("quick-study", {}, resume=False)
+    assert sweep.main(["--storage", str(tmp_path)]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert not ray.is_initialized()
+
+
+def test_search_space_samples_every_knob_and_maps_stage2():
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(20):
+        trial = study.ask()
+        define_space(trial)
+        seen |= set(trial.params)
+        overrides = trial_overrides(trial.params, epochs=20)
+        assert "stage2" not in overrides
+        assert overrides["decrop.stage2_epochs"] == (5 if trial.params["stage2"] else 0)
+        assert ("decrop.beta_scale" in trial.params) == trial.params["stage2"]  # conditional on stage 2
+        study.tell(trial, 0.0)
+    assert {"decrop.alpha", "decrop.w_cs", "decrop.w_mmd", "decrop.n_interp", "decrop.attack", "stage2",
+            "decrop.beta_scale", "decrop.beta_gamma"} <= seen
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_tiny_sweep_logs_every_trial_and_resume_duplicates_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("RAY_ADDRESS", "local")
+    args = ["--num-trials", "2", "--study", "tiny", "--storage", str(tmp_path), "--cert-shards", "2"]
+    for item in TINY:
+        args += ["--set", item]
+    assert sweep.main(args) == 0
+    ray.shutdown()
+    out = capsys.readouterr().out
+    assert "decrop_best" in out and "baseline" in out and "objective (val ACR)" in out
+
+    client = mlflow.MlflowClient(default_tracking_uri(tmp_path / "tiny"))
+    experiment = client.get_experiment_by_name("tiny")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert len(parents) == 1 and len(children) == 2
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert child.data.params["decrop.attack"] in {"pgd", "autoattack", "deepfool", "none"}
+        assert "train/loss" in child.data.metrics
+        if "certify/acr" in child.data.metrics:  # trials ASHA stopped early have no certification
+            paths = {a.path for a in client.list_artifacts(child.info.run_id, "certify")}
+            assert {"certify/validation.tsv", "certify/validation_curve.png"} <= paths
+    assert "certify_test_decrop_best/acr" in parents[0].data.metrics
+
+    # --resume of a finished sweep reruns no trial and creates no MLflow run
+    assert sweep.main(args + ["--resume"]) == 0
+    ray.shutdown()
+    assert len(client.search_runs([experiment.experiment_id])) == len(runs)
