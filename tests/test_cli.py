@@ -14,8 +14,8 @@ from decrop.config import load_config
 REPO = Path(__file__).resolve().parents[1]
 FMNIST = Path(os.environ.get("DECROP_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 TINY = ["classifier.epochs=1", "train.epochs=2", "train.adam_epochs=1", "data.test_every=1000",
-        "data.val_size=50", "certify.n0=20", "certify.n=100", "certify.batch_size=100", "denoiser.depth=3",
-        "denoiser.width=8", "decrop.stage2_epochs=1", "decrop.attack_steps=2", "decrop.interp_steps=2",
+        "data.val_size=50", "certify.val_images=10", "certify.n0=20", "certify.n=100", "certify.batch_size=100",
+        "denoiser.depth=3", "denoiser.width=8", "decrop.stage2_epochs=1", "decrop.attack_steps=2", "decrop.interp_steps=2",
         "blackbox.epochs=1", "methods=[baseline, decrop]"]
 
 
