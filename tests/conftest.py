@@ -11,3 +11,25 @@ def _seed_everything():
     np.random.seed(0)
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """One torch thread for a module of tiny models: threading only costs time on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def quadrant_images(n: int, seed: int, size: int, num_classes: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Separable toy data: images (n, 1, size, size) of noise in [0, 0.5] with the quadrant of the class
+    (labels (n,) cycling through 0..3) raised by 0.5."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % num_classes
+    x = torch.rand(n, 1, size, size, generator=g) * 0.5
+    half = size // 2
+    for i, c in enumerate(y.tolist()):
+        r, s = divmod(c, 2)
+        x[i, :, r * half:(r + 1) * half, s * half:(s + 1) * half] += 0.5
+    return x, y

@@ -6,29 +6,18 @@ import torch.nn.functional as F
 
 from decrop.attacks import ATTACKS, get_attack
 from decrop.models import create_model
+from conftest import quadrant_images  # tests/conftest.py: shared toy data
 
 NUM_CLASSES, SIZE = 4, 12
 BUDGETED = ["pgd", "autoattack", "deepfool"]  # every attack but `none` stays inside its eps-ball
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threading only costs time on a shared 2-core machine
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _separable_data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images (n, 1, 12, 12) in [0, 1]: uniform noise in [0, 0.5], the quadrant of the class raised by 0.5
-    (so pixels touch both 0 and 1 and clipping matters)."""
-    g = torch.Generator().manual_seed(seed)
-    y = torch.arange(n) % NUM_CLASSES
-    x = torch.rand(n, 1, SIZE, SIZE, generator=g) * 0.5
-    half = SIZE // 2
-    for i, c in enumerate(y.tolist()):
-        r, s = divmod(c, 2)
-        x[i, :, r * half:(r + 1) * half, s * half:(s + 1) * half] += 0.5
+    """`quadrant_images` with one all-black and one all-white image, so clipping to [0, 1] matters."""
+    x, y = quadrant_images(n, seed, SIZE, NUM_CLASSES)
     x[0].fill_(0.0)
     x[1].fill_(1.0)
     return x, y

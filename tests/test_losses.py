@@ -9,12 +9,7 @@ import torch.nn.functional as F
 from decrop.losses import beta_schedule, cosine_loss, label_consistency_loss, mmd_loss, reverse_gradient
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: threading only costs time on a shared 2-core machine
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # ------------------------------------------------------------------------------------------------------ MMD

@@ -20,29 +20,17 @@ from decrop.metrics import MemorySink
 from decrop.models import DomainDiscriminator, create_model
 from decrop.objectives import DecropObjective
 from decrop.training import AdamThenSGD, train_denoiser
+from conftest import quadrant_images  # tests/conftest.py: shared toy data
 
 NUM_CLASSES, SIZE, SIGMA = 4, 8, 0.25
 PARTS = {"loss_lc", "loss_cs_b", "loss_cs_int", "loss_mmd_b", "loss_mmd_int"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threading only costs time on a shared 2-core machine
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _data(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images (n, 1, 8, 8) in [0, 1], the class's quadrant brighter than the rest; labels (n,)."""
-    g = torch.Generator().manual_seed(seed)
-    y = torch.arange(n) % NUM_CLASSES
-    x = torch.rand(n, 1, SIZE, SIZE, generator=g) * 0.5
-    half = SIZE // 2
-    for i, c in enumerate(y.tolist()):
-        r, s = divmod(c, 2)
-        x[i, :, r * half:(r + 1) * half, s * half:(s + 1) * half] += 0.5
-    return x, y
+    return quadrant_images(n, seed, SIZE, NUM_CLASSES)
 
 
 def _classifier(seed: int = 0, train_steps: int = 0) -> nn.Module:

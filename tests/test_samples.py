@@ -10,28 +10,16 @@ from decrop.config import DecropConfig
 from decrop.models import create_model
 from decrop import samples as samples_module
 from decrop.samples import GeneratedSamples, generate_samples, interpolate, load_or_generate_samples
+from conftest import quadrant_images  # tests/conftest.py: shared toy data
 
 NUM_CLASSES, SIZE = 4, 12
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threading only costs time on a shared 2-core machine
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images (n, 1, 12, 12) in [0, 1], the class's quadrant brighter than the rest."""
-    g = torch.Generator().manual_seed(seed)
-    y = torch.arange(n) % NUM_CLASSES
-    x = torch.rand(n, 1, SIZE, SIZE, generator=g) * 0.5
-    half = SIZE // 2
-    for i, c in enumerate(y.tolist()):
-        r, s = divmod(c, 2)
-        x[i, :, r * half:(r + 1) * half, s * half:(s + 1) * half] += 0.5
-    return x, y
+    return quadrant_images(n, seed, SIZE, NUM_CLASSES)
 
 
 @pytest.fixture(scope="module")
