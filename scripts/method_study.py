@@ -4,7 +4,8 @@
         --grid sigma=0.25,0.5 --grid data.percent=1,0.2 --seeds 0 1 2 [--set key=value ...] [--blackbox]
 
 Runs `python -m decrop run` once per (setting, seed) into ``OUT/<setting>/seed<k>/`` (a run whose
-``summary.csv`` exists is skipped, so an interrupted study resumes), then writes ``OUT/table.md``:
+``summary.csv`` exists is skipped, so an interrupted study resumes; ``--report-only`` starts no run and
+reports the finished ones), then writes ``OUT/table.md``:
 certified accuracy at every radius, mean and spread over seeds, per method and setting; and an exact McNemar
 test of DE-CROP against the baseline on certified-at-r outcomes of the same images, per seed and pooled over
 seeds (discordant pairs summed: a sign test of which method certifies the images the other misses).
@@ -60,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--blackbox", action="store_true")
     parser.add_argument("--radii", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75])
+    parser.add_argument("--report-only", action="store_true",
+                        help="aggregate the finished runs under --out; start none")
     args = parser.parse_args(argv)
 
     methods = ["baseline", "decrop"] + (["decrop_blackbox"] if args.blackbox else [])
@@ -69,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
             out = args.out / _name(setting) / f"seed{seed}"
             overrides = [*args.overrides, *setting, f"seed={seed}", f"methods={methods}"]
             if not (out / "summary.csv").exists():
+                if args.report_only:
+                    continue
                 print(f"=== {_name(setting)} seed {seed}", flush=True)
                 run_experiment(load_config(args.config, overrides), out)
             rows = {m: read_rows(out / f"certify_{m}.tsv") for m in ["none", *methods]}
