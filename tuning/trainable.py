@@ -23,7 +23,7 @@ import torch
 from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from decrop.checkpoint import save_checkpoint
+from decrop.checkpoint import read_checkpoint, save_checkpoint
 from decrop.classifier import classifier_key
 from decrop.config import config_hash, from_flat, to_flat, to_yaml
 from decrop.pipeline import build_denoiser, prepare, samples_for
@@ -109,5 +109,6 @@ def run_trial(params: dict[str, Any], settings: StudySettings) -> None:
 
 
 def load_denoiser_state(path: Path) -> dict[str, torch.Tensor]:
-    """The weights a trial saved (for the final test certification of the best trial)."""
-    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    """The weights a trial saved (for the final test certification of the best trial); a missing or corrupt
+    file raises `CheckpointError` naming it."""
+    return read_checkpoint(path)["state_dict"]
