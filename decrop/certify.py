@@ -282,6 +282,7 @@ def certify_indices(
     mode: str = "exact",
     radii: Sequence[float] = (0.0,),
     precision: str = "fp32",
+    memory_mb: float = 0.0,
 ) -> list[CertRow]:
     """CERTIFY ``dataset[i]`` for every i in ``indices`` (in that order) and return one row per image.
 
@@ -293,7 +294,9 @@ def certify_indices(
     ``time`` is the group's time divided evenly). ``mode="sequential"`` stops sampling an image once its
     certified-at-r outcome is decided for every r in `radii`, with the same alpha guarantee
     (`decrop.sequential`); ``n`` is then the most it may draw. ``precision`` "bf16"/"fp16" autocasts the model
-    and certifies the reduced-precision model.
+    and certifies the reduced-precision model. ``memory_mb`` > 0 lowers ``batch_size`` to what fits that many
+    MiB of activations (`fit_batch_size`). Noise is drawn per forward batch, so rows are reproducible for a
+    given seed *and* batch size: keep the batch size fixed (or the budget and machine) to reproduce a run.
     """
     if mode not in ("exact", "sequential"):
         raise ValueError(f"unknown certification mode {mode!r}; choose 'exact' or 'sequential'")
@@ -303,6 +306,8 @@ def certify_indices(
         device = param.device if param is not None else torch.device("cpu")
     device = torch.device(device)
     smooth = Smooth(model, num_classes, sigma, precision)
+    if memory_mb > 0 and indices:
+        batch_size = fit_batch_size(model, dataset[indices[0]][0].shape, device, memory_mb, batch_size, precision)
     group_size = max(1, batch_size // max(n0, n)) if mode == "exact" else 1
     rows: list[CertRow] = []
     for start in range(0, len(indices), group_size):
@@ -322,6 +327,48 @@ def certify_indices(
             if progress is not None:
                 progress(len(rows), len(indices), row)
     return rows
+
+
+def fit_batch_size(model: nn.Module, image_shape: Sequence[int], device: torch.device | str, budget_mb: float,
+                   upper: int, precision: str = "fp32", probe: int = 4) -> int:
+    """The largest forward batch (<= `upper`) whose activations fit `budget_mb` MiB, measured on `probe` images.
+
+    On CUDA the probe's peak allocation is measured by the caching allocator. On the CPU, where torch keeps no
+    such count, forward hooks record every leaf module's input and output; inference frees a layer's input once
+    its output exists, so the peak is the largest input + output of one layer, plus the noisy batch itself,
+    with a 1.5x margin for the allocator's rounding and temporaries. The model is run in eval mode under the
+    certification's precision and left in the modes it was in.
+    """
+    if budget_mb <= 0 or upper < 1:
+        raise ValueError(f"need budget_mb > 0 and upper >= 1, got {budget_mb} and {upper}")
+    device = torch.device(device)
+    x = torch.rand(probe, *image_shape, device=device)
+    dtype = _AUTOCAST[precision]
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+    with _eval_mode(model), torch.inference_mode(), autocast:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            start = torch.cuda.memory_allocated(device)
+            model(x)
+            torch.cuda.synchronize(device)
+            used = torch.cuda.max_memory_allocated(device) - start + x.numel() * x.element_size()
+        else:
+            peak = [0]
+
+            def record(module, inputs, output):
+                size = sum(t.numel() * t.element_size() for t in (*inputs, output) if torch.is_tensor(t))
+                peak[0] = max(peak[0], size)
+
+            handles = [m.register_forward_hook(record) for m in model.modules() if not list(m.children())]
+            try:
+                model(x)
+            finally:
+                for handle in handles:
+                    handle.remove()
+            used = 1.5 * (peak[0] + x.numel() * x.element_size())
+    per_sample = max(used / probe, 1.0)
+    return int(max(1, min(upper, budget_mb * 2**20 // per_sample)))
 
 
 def merge_rows(shards: Iterable[Sequence[CertRow]]) -> list[CertRow]:

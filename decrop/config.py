@@ -134,7 +134,10 @@ class CertifyConfig:
     n0: int = _field(100, "noisy samples to select the top class", ge=1)
     n: int = _field(10_000, "noisy samples to estimate its probability", ge=1)
     alpha: float = _field(0.001, "failure probability of the certificate", gt=0, lt=1)
-    batch_size: int = _field(1000, "noisy samples per forward pass", ge=1)
+    batch_size: int = _field(1000, "noisy samples per forward pass (the most, when memory_mb is set)", ge=1)
+    memory_mb: float = _field(0.0, "activation memory budget of a forward pass in MiB: when > 0 the batch is the "
+                                   "largest <= batch_size that fits it, measured on the model (0: use batch_size)",
+                              ge=0)
     mode: Literal["exact", "sequential"] = _field(
         "exact", "'exact' = Cohen's fixed-n CERTIFY; 'sequential' = stop an image once its certified-at-r "
                  "outcome is decided for every reported radius (alpha split over looks; same guarantee, n is "

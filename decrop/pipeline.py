@@ -282,8 +282,8 @@ def certify_model(model: nn.Module, prep: Prepared, label: str, indices: np.ndar
     progress = Progress(f"certify [{label}]", len(indices))
     return certify_indices(model, prep.test_set, [int(i) for i in indices], num_classes=prep.info.num_classes,
                            sigma=prep.cfg.sigma, n0=c.n0, n=c.n, alpha=c.alpha, batch_size=c.batch_size,
-                           seed=prep.cfg.seed, device=prep.device, mode=c.mode, radii=c.radii,
-                           precision=c.precision,
+                           seed=prep.cfg.seed, device=prep.device, mode=c.mode, memory_mb=c.memory_mb,
+                           radii=c.radii, precision=c.precision,
                            progress=lambda done, total, row: progress.update(done))
 
 

@@ -17,6 +17,7 @@ from decrop.certify import (
     certified_accuracy,
     certified_radius,
     certify_indices,
+    fit_batch_size,
     lower_confidence_bound,
     merge_rows,
     read_rows,
@@ -314,3 +315,34 @@ def test_bf16_autocast_certifies_and_stays_close_to_fp32() -> None:
     assert sum(a.predict == b.predict for a, b in zip(fp32, bf16)) >= 8
     with pytest.raises(ValueError, match="precision"):
         certify_indices(model, data, range(1), precision="int8", **common)
+
+
+def test_fit_batch_size_follows_the_budget_and_the_activation_size() -> None:
+    """One conv 1 -> 16 channels at 32x32 then ReLU: the largest layer holds input + output = 2 x 16 x 32 x 32
+    floats per image; with the noisy batch and the 1.5x margin that is 1.5 x (32768 + 1024) x 4 bytes."""
+    def net(width: int) -> nn.Module:
+        return nn.Sequential(nn.Conv2d(1, width, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                             nn.Linear(width * 32 * 32, 3)).train()
+
+    model = net(16)
+    per_image = 1.5 * (2 * 16 * 1024 + 1024) * 4
+    assert fit_batch_size(model, (1, 32, 32), "cpu", 64, upper=10**6) == int(64 * 2**20 // per_image)
+    assert model.training  # mode restored
+    assert fit_batch_size(model, (1, 32, 32), "cpu", 64, upper=100) == 100  # the configured batch is the most
+    assert fit_batch_size(model, (1, 32, 32), "cpu", 0.001, upper=100) == 1  # never below one image
+    wide = fit_batch_size(net(64), (1, 32, 32), "cpu", 64, upper=10**6)
+    assert 3.5 < fit_batch_size(model, (1, 32, 32), "cpu", 64, upper=10**6) / wide < 4.5
+    with pytest.raises(ValueError):
+        fit_batch_size(model, (1, 32, 32), "cpu", 0, upper=100)
+
+
+def test_memory_budget_certifies_like_the_batch_it_chooses() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 8 * 8, 3))
+    data = [(torch.rand(1, 8, 8), i % 3) for i in range(4)]
+    common = dict(num_classes=3, sigma=0.5, n0=50, n=300, alpha=0.01, seed=2)
+    chosen = fit_batch_size(model, (1, 8, 8), "cpu", 0.5, upper=1000)
+    assert 1 < chosen < 300  # the budget binds: several forward batches per image
+    budgeted = certify_indices(model, data, range(4), batch_size=1000, memory_mb=0.5, **common)
+    explicit = certify_indices(model, data, range(4), batch_size=chosen, **common)
+    assert without_time(budgeted) == without_time(explicit)

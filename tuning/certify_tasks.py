@@ -43,7 +43,7 @@ def certify_shard(flat_config: Mapping[str, Any], denoiser_state: Mapping[str, t
     c = cfg.certify
     return certify_indices(model, dataset, indices, num_classes=prep.info.num_classes, sigma=cfg.sigma, n0=c.n0,
                            n=c.n, alpha=c.alpha, batch_size=c.batch_size, seed=cfg.seed, device=prep.device,
-                           mode=c.mode, radii=c.radii, precision=c.precision)
+                           mode=c.mode, memory_mb=c.memory_mb, radii=c.radii, precision=c.precision)
 
 
 def certify_parallel(flat_config: Mapping[str, Any], denoisers: Mapping[str, Mapping[str, torch.Tensor] | None],
