@@ -5,11 +5,17 @@
 
 Runs `python -m decrop run` once per (setting, seed) into ``OUT/<setting>/seed<k>/`` (a run whose
 ``summary.csv`` exists is skipped, so an interrupted study resumes; ``--report-only`` starts no run and
-reports the finished ones), then writes ``OUT/table.md``:
+reports the finished ones), records every finished run in MLflow and then writes ``OUT/table.md``:
 certified accuracy at every radius, mean and spread over seeds, per method and setting; and an exact McNemar
 test of DE-CROP against the baseline on certified-at-r outcomes of the same images, per seed and pooled over
 seeds (discordant pairs summed: a sign test of which method certifies the images the other misses).
 Everything uses validation data for training decisions; the test images are only certified.
+
+MLflow (default store ``OUT/mlflow.db``, experiment ``method-study``): a parent run (``decrop.role=study``) and a
+child run per setting and seed with the flat config as params, ``certify_test_<method>/acc_r*`` and ``.../acr``
+metrics and the rows as ``certify/test_<method>.tsv``, which ``python analysis/report.py --mlflow-uri
+OUT/mlflow.db`` turns into the study's curves, tables and statistics. Logging is idempotent: a run already
+recorded is not recorded twice.
 """
 
 from __future__ import annotations
@@ -24,8 +30,9 @@ import pandas as pd
 from statsmodels.stats.contingency_tables import mcnemar
 
 from decrop.certify import read_rows
-from decrop.config import load_config, parse_override
+from decrop.config import load_config, to_flat, to_yaml
 from decrop.pipeline import run_experiment
+from tuning.tracking import StudyTracker, resolve_tracking_uri
 
 
 def _grid(items: list[str]) -> list[list[str]]:
@@ -52,6 +59,22 @@ def paired_test(a: np.ndarray, b: np.ndarray) -> tuple[int, int, float]:
     return only_a, only_b, float(mcnemar(table, exact=True).pvalue) if only_a + only_b else 1.0
 
 
+def record(tracker: StudyTracker, parent: str, setting: str, seed: int, out: Path, rows: dict,
+           radii: list[float]) -> None:
+    """The finished run in `out` as a child run of the study in MLflow (certified accuracy at `radii`), unless
+    it is already recorded."""
+    tags = {"decrop.setting": setting, "decrop.seed": str(seed)}
+    done = tracker.find_child(parent, tags)
+    if done is not None and tracker.run_status(done) == "FINISHED":
+        return
+    cfg = load_config(out / "config.yaml")
+    run_id = tracker.child_run(parent, tags, f"{setting}/seed{seed}", to_flat(cfg), role="method_run")
+    for method, method_rows in rows.items():
+        tracker.log_certification(run_id, method_rows, radii, f"test_{method}")
+    tracker.log_text(run_id, to_yaml(cfg), "config.yaml")
+    tracker.finish(run_id, "FINISHED")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=Path("configs/quick.yaml"))
@@ -63,7 +86,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--radii", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75])
     parser.add_argument("--report-only", action="store_true",
                         help="aggregate the finished runs under --out; start none")
+    parser.add_argument("--mlflow-uri", default=None, help="tracking store (default OUT/mlflow.db)")
+    parser.add_argument("--experiment", default="method-study", help="MLflow experiment (and study name)")
     args = parser.parse_args(argv)
+    tracker = StudyTracker(resolve_tracking_uri(args.mlflow_uri, args.out), args.experiment)
+    parent = tracker.start_sweep(args.experiment, {"config": str(args.config), "grid": " ".join(args.grid),
+                                                   "seeds": " ".join(map(str, args.seeds)),
+                                                   "overrides": " ".join(args.overrides)},
+                                 resume=True, role="study")
 
     methods = ["baseline", "decrop"] + (["decrop_blackbox"] if args.blackbox else [])
     records, tests = [], []
@@ -77,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"=== {_name(setting)} seed {seed}", flush=True)
                 run_experiment(load_config(args.config, overrides), out)
             rows = {m: read_rows(out / f"certify_{m}.tsv") for m in ["none", *methods]}
+            record(tracker, parent, _name(setting), seed, out, rows, args.radii)
             for method, method_rows in rows.items():
                 for r in args.radii:
                     records.append({"setting": _name(setting), "seed": seed, "method": method, "radius": r,
@@ -107,7 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "table.md").write_text("\n".join(text))
     frame.to_csv(args.out / "accuracy.csv", index=False)
     pairs.to_csv(args.out / "paired.csv", index=False)
+    tracker.finish(parent, "FINISHED")
     print("\n".join(text))
+    print(f"\nMLflow: experiment {args.experiment!r} in {tracker.tracking_uri}; report: python analysis/report.py "
+          f"--mlflow-uri {tracker.tracking_uri} --experiment {args.experiment}")
     return 0
 
 

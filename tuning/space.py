@@ -13,7 +13,7 @@ from typing import Any
 import optuna
 from ray.tune.search.optuna import OptunaSearch
 
-STAGE2_FRACTION = 0.25  # when stage 2 runs, it takes the last quarter of the epoch budget
+STAGE2_FRACTION = 0.25  # stage 2's share of the epoch budget when the profile itself has no stage 2
 
 
 def define_space(trial: optuna.Trial) -> None:
@@ -27,11 +27,29 @@ def define_space(trial: optuna.Trial) -> None:
         trial.suggest_float("decrop.beta_gamma", 2.0, 20.0, log=True)
 
 
-def trial_overrides(params: dict[str, Any], epochs: int) -> dict[str, Any]:
-    """Config overrides (dotted keys) of a trial's sampled parameters; ``stage2`` becomes a stage length."""
+def stage2_length(base: dict[str, Any]) -> int:
+    """Epochs of stage 2 when a trial turns it on: the profile's own length, or a quarter of the budget."""
+    return int(base["decrop.stage2_epochs"]) or max(1, round(STAGE2_FRACTION * int(base["train.epochs"])))
+
+
+def trial_overrides(params: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+    """Config overrides (dotted keys) of a trial's sampled parameters over the profile's flat config `base`;
+    ``stage2`` becomes a stage length (`stage2_length`) or 0."""
     overrides = {k: v for k, v in params.items() if k != "stage2"}
-    overrides["decrop.stage2_epochs"] = max(1, round(STAGE2_FRACTION * epochs)) if params.get("stage2") else 0
+    overrides["decrop.stage2_epochs"] = stage2_length(base) if params.get("stage2") else 0
     return overrides
+
+
+def default_point(base: dict[str, Any]) -> dict[str, Any]:
+    """The profile's own values of the searched parameters: the search's first trial (``points_to_evaluate``),
+    so every study measures the method's defaults next to what it finds. ``trial_overrides`` of it reproduces
+    the profile."""
+    point = {key: base[key] for key in ("decrop.alpha", "decrop.w_cs", "decrop.w_mmd", "decrop.n_interp",
+                                        "decrop.attack")}
+    point["stage2"] = int(base["decrop.stage2_epochs"]) > 0
+    if point["stage2"]:
+        point["decrop.beta_scale"], point["decrop.beta_gamma"] = base["decrop.beta_scale"], base["decrop.beta_gamma"]
+    return point
 
 
 class FinalObjectiveOptunaSearch(OptunaSearch):

@@ -37,7 +37,7 @@ from ray.tune.schedulers import ASHAScheduler  # noqa: E402
 from decrop.config import ConfigError, load_config, to_flat  # noqa: E402
 from decrop.pipeline import format_table, prepare, summarize  # noqa: E402
 from tuning.certify_tasks import certify_parallel  # noqa: E402
-from tuning.space import FinalObjectiveOptunaSearch, define_space  # noqa: E402
+from tuning.space import FinalObjectiveOptunaSearch, default_point, define_space  # noqa: E402
 from tuning.tracking import MlflowStatusCallback, StudyTracker, resolve_tracking_uri  # noqa: E402
 from tuning.trainable import StudySettings, load_denoiser_state, run_trial, trial_config  # noqa: E402
 from tuning.train_loop import train_loop_per_worker, trained_state  # noqa: E402
@@ -93,19 +93,52 @@ class Progress(ray.tune.Callback):
               f"{self.best:.4f}", flush=True)
 
 
-def train_baseline(flat: dict, settings: StudySettings) -> dict:
-    """The Salman et al. baseline on the same subset and budget, as a Ray Train run like the trials'."""
+def asha(epochs: int) -> ASHAScheduler:
+    """ASHA on the per-epoch validation agreement: rungs at a quarter of the budget and 3x that, keeping the top
+    third at each. Every rung lies before the last epoch (max_t = epochs - 1, no stop at max_t): a trial that
+    trained to the end is always certified, never discarded after paying for all its epochs."""
+    grace = max(1, epochs // 4)
+    return ASHAScheduler(metric="val/agreement", mode="max", max_t=max(grace, epochs - 1), grace_period=grace,
+                         reduction_factor=3, stop_last_trials=False)
+
+
+def train_reference(flat: dict, method: str, settings: StudySettings) -> dict:
+    """A denoiser for the final comparison (the Salman et al. baseline, or DE-CROP with the profile's defaults)
+    on the same subset and budget, as a Ray Train run like the trials'. Returns its weights."""
     from ray.train.torch import TorchTrainer
 
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": flat, "method": "baseline", "label": "baseline",
+        train_loop_config={"config": {**flat, "methods": [method]}, "method": method, "label": method,
                            "checkpoint_every": settings.checkpoint_every},
         scaling_config=ray.train.ScalingConfig(num_workers=settings.workers, use_gpu=settings.gpus_per_worker > 0),
-        run_config=ray.train.RunConfig(name="baseline", storage_path=settings.storage,
+        run_config=ray.train.RunConfig(name=f"reference-{method}", storage_path=settings.storage,
                                        failure_config=ray.train.FailureConfig(max_failures=1,
                                                                               controller_failure_limit=1)))
     return trained_state(trainer.fit())
+
+
+@ray.remote(num_cpus=0)
+def _train_reference_task(flat: dict, method: str, settings: StudySettings) -> dict:
+    return train_reference(flat, method, settings)
+
+
+def reference_denoisers(results: ray.tune.ResultGrid, settings: StudySettings, default: dict) -> dict[str, dict]:
+    """The baseline's weights and those of DE-CROP with the profile's defaults: the search's first trial
+    (`default_point`) when it ran to the end, else trained here. The trainings run at the same time."""
+    needed = {"baseline": settings.base}
+    state = {}
+    finished = [r for r in results if r.config == default and "objective" in (r.metrics or {})]
+    weights = Path(settings.storage) / "denoisers" / f"{finished[0].metrics['trial_id']}.pt" if finished else None
+    if weights is not None and weights.exists():
+        state["decrop_default"] = load_denoiser_state(weights)
+    else:
+        needed["decrop_default"] = settings.base
+    print(f"sweep: training {' and '.join(needed)} on the same subset and budget", flush=True)
+    futures = {label: _train_reference_task.remote(flat, "baseline" if label == "baseline" else "decrop", settings)
+               for label, flat in needed.items()}
+    state.update({label: ray.get(future) for label, future in futures.items()})
+    return {"baseline": state["baseline"], "decrop_default": state["decrop_default"]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -145,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     # deadlocks a 2-CPU machine), just a sliver of the head node, where the drivers live.
     trainable = ray.tune.with_resources(ray.tune.with_parameters(run_trial, settings=settings),
                                         {"cpu": 0, "node:__internal_head__": 0.01})
+    default = default_point(settings.base)  # the first trial: the method with the profile's own values
     path = storage / "tune"
     if args.resume and ray.tune.Tuner.can_restore(str(path)):
         print(f"sweep: resuming {path}", flush=True)
@@ -154,9 +188,9 @@ def main(argv: list[str] | None = None) -> int:
             trainable,
             tune_config=ray.tune.TuneConfig(
                 search_alg=FinalObjectiveOptunaSearch(space=define_space, metric="objective", mode="max",
-                                        sampler=TPESampler(seed=args.seed)),
-                scheduler=ASHAScheduler(metric="val/agreement", mode="max", max_t=cfg.train.epochs + 1,
-                                        grace_period=max(1, cfg.train.epochs // 4), reduction_factor=2),
+                                                      sampler=TPESampler(seed=args.seed),
+                                                      points_to_evaluate=[default]),
+                scheduler=asha(cfg.train.epochs),
                 num_samples=args.num_trials, max_concurrent_trials=concurrent),
             run_config=ray.tune.RunConfig(name="tune", storage_path=str(storage),
                                           callbacks=[MlflowStatusCallback(tracker, parent),
@@ -168,11 +202,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"sweep: best trial {best.path.split('/')[-1]}: objective {best.metrics['objective']:.4f}, "
           f"{best_params}", flush=True)
 
-    # The best trial's denoiser and the baseline's, certified on the test subset: reporting only.
+    # The best trial's denoiser, the baseline's and the defaults', certified on the test subset: reporting only.
     best_id = best.metrics["trial_id"]
+    tracker.set_tag(parent, "decrop.best_trial_id", best_id)
     best_flat = trial_config(settings, best_params)
-    baseline_state = train_baseline({**settings.base, "methods": ["baseline"]}, settings)
-    rows = certify_parallel(best_flat, {"none": None, "baseline": baseline_state,
+    references = reference_denoisers(results, settings, default)
+    rows = certify_parallel(best_flat, {"none": None, **references,
                                         "decrop_best": load_denoiser_state(storage / "denoisers" / f"{best_id}.pt")},
                             "test", [int(i) for i in prep.test_indices], args.cert_shards,
                             gpus_per_task=args.gpus_per_worker)
@@ -181,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     table = summarize(rows, cfg.certify.radii, prep.clean_accuracy)
     tracker.log_text(parent, table.to_csv(), "test_summary.csv")
     tracker.finish(parent, "FINISHED")
-    print(f"\nTest-subset certified accuracy (%), best trial vs baseline, sigma={cfg.sigma}, "
+    print(f"\nTest-subset certified accuracy (%), best trial vs DE-CROP defaults and baseline, sigma={cfg.sigma}, "
           f"{cfg.data.percent}% of {cfg.data.dataset}, n={cfg.certify.n}:")
     print(format_table(table))
     print(f"\nsweep wall time {time.perf_counter() - tic:.0f}s; MLflow UI: mlflow ui --backend-store-uri {uri}, "

@@ -4,6 +4,9 @@ Schema (DESIGN.md section 3): one experiment per study; one *parent* run per swe
 ``decrop.role=sweep``); one nested *child* run per Tune trial (tags ``mlflow.parentRunId``, ``decrop.role=trial``,
 ``decrop.trial_id``) holding the trial's flat config as params, ``train/*``, ``val/*`` and ``certify/*`` metrics,
 and the certification rows, curve, resolved config and weights as artifacts. Every run carries the git commit.
+A method study (scripts/method_study.py) has the same shape: a parent run with ``decrop.role=study`` and one child
+run (``decrop.role=method_run``, tags ``decrop.setting`` and ``decrop.seed``) per setting and seed, holding the
+test-image certification of every method as ``certify_test_<method>/*`` metrics and ``certify/test_<method>.tsv``.
 
 Runs are created explicitly and found again by tag, never remembered in process state: a resumed sweep
 (``Tuner.restore``) or a retried trial gets back the run it had, so no run is ever duplicated. Ray's
@@ -174,12 +177,13 @@ class StudyTracker:
     # ---------------------------------------------------------------------------------------------------
     # Runs
 
-    def start_sweep(self, study: str, params: Mapping[str, Any], resume: bool) -> str:
-        """The parent run id of `study`'s sweep: created (and `params` logged), or with ``resume`` the existing
-        one set back to RUNNING (a missing one is created). ValueError when it exists and ``resume`` is False."""
-        existing = self._search(f"tags.`{STUDY_TAG}` = {_quote(study)} and tags.`{ROLE_TAG}` = 'sweep'")
+    def start_sweep(self, study: str, params: Mapping[str, Any], resume: bool, role: str = "sweep") -> str:
+        """The parent run id of `study`: created (and `params` logged), or with ``resume`` the existing one set back
+        to RUNNING (a missing one is created). ValueError when it exists and ``resume`` is False. `role` is
+        ``sweep`` for a Tune sweep, ``study`` for a method study (scripts/method_study.py)."""
+        existing = self._search(f"tags.`{STUDY_TAG}` = {_quote(study)} and tags.`{ROLE_TAG}` = {_quote(role)}")
         if existing and not resume:
-            raise ValueError(f"study {study!r} already has a sweep run ({existing[0].info.run_id}) in MLflow "
+            raise ValueError(f"study {study!r} already has a {role} run ({existing[0].info.run_id}) in MLflow "
                              f"experiment {self.experiment!r}; pass --resume to continue it or choose another "
                              f"--study name")
         if existing:
@@ -187,31 +191,45 @@ class StudyTracker:
             self.client.update_run(run.info.run_id, status="RUNNING")
         else:
             run = self.client.create_run(self.experiment_id, run_name=study, tags={
-                STUDY_TAG: study, ROLE_TAG: "sweep", COMMIT_TAG: self.commit})
+                STUDY_TAG: study, ROLE_TAG: role, COMMIT_TAG: self.commit})
         self._log_new_params(run, params)
         return run.info.run_id
 
     def find_trial_run(self, parent_run_id: str, trial_id: str) -> str | None:
         """The id of Tune trial `trial_id`'s child run under the parent run, or None."""
-        run = self._find_trial(parent_run_id, trial_id)
+        return self.find_child(parent_run_id, {TRIAL_TAG: trial_id})
+
+    def find_child(self, parent_run_id: str, tags: Mapping[str, str]) -> str | None:
+        """The id of the parent's child run carrying all of `tags`, or None."""
+        run = self._find_child(parent_run_id, tags)
         return run.info.run_id if run is not None else None
 
-    def _find_trial(self, parent_run_id: str, trial_id: str) -> Run | None:
-        runs = self._search(f"tags.`{PARENT_TAG}` = {_quote(parent_run_id)} and "
-                            f"tags.`{TRIAL_TAG}` = {_quote(trial_id)}")
+    def _find_child(self, parent_run_id: str, tags: Mapping[str, str]) -> Run | None:
+        where = " and ".join([f"tags.`{PARENT_TAG}` = {_quote(parent_run_id)}",
+                              *(f"tags.`{k}` = {_quote(str(v))}" for k, v in tags.items())])
+        runs = self._search(where)
         return runs[0] if runs else None
 
-    def trial_run(self, parent_run_id: str, trial_id: str, trial_name: str, params: Mapping[str, Any]) -> str:
-        """The child run of a Tune trial: the one already tagged with `trial_id` (a resumed or retried trial, set
-        back to RUNNING) or a new nested one. `params` (the trial's flat config) not yet logged are logged."""
-        run = self._find_trial(parent_run_id, trial_id)
+    def child_run(self, parent_run_id: str, tags: Mapping[str, str], run_name: str, params: Mapping[str, Any],
+                  role: str) -> str:
+        """The child run of the parent identified by `tags` (e.g. a trial id, or a setting and seed): the existing
+        one (set back to RUNNING: a resumed or retried piece of work) or a new nested one with `role`. `params`
+        not yet logged are logged."""
+        run = self._find_child(parent_run_id, tags)
         if run is not None:
             self.client.update_run(run.info.run_id, status="RUNNING")
         else:
-            run = self.client.create_run(self.experiment_id, run_name=trial_name, tags={
-                PARENT_TAG: parent_run_id, ROLE_TAG: "trial", TRIAL_TAG: trial_id, COMMIT_TAG: self.commit})
+            run = self.client.create_run(self.experiment_id, run_name=run_name, tags={
+                PARENT_TAG: parent_run_id, ROLE_TAG: role, COMMIT_TAG: self.commit, **tags})
         self._log_new_params(run, params)
         return run.info.run_id
+
+    def trial_run(self, parent_run_id: str, trial_id: str, trial_name: str, params: Mapping[str, Any]) -> str:
+        """The child run of a Tune trial (`child_run` keyed by the trial id, role ``trial``)."""
+        return self.child_run(parent_run_id, {TRIAL_TAG: trial_id}, trial_name, params, role="trial")
+
+    def set_tag(self, run_id: str, key: str, value: str) -> None:
+        self.client.set_tag(run_id, key, value)
 
     def _log_new_params(self, run: Run, params: Mapping[str, Any]) -> None:
         # MLflow params are immutable: re-logging a key with another value fails, so a resumed run keeps the

@@ -51,7 +51,7 @@ class StudySettings:
 
 def trial_config(settings: StudySettings, params: dict[str, Any]) -> dict[str, Any]:
     """The flat config of a trial: the profile's, with the sampled parameters applied (and checked)."""
-    flat = {**settings.base, **trial_overrides(params, settings.base["train.epochs"]), "methods": ["decrop"]}
+    flat = {**settings.base, **trial_overrides(params, settings.base), "methods": ["decrop"]}
     return to_flat(from_flat(flat))
 
 

@@ -1,5 +1,6 @@
-"""cluster/local.sh brings up a token-protected Ray head on 127.0.0.1 that runs a submitted job, and `down`
-stops everything it started. Starts real Ray processes (~1-2 min on 2 busy cores): slow, ray.
+"""cluster/local.sh brings up a token-protected Ray head (and an MLflow server) on 127.0.0.1 that runs submitted
+jobs, the sweep among them, and `down` stops everything it started. Starts real Ray processes (~1-2 min on 2 busy
+cores, plus ~5 min for the sweep job): slow, ray.
 """
 
 import os
@@ -10,7 +11,9 @@ import time
 import uuid
 from pathlib import Path
 
+import mlflow
 import pytest
+from conftest import TINY_SWEEP as TINY  # tests/conftest.py: the tiny sweep's overrides
 
 REPO = Path(__file__).resolve().parents[2]
 LOCAL_SH = REPO / "cluster" / "local.sh"
@@ -33,7 +36,7 @@ def _run(args, env, timeout=300, check=True, cwd=REPO):
 
 @pytest.fixture
 def local_cluster():
-    busy = [p for p in (6379, 8265, 10001) if _port_busy(p)]
+    busy = [p for p in (6379, 8265, 10001, 5000) if _port_busy(p)]
     if busy:
         pytest.skip(f"ports {busy} are taken: another Ray cluster runs on this machine")
     # Short, unique state dir inside the repo (git-ignored .cluster/); Ray's socket paths must stay < 108 chars.
@@ -43,7 +46,7 @@ def local_cluster():
     if VENV_BIN.is_dir():
         env["PATH"] = f"{VENV_BIN}:{env['PATH']}"
     try:
-        _run(["bash", str(LOCAL_SH), "up"], env)
+        _run(["bash", str(LOCAL_SH), "up", "--with-mlflow"], env)
         yield env
     finally:
         down = _run(["bash", str(LOCAL_SH), "down"], env, check=False)
@@ -82,3 +85,30 @@ def test_local_cluster_runs_a_job(local_cluster, tmp_path):
     assert "succeeded" in submit.stdout + submit.stderr
     jobs = _run(["ray", "job", "list"], env).stdout
     assert "SUCCEEDED" in jobs
+
+
+def test_sweep_submitted_as_a_job_logs_to_the_tracking_server(local_cluster, tmp_path):
+    """The README's cluster command, at tiny scale: `ray job submit --working-dir . -- python tuning/sweep.py`
+    against the local head, logging to the MLflow server that `up --with-mlflow` started."""
+    env, study = local_cluster, f"job-{uuid.uuid4().hex[:6]}"
+    args = ["--num-trials", "2", "--study", study, "--storage", str(tmp_path), "--cert-shards", "2",
+            "--mlflow-uri", "http://127.0.0.1:5000"]
+    for item in TINY:
+        args += ["--set", item]
+    submit = _run(["ray", "job", "submit", "--working-dir", ".", "--runtime-env", "cluster/runtime_env.yaml",
+                   "--", "python", "tuning/sweep.py", *args], env, timeout=1500)
+    assert "succeeded" in submit.stdout + submit.stderr
+    assert "decrop_best" in submit.stdout and "baseline" in submit.stdout  # the final table reached the job log
+
+    client = mlflow.MlflowClient("http://127.0.0.1:5000")
+    experiment = client.get_experiment_by_name(study)
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("decrop.role") == "sweep"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    parent = parents[0]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
+    for label in ("none", "baseline", "decrop_default", "decrop_best"):
+        assert f"certify_test_{label}/acr" in parent.data.metrics
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "certify")} >= {
+        "certify/test_baseline.tsv", "certify/test_decrop_best.tsv"}

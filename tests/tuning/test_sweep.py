@@ -12,13 +12,10 @@ import ray
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
+from conftest import TINY_SWEEP as TINY  # noqa: E402  tests/conftest.py
 from tuning import sweep  # noqa: E402
-from tuning.space import define_space, trial_overrides  # noqa: E402
+from tuning.space import default_point, define_space, trial_overrides  # noqa: E402
 from tuning.tracking import StudyTracker, default_tracking_uri  # noqa: E402
-
-TINY = ["train.epochs=2", "decrop.stage2_epochs=1", "decrop.attack_steps=2", "decrop.interp_steps=2",
-        "certify.val_images=8", "certify.n=100", "certify.n0=20", "data.test_every=1000", "denoiser.depth=3",
-        "denoiser.width=8"]
 
 
 def test_config_error_stops_the_sweep_before_ray_starts(tmp_path, capsys):
@@ -45,13 +42,37 @@ def test_search_space_samples_every_knob_and_maps_stage2():
         trial = study.ask()
         define_space(trial)
         seen |= set(trial.params)
-        overrides = trial_overrides(trial.params, epochs=20)
+        overrides = trial_overrides(trial.params, {"train.epochs": 20, "decrop.stage2_epochs": 0})
         assert "stage2" not in overrides
         assert overrides["decrop.stage2_epochs"] == (5 if trial.params["stage2"] else 0)
         assert ("decrop.beta_scale" in trial.params) == trial.params["stage2"]  # conditional on stage 2
         study.tell(trial, 0.0)
     assert {"decrop.alpha", "decrop.w_cs", "decrop.w_mmd", "decrop.n_interp", "decrop.attack", "stage2",
             "decrop.beta_scale", "decrop.beta_gamma"} <= seen
+
+
+@pytest.mark.parametrize("epochs", [2, 3, 20, 600])
+def test_asha_never_stops_a_trial_at_or_after_its_last_epoch(epochs):
+    scheduler = sweep.asha(epochs)
+    rungs = [milestone for bracket in scheduler._brackets for milestone, _ in bracket._rungs]
+    assert rungs and all(rung < epochs for rung in rungs)
+    assert not scheduler._stop_last_trials  # reaching max_t is no reason to stop
+
+
+def test_default_point_is_in_the_space_and_reproduces_the_profile():
+    from decrop.config import from_flat, load_config, to_flat
+    for profile in ("quick", "paper"):
+        base = to_flat(load_config(REPO / "configs" / f"{profile}.yaml"))
+        point = default_point(base)
+        study = optuna.create_study()
+        study.enqueue_trial(point)
+        trial = study.ask()
+        define_space(trial)
+        assert trial.params == point  # every default lies inside the searched ranges
+        assert to_flat(from_flat({**base, **trial_overrides(point, base)})) == base
+    off = {**base, "decrop.stage2_epochs": 0}
+    assert default_point(off)["stage2"] is False
+    assert trial_overrides({"stage2": True}, off)["decrop.stage2_epochs"] == round(0.25 * base["train.epochs"])
 
 
 @pytest.mark.slow
@@ -79,7 +100,14 @@ def test_tiny_sweep_logs_every_trial_and_resume_duplicates_nothing(tmp_path, mon
         if "certify/acr" in child.data.metrics:  # trials ASHA stopped early have no certification
             paths = {a.path for a in client.list_artifacts(child.info.run_id, "certify")}
             assert {"certify/validation.tsv", "certify/validation_curve.png"} <= paths
-    assert "certify_test_decrop_best/acr" in parents[0].data.metrics
+    parent = parents[0]
+    for label in ("none", "baseline", "decrop_default", "decrop_best"):
+        assert f"certify_test_{label}/acr" in parent.data.metrics
+    assert parent.data.tags["decrop.best_trial_id"] in {c.data.tags["decrop.trial_id"] for c in children}
+    # one trial ran the profile's own values (the search's first point): the defaults are always measured
+    assert any(all(c.data.params[k] == parent.data.params[f"base.{k}"] for k in ("decrop.alpha", "decrop.w_cs",
+                                                                               "decrop.attack"))
+               for c in children)
 
     # --resume of a finished sweep reruns no trial and creates no MLflow run
     assert sweep.main(args + ["--resume"]) == 0
