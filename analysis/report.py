@@ -1,0 +1,173 @@
+"""The analysis report of a study: MLflow runs -> tidy frame -> figures, tables, statistics -> HTML and Markdown.
+
+    python analysis/report.py                                  # newest ~/decrop-runs/*/mlflow.db, newest experiment
+    python analysis/report.py --experiment quick-study --mlflow-uri http://127.0.0.1:5000 --out reports/quick
+
+Reads every run of the experiment(s) (a sweep: its parent and trials; a method study: its parent and one run per
+setting x seed), downloads their certification tables (``certify/<label>.tsv``) and recomputes every number from
+the rows: certified accuracy with 95% Clopper-Pearson intervals over images, means over seeds, exact McNemar
+tests of DE-CROP against the baseline on the same test images, and an OLS regression of the sweep's objective
+on its hyperparameters. Writes into OUT (default ``reports/<experiment>``): ``report.html`` (self-contained,
+figures inlined), ``report.md`` with the PNG figures next to it, and CSV tables (``certified.csv``: one row per
+run x label x radius). Prints the headline table and logs the report files under ``report/`` of the study's
+parent run. Bad input (missing store, unknown or empty experiment, no certification) ends with ``error: ...``
+and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+# `python analysis/report.py` puts analysis/ on sys.path, not the repo root that holds the packages; and
+# analysis/ on the path would let its modules shadow others of the same name (tables = PyTables).
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if not p or Path(p).resolve() != _HERE]
+sys.path.insert(0, str(_HERE.parent))
+
+# A server that is down should fail in seconds, not after MLflow's default ~2 minutes of retries.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per downloaded table otherwise
+
+import pandas as pd  # noqa: E402
+from mlflow import MlflowClient  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
+
+from analysis.figures import FigureOut, figures  # noqa: E402
+from analysis.render import Report, markdown_table, render_html, render_markdown  # noqa: E402
+from analysis.runs import (  # noqa: E402
+    PARENT_ROLES,
+    ReportError,
+    certification_frame,
+    check_logged,
+    download_rows,
+    load_histories,
+    load_runs,
+    missing_results,
+    open_store,
+    pick_experiments,
+    store_uri,
+    trials_frame,
+)
+from analysis.stats import Statistics, statistics  # noqa: E402
+from analysis.tables import tables  # noqa: E402
+
+__all__ = ["Analysis", "ReportError", "build_report", "certification_frame", "figures", "load_runs", "main",
+           "render_html", "render_markdown", "statistics", "tables", "write_report"]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--experiment", nargs="+", default=None, metavar="NAME",
+                   help="MLflow experiment(s) to report (default: the most recently created one)")
+    p.add_argument("--mlflow-uri", default=None,
+                   help="tracking URI or path to mlflow.db (default: the newest ~/decrop-runs/*/mlflow.db)")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: reports/<experiment>)")
+    return p.parse_args(argv)
+
+
+def _summary(names: list[str], runs: pd.DataFrame, cert: pd.DataFrame, missing: list[str]) -> list[str]:
+    counts = runs["role"].value_counts()
+    lines = [f"Experiment(s) {', '.join(names)}: {len(runs)} runs ("
+             + ", ".join(f"{n} {role}" for role, n in counts.items()) + ").",
+             f"{cert.groupby(['run_id', 'label']).ngroups} certification tables read; every number below is "
+             f"recomputed from their rows."]
+    if missing:
+        lines.append("Without certification: " + "; ".join(missing) + ".")
+    return lines
+
+
+@dataclass
+class Analysis:
+    report: Report
+    tables: dict[str, pd.DataFrame]  # by file stem, headline first
+    cert: pd.DataFrame  # the tidy frame (certified.csv)
+    parent_run_ids: list[str]  # the sweep / study parent runs, where the report is logged
+
+
+def build_report(client: MlflowClient, uri: str, experiments: list, out: Path, progress=print) -> Analysis:
+    """Read the runs, compute tables, statistics and figures (PNGs written into `out`). ReportError when there is
+    nothing to report."""
+    names = [e.name for e in experiments]
+    progress(f"report: loading the runs of {', '.join(names)} from {uri}")
+    runs = load_runs(client, [e.experiment_id for e in experiments])
+    if runs.empty:
+        raise ReportError(f"experiment {' / '.join(repr(n) for n in names)} has no runs")
+    rows, notes = download_rows(client, runs, progress)
+    missing = missing_results(runs, rows)
+    if not rows:
+        raise ReportError(f"no certification results in {' / '.join(repr(n) for n in names)}: "
+                          + "; ".join(missing) + " — none has certify metrics with a certify/<label>.tsv table")
+    cert = certification_frame(runs, rows)
+    notes += check_logged(cert)
+    for note in notes:
+        progress(f"report: warning: {note}")
+    histories = load_histories(client, runs, "val/agreement", progress)
+    trials = trials_frame(runs, histories)
+    found = tables(cert, trials)
+    stats: Statistics = statistics(cert, rows, trials)
+    progress(f"report: writing figures into {out}")
+    figs: list[FigureOut] = figures(cert, rows, trials, histories, out)
+    title = f"DE-CROP study report: {', '.join(names)}"
+    report = Report(title, uri, _summary(names, runs, cert, missing), found, figs, stats, notes)
+    return Analysis(report, found, cert, list(runs.index[runs["role"].isin(PARENT_ROLES)]))
+
+
+def write_report(analysis: Analysis, out: Path) -> list[Path]:
+    """report.html, report.md and the CSV tables into `out` (figures are already there); returns every file
+    of the report, figures included."""
+    report, found, cert = analysis.report, analysis.tables, analysis.cert
+    files = [f.path for f in report.figures if f.path is not None]
+    csvs = {"certified": cert, **found, "mcnemar": report.statistics.mcnemar,
+            "regression": report.statistics.regression}
+    for name, frame in csvs.items():
+        if not frame.empty:
+            frame.to_csv(out / f"{name}.csv", index=False)
+            files.append(out / f"{name}.csv")
+    for name, text in (("report.html", render_html(report)), ("report.md", render_markdown(report))):
+        (out / name).write_text(text, encoding="utf-8")
+        files.append(out / name)
+    return files
+
+
+def log_to_parents(client: MlflowClient, parent_run_ids: list[str], files: list[Path], progress=print) -> None:
+    """Every report file as an artifact under ``report/`` of each parent run."""
+    for run_id in parent_run_ids:
+        for path in files:
+            client.log_artifact(run_id, str(path), "report")
+        progress(f"report: logged {len(files)} files under report/ of run {run_id}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        uri = store_uri(args.mlflow_uri)
+        client = open_store(uri)
+        experiments = pick_experiments(client, args.experiment, uri)
+        out = args.out or Path("reports") / "+".join(e.name.replace("/", "_") for e in experiments)
+        analysis = build_report(client, uri, experiments, out)
+        files = write_report(analysis, out)
+        if analysis.parent_run_ids:
+            log_to_parents(client, analysis.parent_run_ids, files)
+        else:
+            print("report: no parent run (sweep or study) to log the report to")
+    except ReportError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except MlflowException as err:
+        print(f"error: reading the MLflow store failed: {str(err).splitlines()[0] if str(err) else err!r}",
+              file=sys.stderr)
+        return 2
+    if analysis.tables:
+        name, headline = next(iter(analysis.tables.items()))
+        print(f"\n{name}:\n{markdown_table(headline)}\n")
+    print(f"report: {out / 'report.html'} and {out / 'report.md'} ({len(files)} files)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,375 @@
+"""MLflow store -> runs frame -> certification rows -> the tidy certified-accuracy frame.
+
+What is read (the schema of ``tuning/tracking.py``): runs tagged ``decrop.role`` = ``sweep`` (a Tune sweep's
+parent; its params are ``base.<key>``), ``trial`` (one Tune trial, child of a sweep), ``study`` (a method
+study's parent) and ``method_run`` (one setting x seed of a method study, tag ``decrop.setting``); children
+carry the flat config as string params. Certification of label L is the metrics ``certify/...`` (L =
+validation) or ``certify_L/...`` and the artifact ``certify/L.tsv`` (Cohen's rows), from which every number of
+the report is recomputed; the logged metrics are only a cross-check.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+import tempfile
+from collections import Counter
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import numpy as np
+import pandas as pd
+from mlflow import MlflowClient
+from mlflow.entities import Experiment, Run, ViewType
+from mlflow.exceptions import MlflowException
+from statsmodels.stats.proportion import proportion_confint
+
+from decrop.certify import CertRow, average_certified_radius, read_rows
+from tuning.tracking import PARENT_TAG, ROLE_TAG, STUDY_TAG, TRIAL_TAG, resolve_tracking_uri
+
+SETTING_TAG, BEST_TAG = "decrop.setting", "decrop.best_trial_id"
+PARENT_ROLES = ("sweep", "study")
+DEFAULT_STORAGE = Path("~/decrop-runs")  # the sweep's default --storage: stores are <storage>/<study>/mlflow.db
+# The searched hyperparameters (tuning/space.py) and their scale: "log" ones are analysed as log10.
+SEARCHED = {"decrop.alpha": "linear", "decrop.w_cs": "log", "decrop.w_mmd": "log", "decrop.n_interp": "category",
+            "decrop.attack": "category", "stage2": "category", "decrop.beta_scale": "log",
+            "decrop.beta_gamma": "log"}
+SETTING_FACTORS = ("sigma", "data.percent", "seed", "denoiser.arch")
+FACTORS = (*SETTING_FACTORS, *SEARCHED)
+_CASTS = {"sigma": float, "data.percent": float, "seed": int, "denoiser.arch": str, "decrop.alpha": float,
+          "decrop.w_cs": float, "decrop.w_mmd": float, "decrop.n_interp": int, "decrop.attack": str,
+          "decrop.beta_scale": float, "decrop.beta_gamma": float, "decrop.stage2_epochs": int}
+_CERT_METRIC = re.compile(r"^certify(?:_(?P<label>[\w\-]+))?/(?:acc_r(?P<radius>\d+(?:\.\d+)?)|acr)$")
+Progress = Callable[[str], None]
+
+
+class ReportError(Exception):
+    """Bad input (store, experiment, runs): ``main`` prints the message as ``error: ...`` and exits with 2."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Store and experiments
+
+
+def _local_path(uri: str) -> Path | None:
+    """The file or folder behind a ``sqlite:///`` or ``file:`` URI; None for servers and other databases."""
+    if uri.startswith("sqlite:///"):
+        return Path(uri[len("sqlite:///"):])
+    if uri.startswith("file:"):
+        return Path(unquote(urlparse(uri).path))
+    return None
+
+
+def store_uri(uri: str | None, storage: Path = DEFAULT_STORAGE) -> str:
+    """The tracking URI to read: `uri` resolved like the sweep's ``--mlflow-uri``, or by default the most recently
+    modified ``<storage>/*/mlflow.db``. ReportError when a local store does not exist: opening a missing SQLite
+    path would create an empty store there."""
+    if not uri:
+        root = Path(storage).expanduser()
+        stores = sorted(root.glob("*/mlflow.db"), key=lambda p: p.stat().st_mtime)
+        if not stores:
+            raise ReportError(f"no MLflow store found: nothing matches {root}/*/mlflow.db; run a study first "
+                              f"(tuning/sweep.py) or pass --mlflow-uri")
+        return resolve_tracking_uri(str(stores[-1]), root)
+    resolved = resolve_tracking_uri(uri, Path.cwd())
+    path = _local_path(resolved)
+    if path is not None and not path.exists():
+        raise ReportError(f"no MLflow store at {path} (--mlflow-uri {uri})")
+    return resolved
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return (text[0] if text else type(err).__name__)[:300]
+
+
+def open_store(uri: str) -> MlflowClient:
+    """A client of the store, checked by listing one experiment; ReportError if it cannot be read."""
+    try:
+        client = MlflowClient(uri)
+        client.search_experiments(max_results=1)
+    except Exception as err:  # MlflowException, connection errors, SQLAlchemy errors: all mean "cannot read"
+        raise ReportError(f"cannot read the MLflow store {uri}: {_first_line(err)}") from None
+    return client
+
+
+def pick_experiments(client: MlflowClient, names: Sequence[str] | None, uri: str) -> list[Experiment]:
+    """The named experiments, or the most recently created one other than Default; ReportError naming the
+    experiments that exist when a name is unknown."""
+    experiments, token = [], None
+    while True:
+        page = client.search_experiments(view_type=ViewType.ACTIVE_ONLY, page_token=token)
+        experiments.extend(page)
+        token = page.token
+        if not token:
+            break
+    by_name = {e.name: e for e in experiments}
+    listing = ", ".join(sorted(repr(n) for n in by_name)) or "none"
+    if names:
+        unknown = [n for n in names if n not in by_name]
+        if unknown:
+            raise ReportError(f"unknown experiment {unknown[0]!r} in {uri}; experiments there: {listing}")
+        return [by_name[n] for n in dict.fromkeys(names)]
+    candidates = [e for e in experiments if e.name != "Default"]
+    if not candidates:
+        raise ReportError(f"no experiment other than Default in {uri}; run a study first")
+    return [max(candidates, key=lambda e: e.creation_time or 0)]
+
+
+def level_text(value: object) -> str:
+    """A categorical value as text; 2.0 (an int column that pandas made float next to a NaN) reads 2."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Runs
+
+
+def _cast(text: str | None, kind: type) -> object:
+    if text is None:
+        return None
+    try:
+        return kind(float(text)) if kind is int else kind(text)
+    except ValueError:
+        return None
+
+
+def _factors(params: dict[str, str], prefix: str) -> dict[str, object]:
+    """Typed factor columns from a run's string params (a sweep parent's are ``base.<key>``)."""
+    values = {key: _cast(params.get(prefix + key), kind) for key, kind in _CASTS.items()}
+    epochs = values.pop("decrop.stage2_epochs")
+    values["stage2"] = None if epochs is None else epochs > 0
+    if values["stage2"] is False:  # the gradient-reversal schedule only exists when stage 2 runs
+        values["decrop.beta_scale"] = values["decrop.beta_gamma"] = None
+    return values
+
+
+def _run_record(run: Run, experiment: str) -> dict[str, object]:
+    tags, params = run.data.tags, run.data.params
+    role = tags.get(ROLE_TAG, "other")
+    record = {"run_id": run.info.run_id, "run_name": run.info.run_name, "experiment": experiment, "role": role,
+              "parent_run_id": tags.get(PARENT_TAG), "study": tags.get(STUDY_TAG), "trial_id": tags.get(TRIAL_TAG),
+              "setting": tags.get(SETTING_TAG), "best_trial_id": tags.get(BEST_TAG), "status": run.info.status,
+              "start_time": pd.to_datetime(run.info.start_time, unit="ms"),
+              "end_time": pd.to_datetime(run.info.end_time, unit="ms") if run.info.end_time else pd.NaT}
+    record.update(_factors(params, "base." if role == "sweep" else ""))
+    record.update({f"params.{k}": v for k, v in params.items()})
+    record.update({f"metrics.{k}": v for k, v in run.data.metrics.items()})
+    return record
+
+
+def load_runs(client: MlflowClient, experiment_ids: Sequence[str]) -> pd.DataFrame:
+    """One row per active run of the experiments, oldest first, indexed by run_id: run_id, run_name, experiment,
+    role, parent_run_id, study, trial_id, setting, best_trial_id, status, start_time, end_time, the typed factor
+    columns (`FACTORS`; NaN where a run lacks them), then ``params.<key>`` (strings) and ``metrics.<key>``
+    (latest values). ``setting`` is the method-study tag, else the study (trials: their parent's)."""
+    names = {i: client.get_experiment(i).name for i in experiment_ids}
+    runs, token = [], None
+    while True:  # search_runs pages at 1000 runs
+        page = client.search_runs(list(experiment_ids), run_view_type=ViewType.ACTIVE_ONLY, max_results=1000,
+                                  order_by=["attributes.start_time ASC"], page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            break
+    frame = pd.DataFrame([_run_record(r, names[r.info.experiment_id]) for r in runs])
+    if frame.empty:
+        return frame
+    frame.index = pd.Index(frame["run_id"], name=None)
+    own = frame["setting"].fillna(frame["study"]).fillna(frame["run_name"])
+    parent = frame["parent_run_id"].map(own)  # trials share their sweep's setting
+    frame["setting"] = frame["setting"].fillna(parent).fillna(own)
+    frame["study"] = frame["study"].fillna(frame["parent_run_id"].map(frame["study"]))
+    return frame
+
+
+def load_histories(client: MlflowClient, runs: pd.DataFrame, key: str, progress: Progress) -> pd.DataFrame:
+    """Per-step values of metric `key` of the trial runs that logged it: columns run_id, step, value."""
+    column = f"metrics.{key}"
+    if column not in runs:
+        return pd.DataFrame(columns=["run_id", "step", "value"])
+    ids = runs.index[(runs["role"] == "trial") & runs[column].notna()]
+    progress(f"report: reading the {key} history of {len(ids)} trials")
+    records = [{"run_id": run_id, "step": m.step, "value": m.value}
+               for run_id in ids for m in client.get_metric_history(run_id, key)]
+    return pd.DataFrame(records, columns=["run_id", "step", "value"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Certification rows
+
+
+def _metric_labels(run: pd.Series) -> dict[str, set[float]]:
+    """Labels with certification metrics, each with the radii in its metric names."""
+    labels: dict[str, set[float]] = {}
+    for column, value in run.items():
+        match = _CERT_METRIC.match(column.removeprefix("metrics.")) if column.startswith("metrics.") else None
+        if match and pd.notna(value):
+            radii = labels.setdefault(match["label"] or "validation", set())
+            if match["radius"] is not None:
+                radii.add(float(match["radius"]))
+    return labels
+
+
+def download_rows(client: MlflowClient, runs: pd.DataFrame,
+                  progress: Progress) -> tuple[dict[tuple[str, str], list[CertRow]], list[str]]:
+    """The certification rows of every (run_id, label) with a ``certify/<label>.tsv`` artifact, and notes on
+    labels that have metrics but no readable table (those are left out of the report)."""
+    progress(f"report: listing the certification tables of {len(runs)} runs")
+    wanted, notes = [], []
+    for run_id, run in runs.iterrows():
+        try:
+            tables = {Path(f.path).stem for f in client.list_artifacts(run_id, "certify")
+                      if not f.is_dir and f.path.endswith(".tsv")}
+        except (MlflowException, OSError) as err:
+            notes.append(f"run {run['run_name']}: its artifacts cannot be listed ({_first_line(err)}); left out")
+            continue
+        for label in sorted(set(_metric_labels(run)) - tables):
+            notes.append(f"run {run['run_name']} has {label} certification metrics but no certify/{label}.tsv "
+                         f"table; left out")
+        wanted += [(run_id, label) for label in sorted(tables)]
+    progress(f"report: downloading {len(wanted)} certification tables")
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, (run_id, label) in enumerate(wanted):
+            dst = Path(tmp) / str(i)
+            dst.mkdir()
+            try:
+                label_rows = read_rows(client.download_artifacts(run_id, f"certify/{label}.tsv", str(dst)))
+            except (ValueError, OSError, MlflowException) as err:
+                notes.append(f"run {runs.at[run_id, 'run_name']}: certify/{label}.tsv unreadable ({err}); left out")
+                continue
+            if not label_rows:
+                notes.append(f"run {runs.at[run_id, 'run_name']}: certify/{label}.tsv has no rows; left out")
+                continue
+            rows[(run_id, label)] = label_rows
+    return rows, notes
+
+
+def _param_radii(run: pd.Series) -> list[float]:
+    text = run.get("params.base.certify.radii") if run["role"] == "sweep" else run.get("params.certify.radii")
+    try:
+        return [float(r) for r in ast.literal_eval(text)] if isinstance(text, str) else []
+    except (ValueError, SyntaxError, TypeError):
+        return []
+
+
+def metric_key(label: str, radius: float) -> str:
+    """The metric `StudyTracker.log_certification` logs for certified accuracy of `label` at `radius`."""
+    return f"{'certify' if label == 'validation' else f'certify_{label}'}/acc_r{radius:.2f}"
+
+
+def _method(run: pd.Series, label: str) -> str:
+    if label != "validation":
+        return label.removeprefix("test_")
+    try:  # a trial certifies the one method it trained
+        methods = [m for m in ast.literal_eval(run.get("params.methods") or "[]") if m != "none"]
+    except (ValueError, SyntaxError):
+        methods = []
+    return methods[0] if methods else "decrop"
+
+
+def _best_trial(runs: pd.DataFrame, parent: pd.Series) -> pd.Series | None:
+    """The sweep's best trial: the one its ``decrop.best_trial_id`` tag names, else the highest objective."""
+    trials = runs[(runs["parent_run_id"] == parent["run_id"]) & (runs["role"] == "trial")]
+    if pd.notna(parent.get("best_trial_id")):
+        named = trials[trials["trial_id"] == parent["best_trial_id"]]
+        if len(named):
+            return named.iloc[0]
+    scored = trials.get("metrics.certify/acr", pd.Series(dtype=float)).dropna()
+    return trials.loc[scored.idxmax()] if len(scored) else None
+
+
+def certification_frame(runs: pd.DataFrame, rows: dict[tuple[str, str], Sequence[CertRow]]) -> pd.DataFrame:
+    """The tidy frame: one row per (run, label, radius) with the run's identity and factors, split
+    (validation | test), method, radius, n_images, n_certified, accuracy, the 95% Clopper-Pearson interval
+    (ci_low, ci_high) over images, the label's acr, and the logged metric (logged_accuracy, NaN if none).
+    Radii: the run's ``certify.radii`` param, those in its metric names, and 0."""
+    keep = ["run_id", "run_name", "experiment", "role", "parent_run_id", "setting", "trial_id", "status", *FACTORS]
+    records = []
+    for (run_id, label), label_rows in rows.items():
+        run = runs.loc[run_id]
+        identity = {k: run.get(k) for k in keep}
+        if run["role"] == "sweep" and label == "test_decrop_best":
+            best = _best_trial(runs, run)
+            if best is not None:  # the hyperparameters are the best trial's, not the profile's
+                identity.update({k: best.get(k) for k in SEARCHED})
+        split = "validation" if label == "validation" else "test" if label.startswith("test_") else "other"
+        radius = np.array([r.radius for r in label_rows])
+        correct = np.array([r.correct == 1 for r in label_rows])
+        acr = average_certified_radius(label_rows)
+        radii = sorted({0.0, *_param_radii(run), *_metric_labels(run).get(label, ())})
+        for r in radii:
+            k, n = int((correct & (radius >= r)).sum()), len(label_rows)
+            lo, hi = proportion_confint(k, n, alpha=0.05, method="beta")
+            records.append({**identity, "label": label, "split": split, "method": _method(run, label),
+                            "radius": r, "n_images": n, "n_certified": k, "accuracy": k / n,
+                            "ci_low": float(lo), "ci_high": float(hi), "acr": acr,
+                            "logged_accuracy": run.get(f"metrics.{metric_key(label, r)}", np.nan)})
+    return pd.DataFrame(records)
+
+
+def check_logged(cert: pd.DataFrame) -> list[str]:
+    """A warning for every (run, label, radius) whose count from the table differs from the logged metric."""
+    if cert.empty:
+        return []
+    off = cert[cert["logged_accuracy"].notna() & ((cert["accuracy"] - cert["logged_accuracy"]).abs() > 1e-9)]
+    return [f"run {r.run_name}, {r.label}, r={r.radius:.2f}: {r.n_certified}/{r.n_images} certified in the table "
+            f"= {r.accuracy:.4f}, but the logged metric is {r.logged_accuracy:.4f} (the table rounds radii to "
+            f"4 decimals; a larger gap means the table and the metric disagree)" for r in off.itertuples()]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Runs without results
+
+
+def _why(run: pd.Series) -> str:
+    if run["status"] == "FAILED":
+        return "failed"
+    if run["status"] == "KILLED":
+        return "killed"
+    if run["status"] in ("RUNNING", "SCHEDULED"):
+        return "still running or interrupted"
+    if run["role"] == "trial" and pd.notna(run.get("metrics.val/agreement")):
+        return "stopped early by ASHA"
+    return "finished without certifying"
+
+
+def missing_results(runs: pd.DataFrame, rows: dict[tuple[str, str], object]) -> list[str]:
+    """One phrase per role of the runs that have no certification table, with why (from status and metrics),
+    e.g. "all 3 trials (2 stopped early by ASHA, 1 failed)". A method study's parent run certifies nothing
+    itself (its runs do): it is named only when nothing at all was certified."""
+    certified = {run_id for run_id, _ in rows}
+    without = runs[~runs.index.isin(certified)]
+    if certified:
+        without = without[without["role"] != "study"]
+    phrases = []
+    for role, group in without.groupby("role", sort=False):
+        total = int((runs["role"] == role).sum())
+        reasons = Counter(_why(run) for _, run in group.iterrows())
+        why = ", ".join(f"{n} {reason}" if len(group) > 1 else reason for reason, n in reasons.most_common())
+        noun = role.replace("_", " ") + ("s" if total > 1 else "")
+        share = (f"all {total}" if total > 1 else "the") if len(group) == total else f"{len(group)} of {total}"
+        phrases.append(f"{share} {noun} ({why})")
+    return phrases
+
+
+def trials_frame(runs: pd.DataFrame, histories: pd.DataFrame) -> pd.DataFrame:
+    """One row per sweep trial in completion order (end time): run_id, run_name, trial_id, status, end_time,
+    epochs (last step of the per-epoch history), objective (validation ACR, NaN if never certified), why
+    (for trials without objective) and the searched hyperparameters."""
+    trials = runs[runs["role"] == "trial"].copy()
+    if trials.empty:
+        return pd.DataFrame(columns=["run_id", "run_name", "trial_id", "status", "end_time", "epochs",
+                                     "objective", "why", *SEARCHED])
+    trials["objective"] = trials.get("metrics.certify/acr", pd.Series(np.nan, index=trials.index))
+    last = histories.groupby("run_id")["step"].max() if len(histories) else pd.Series(dtype=float)
+    trials["epochs"] = trials.index.map(last)
+    trials["why"] = [None if pd.notna(t["objective"]) else _why(t) for _, t in trials.iterrows()]
+    order = trials["end_time"].fillna(pd.Timestamp.max)
+    trials = trials.assign(_order=order).sort_values(["_order", "start_time"]).drop(columns="_order")
+    return trials[["run_id", "run_name", "trial_id", "status", "end_time", "epochs", "objective", "why",
+                   *SEARCHED]].reset_index(drop=True)
