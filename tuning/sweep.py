@@ -25,9 +25,18 @@ from pathlib import Path
 # `python tuning/sweep.py` puts tuning/ on sys.path, not the repo root that holds the `tuning` package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-# The per-epoch results of a trial carry the scheduler's metric (val/agreement) but not the searcher's
-# final objective, which only the last result has; Tune's strict check would reject them.
-os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+# Environment of every process of a study. cluster/runtime_env.yaml (and rayjob.yaml) repeat it for jobs on a
+# cluster; a local Ray started by this driver inherits it from os.environ.
+RAY_ENV = {
+    # The per-epoch results of a trial carry the scheduler's metric (val/agreement) but not the searcher's
+    # final objective, which only the last result has; Tune's strict check would reject them.
+    "TUNE_DISABLE_STRICT_METRIC_CHECKING": "1",
+    # A trial's Train workers wait for CPUs/GPUs that other trials' certification tasks hold for minutes;
+    # Train's default 60 s start-up timeout failed such trials (4 of 8 in the default sweep on 2 CPUs).
+    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "1800",
+}
+for _key, _value in RAY_ENV.items():
+    os.environ.setdefault(_key, _value)
 
 import ray  # noqa: E402
 import ray.tune  # noqa: E402
