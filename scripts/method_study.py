@@ -5,17 +5,16 @@
 
 Runs `python -m decrop run` once per (setting, seed) into ``OUT/<setting>/seed<k>/`` (a run whose
 ``summary.csv`` exists is skipped, so an interrupted study resumes; ``--report-only`` starts no run and
-reports the finished ones), records every finished run in MLflow and then writes ``OUT/table.md``:
-certified accuracy at every radius, mean and spread over seeds, per method and setting; and an exact McNemar
-test of DE-CROP against the baseline on certified-at-r outcomes of the same images, per seed and pooled over
-seeds (discordant pairs summed: a sign test of which method certifies the images the other misses).
+reports the finished ones), records every finished run in MLflow and then writes the analysis report of the
+study into ``OUT/report/`` (`analysis/report.py`): certified accuracy at every radius with Clopper-Pearson
+intervals, mean and spread over seeds, per method and setting, curves, and exact McNemar tests of DE-CROP
+against the baseline on certified-at-r outcomes of the same images, per seed and pooled over seeds.
 Everything uses validation data for training decisions; the test images are only certified.
 
 MLflow (default store ``OUT/mlflow.db``, experiment ``method-study``): a parent run (``decrop.role=study``) and a
 child run per setting and seed with the flat config as params, ``certify_test_<method>/acc_r*`` and ``.../acr``
 metrics and the rows as ``certify/test_<method>.tsv``, which ``python analysis/report.py --mlflow-uri
-OUT/mlflow.db`` turns into the study's curves, tables and statistics. Logging is idempotent: a run already
-recorded is not recorded twice.
+OUT/mlflow.db`` reads. Logging is idempotent: a run already recorded is not recorded twice.
 """
 
 from __future__ import annotations
@@ -25,14 +24,13 @@ import itertools
 import sys
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
-from statsmodels.stats.contingency_tables import mcnemar
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for analysis/
 
-from decrop.certify import read_rows
-from decrop.config import load_config, to_flat, to_yaml
-from decrop.pipeline import run_experiment
-from tuning.tracking import StudyTracker, resolve_tracking_uri
+from analysis import report  # noqa: E402
+from decrop.certify import read_rows  # noqa: E402
+from decrop.config import load_config, to_flat, to_yaml  # noqa: E402
+from decrop.pipeline import run_experiment  # noqa: E402
+from tuning.tracking import StudyTracker, resolve_tracking_uri  # noqa: E402
 
 
 def _grid(items: list[str]) -> list[list[str]]:
@@ -45,18 +43,6 @@ def _grid(items: list[str]) -> list[list[str]]:
 
 def _name(overrides: list[str]) -> str:
     return "_".join(o.replace("data.", "").replace("=", "") for o in overrides) or "default"
-
-
-def certified(rows, r: float) -> np.ndarray:
-    """1 where the image is certified correct at radius r, ordered by image index."""
-    return np.array([int(row.correct == 1 and row.radius >= r) for row in sorted(rows, key=lambda x: x.idx)])
-
-
-def paired_test(a: np.ndarray, b: np.ndarray) -> tuple[int, int, float]:
-    """(images only `a` certifies, images only `b` certifies, exact McNemar p-value)."""
-    only_a, only_b = int(((a == 1) & (b == 0)).sum()), int(((a == 0) & (b == 1)).sum())
-    table = [[0, only_a], [only_b, 0]]
-    return only_a, only_b, float(mcnemar(table, exact=True).pvalue) if only_a + only_b else 1.0
 
 
 def record(tracker: StudyTracker, parent: str, setting: str, seed: int, out: Path, rows: dict,
@@ -96,7 +82,6 @@ def main(argv: list[str] | None = None) -> int:
                                  resume=True, role="study")
 
     methods = ["baseline", "decrop"] + (["decrop_blackbox"] if args.blackbox else [])
-    records, tests = [], []
     for setting in _grid(args.grid):
         for seed in args.seeds:
             out = args.out / _name(setting) / f"seed{seed}"
@@ -108,41 +93,10 @@ def main(argv: list[str] | None = None) -> int:
                 run_experiment(load_config(args.config, overrides), out)
             rows = {m: read_rows(out / f"certify_{m}.tsv") for m in ["none", *methods]}
             record(tracker, parent, _name(setting), seed, out, rows, args.radii)
-            for method, method_rows in rows.items():
-                for r in args.radii:
-                    records.append({"setting": _name(setting), "seed": seed, "method": method, "radius": r,
-                                    "acc": 100 * certified(method_rows, r).mean()})
-            for other in [m for m in methods if m != "baseline"]:
-                for r in args.radii:
-                    a, b = certified(rows[other], r), certified(rows["baseline"], r)
-                    tests.append({"setting": _name(setting), "seed": seed, "method": other, "radius": r,
-                                  "only_method": int(((a == 1) & (b == 0)).sum()),
-                                  "only_baseline": int(((a == 0) & (b == 1)).sum()), "n_images": len(a)})
-    frame = pd.DataFrame(records)
-    summary = (frame.groupby(["setting", "method", "radius"])["acc"].agg(["mean", "std", "count"]).reset_index())
-    summary["cell"] = [f"{m:.1f} ± {0 if np.isnan(s) else s:.1f}" for m, s in zip(summary["mean"], summary["std"])]
-    table = summary.pivot_table(index=["setting", "method"], columns="radius", values="cell", aggfunc="first")
-    table.columns = [f"r={c:.2f}" for c in table.columns]
-
-    pairs = pd.DataFrame(tests)
-    pooled = pairs.groupby(["setting", "method", "radius"])[["only_method", "only_baseline", "n_images"]].sum()
-    pooled["p_exact_mcnemar"] = [paired_test(np.r_[np.ones(a), np.zeros(b)], np.r_[np.zeros(a), np.ones(b)])[2]
-                                 for a, b in zip(pooled["only_method"], pooled["only_baseline"])]
-    text = ["# Method study", "", f"Config {args.config} with {args.overrides}; seeds {args.seeds}.", "",
-            "Certified accuracy (%) at radius r, mean ± standard deviation over seeds:", "",
-            table.to_markdown(), "",
-            "Exact McNemar test against the baseline on certified-at-r outcomes of the same test images, "
-            "discordant pairs summed over seeds (only_method: images the method certifies at r and the "
-            "baseline does not):", "", pooled.reset_index().to_markdown(index=False), ""]
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "table.md").write_text("\n".join(text))
-    frame.to_csv(args.out / "accuracy.csv", index=False)
-    pairs.to_csv(args.out / "paired.csv", index=False)
     tracker.finish(parent, "FINISHED")
-    print("\n".join(text))
-    print(f"\nMLflow: experiment {args.experiment!r} in {tracker.tracking_uri}; report: python analysis/report.py "
-          f"--mlflow-uri {tracker.tracking_uri} --experiment {args.experiment}")
-    return 0
+    # The tables, intervals and paired tests are the analysis report's, computed from the runs just recorded.
+    return report.main(["--mlflow-uri", tracker.tracking_uri, "--experiment", args.experiment,
+                        "--out", str(args.out / "report")])
 
 
 if __name__ == "__main__":
