@@ -31,8 +31,8 @@ RAY_ENV = {
     # The per-epoch results of a trial carry the scheduler's metric (val/agreement) but not the searcher's
     # final objective, which only the last result has; Tune's strict check would reject them.
     "TUNE_DISABLE_STRICT_METRIC_CHECKING": "1",
-    # A trial's Train workers wait for CPUs/GPUs that other trials' certification tasks hold for minutes;
-    # Train's default 60 s start-up timeout failed such trials (4 of 8 in the default sweep on 2 CPUs).
+    # A trial's Train workers may wait minutes for CPUs/GPUs that other trials' certification tasks hold;
+    # Train's default start-up timeout (60 s) would fail the trial instead.
     "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "1800",
 }
 for _key, _value in RAY_ENV.items():
@@ -83,7 +83,10 @@ def connect() -> None:
     try:
         ray.init(address="auto")
     except ConnectionError:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
+        # With the dashboard (on 127.0.0.1): Train's PlacementGroupCleaner queries the controller's state
+        # through it, and without it never removes the placement group of a trial that ASHA stopped; two such
+        # leaks held both CPUs of the 2-core machine and the next trials waited forever.
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1")
 
 
 class Progress(ray.tune.Callback):
