@@ -214,7 +214,7 @@ def effects_figure(trials: pd.DataFrame, out: Path) -> FigureOut:
         return result
     constant = [f"{k.removeprefix('decrop.')}={scored[k].dropna().iloc[0]}" for k in present if k not in keys]
     if constant:
-        result.caption += f" Not shown, the same in every trial: {', '.join(constant)}."
+        result.caption += f" Not shown, the same in every trial with an objective: {', '.join(constant)}."
     fig, axes = _canvas(len(keys), width=3.0, height=2.8)
     for ax, key in zip(axes, keys):
         part = scored[scored[key].notna()]

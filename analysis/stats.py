@@ -131,7 +131,8 @@ def _design(trials: pd.DataFrame) -> tuple[pd.DataFrame, list[str], dict[str, st
             continue
         name = key.removeprefix("decrop.")
         if present.map(level_text).nunique() < 2:
-            notes.append(f"{name} did not vary over these trials ({present.iloc[0]}); left out of the regression")
+            notes.append(f"{name} did not vary over the trials with an objective ({present.iloc[0]}); left out of "
+                         f"the regression")
             continue
         if scale == "category":
             data[name] = values.map(level_text)
