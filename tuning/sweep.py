@@ -48,7 +48,7 @@ from decrop.pipeline import format_table, prepare, summarize  # noqa: E402
 from tuning.certify_tasks import certify_parallel  # noqa: E402
 from tuning.space import FinalObjectiveOptunaSearch, default_point, define_space  # noqa: E402
 from tuning.tracking import MlflowStatusCallback, StudyTracker, resolve_tracking_uri  # noqa: E402
-from tuning.trainable import StudySettings, load_denoiser_state, run_trial, trial_config  # noqa: E402
+from tuning.trainable import StudySettings, load_denoiser_state, trial_config, tune_trainable  # noqa: E402
 from tuning.train_loop import train_loop_per_worker, trained_state  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -186,10 +186,7 @@ def main(argv: list[str] | None = None) -> int:
                              experiment=args.experiment or study, parent_run_id=parent,
                              workers=args.workers_per_trial, gpus_per_worker=args.gpus_per_worker,
                              cert_shards=args.cert_shards)
-    # The trial function only drives its Train run: it holds no CPU (a CPU held idle by every driver
-    # deadlocks a 2-CPU machine), just a sliver of the head node, where the drivers live.
-    trainable = ray.tune.with_resources(ray.tune.with_parameters(run_trial, settings=settings),
-                                        {"cpu": 0, "node:__internal_head__": 0.01})
+    trainable = tune_trainable(settings)
     default = default_point(settings.base)  # the first trial: the method with the profile's own values
     path = storage / "tune"
     if args.resume and ray.tune.Tuner.can_restore(str(path)):

@@ -108,6 +108,14 @@ def run_trial(params: dict[str, Any], settings: StudySettings) -> None:
                      "val/agreement": result.return_value.get("val/agreement", float("nan"))})
 
 
+def tune_trainable(settings: StudySettings):
+    """`run_trial` bound to `settings`, with the resources a trial itself holds: no CPU (a CPU held idle by every
+    trial driver deadlocks a 2-CPU machine; PLATFORM_NOTES), just a sliver of the head node, where the drivers
+    live. Its Train workers and certification tasks request their own."""
+    return ray.tune.with_resources(ray.tune.with_parameters(run_trial, settings=settings),
+                                   {"cpu": 0, "node:__internal_head__": 0.01})
+
+
 def load_denoiser_state(path: Path) -> dict[str, torch.Tensor]:
     """The weights a trial saved (for the final test certification of the best trial); a missing or corrupt
     file raises `CheckpointError` naming it."""
