@@ -138,17 +138,17 @@ def _train_reference_task(flat: dict, method: str, settings: StudySettings) -> d
 def reference_denoisers(results: ray.tune.ResultGrid, settings: StudySettings, default: dict) -> dict[str, dict]:
     """The baseline's weights and those of DE-CROP with the profile's defaults: the search's first trial
     (`default_point`) when it ran to the end, else trained here. The trainings run at the same time."""
-    needed = {"baseline": settings.base}
+    to_train = {"baseline": "baseline"}  # label -> method
     state = {}
     finished = [r for r in results if r.config == default and "objective" in (r.metrics or {})]
     weights = Path(settings.storage) / "denoisers" / f"{finished[0].metrics['trial_id']}.pt" if finished else None
     if weights is not None and weights.exists():
         state["decrop_default"] = load_denoiser_state(weights)
     else:
-        needed["decrop_default"] = settings.base
-    print(f"sweep: training {' and '.join(needed)} on the same subset and budget", flush=True)
-    futures = {label: _train_reference_task.remote(flat, "baseline" if label == "baseline" else "decrop", settings)
-               for label, flat in needed.items()}
+        to_train["decrop_default"] = "decrop"
+    print(f"sweep: training {' and '.join(to_train)} on the same subset and budget", flush=True)
+    futures = {label: _train_reference_task.remote(settings.base, method, settings)
+               for label, method in to_train.items()}
     state.update({label: ray.get(future) for label, future in futures.items()})
     return {"baseline": state["baseline"], "decrop_default": state["decrop_default"]}
 
