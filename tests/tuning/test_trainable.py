@@ -35,7 +35,9 @@ def local_ray(monkeypatch):
 
 
 def test_trainable_trains_certifies_validation_images_and_logs_one_run(local_ray, tmp_path):
-    cfg = load_config(REPO / "configs" / "quick.yaml", TINY_SWEEP)
+    # its own cache: the classifier (1 epoch) and the samples are made inside the trial, as on a fresh machine
+    cfg = load_config(REPO / "configs" / "quick.yaml",
+                      [*TINY_SWEEP, "classifier.epochs=1", f"cache_dir={tmp_path / 'cache'}"])
     uri = default_tracking_uri(tmp_path)
     tracker = StudyTracker(uri, "direct")
     parent = tracker.start_sweep("direct", {}, resume=False)
