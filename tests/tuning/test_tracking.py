@@ -184,3 +184,16 @@ def test_plot_certified_curve_two_labels(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     all_abstain = [CertRow(0, 1, -1, 0.0, 0, 0.1, 10)]  # no certified radius: still a valid plot
     assert plot_certified_curve({"x": all_abstain}, tmp_path / "a.png", "none").exists()
+
+
+def test_child_runs_are_found_again_by_their_tags(tracker):
+    parent = tracker.start_sweep("m", {}, resume=False, role="study")
+    seed0 = {"decrop.setting": "sigma0.5", "decrop.seed": "0"}
+    first = tracker.child_run(parent, seed0, "sigma0.5/seed0", {"sigma": 0.5}, role="method_run")
+    assert tracker.child_run(parent, seed0, "sigma0.5/seed0", {"sigma": 0.5}, role="method_run") == first
+    second = tracker.child_run(parent, {**seed0, "decrop.seed": "1"}, "sigma0.5/seed1", {}, role="method_run")
+    assert second != first and tracker.find_child(parent, {"decrop.seed": "1"}) == second
+    assert tracker.find_child(parent, {"decrop.setting": "sigma0.25"}) is None
+    assert tracker.client.get_run(first).data.tags["decrop.role"] == "method_run"
+    # a method study's parent and a sweep's parent of the same name are different runs
+    assert tracker.start_sweep("m", {}, resume=False) != parent
