@@ -75,14 +75,23 @@ def _style(ax, grid: np.ndarray, title: str) -> None:
     ax.grid(alpha=0.3)
 
 
-def _method_panel(ax, rows: Rows, group: pd.DataFrame, grid: np.ndarray, title: str) -> None:
-    keys = group[["run_id", "label", "method"]].drop_duplicates()
-    for method in sorted(keys["method"].unique(), key=method_rank):
-        chosen = [tuple(k) for k in keys.loc[keys["method"] == method, ["run_id", "label"]].to_numpy()]
-        runs = f" ({len(chosen)} runs)" if len(chosen) > 1 else ""
-        ax.step(grid, _curve(_pooled(rows, chosen), grid), where="post", label=method_name(method) + runs)
+def _method_panel(ax, rows: Rows, group: pd.DataFrame, grid: np.ndarray, title: str,
+                  by: Sequence[str] = ()) -> None:
+    """One curve per method (colour) and per combination of the factors `by` (line style), pooling only the
+    runs that agree on all of them: runs that differ in another studied factor are never mixed into one curve."""
+    keys = group[["run_id", "label", "method", *by]].drop_duplicates(subset=["run_id", "label"])
+    for colour, method in enumerate(sorted(keys["method"].unique(), key=method_rank)):
+        of_method = keys[keys["method"] == method]
+        parts = of_method.groupby(list(by), sort=True, dropna=False) if by else [((), of_method)]
+        for style, (combo, part) in enumerate(parts):
+            chosen = list(zip(part["run_id"], part["label"]))
+            combo = combo if isinstance(combo, tuple) else (combo,)
+            where = "".join(f", {b}={v}" for b, v in zip(by, combo))
+            runs = f" ({len(chosen)} runs)" if len(chosen) > 1 else ""
+            ax.step(grid, _curve(_pooled(rows, chosen), grid), where="post", color=f"C{colour}",
+                    linestyle=("-", "--", ":", "-.")[style % 4], label=method_name(method) + where + runs)
     _style(ax, grid, title)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7 if not by else 6)
 
 
 def curves_figure(cert: pd.DataFrame, rows: Rows, out: Path) -> FigureOut:
@@ -145,11 +154,15 @@ def factor_figures(cert: pd.DataFrame, rows: Rows, out: Path) -> list[FigureOut]
             if len(levels) < 2:
                 continue
             grid = _grid({k: rows[k] for k in set(zip(frame["run_id"], frame["label"]))})
+            # the other factors that vary: each test curve holds them fixed
+            others = [f for f in PANEL_FACTORS if f != factor and frame[f].notna().any()
+                      and _panel_values(frame, f, split).nunique() > 1] if split == "test" else []
+            shown = frame.assign(**{f: _panel_values(frame, f, split) for f in others})
             fig, axes = _canvas(len(levels))
             for ax, level in zip(axes, levels):
-                group = frame[values == level]
+                group = shown[values == level]
                 if split == "test":
-                    _method_panel(ax, rows, group, grid, _panel_title(factor, level))
+                    _method_panel(ax, rows, group, grid, _panel_title(factor, level), by=others)
                     continue
                 keys = list(dict.fromkeys(zip(group["run_id"], group["label"])))
                 for key in keys:
@@ -160,7 +173,8 @@ def factor_figures(cert: pd.DataFrame, rows: Rows, out: Path) -> list[FigureOut]
                 ax.legend(fontsize=7)
             name = f"factor_{split}_{factor.replace('.', '_')}"
             what = ("validation curves of the sweep trials (grey: one per trial; blue: pooled)" if split == "validation"
-                    else "test curves per method, runs with the same value pooled")
+                    else "test curves per method (colour) and value of the other studied factors (line style), "
+                         "pooling only runs that differ in nothing but the seed")
             path = _save(fig, out / f"{name}.png")
             results.append(FigureOut(name, f"Effect of {factor} ({split})",
                                      f"Certified accuracy against radius, one panel per value of {factor}: {what}.",
