@@ -16,7 +16,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, NullFormatter
 
-from decrop.certify import CertRow
+from decrop.certify import CertRow, certified_accuracy
 
 from .runs import SEARCHED, level_text
 from .tables import method_name, method_rank
@@ -54,9 +54,8 @@ def _save(fig: Figure, path: Path) -> Path:
 
 
 def _curve(rows: Sequence[CertRow], grid: np.ndarray) -> np.ndarray:
-    """Certified accuracy (%) at each radius of `grid`: correct and radius >= r."""
-    certified = np.array([r.radius if r.correct == 1 else -np.inf for r in rows])
-    return 100.0 * (certified[:, None] >= grid[None, :]).mean(axis=0)
+    """Certified accuracy (%) at each radius of `grid` (`decrop.certify.certified_accuracy`)."""
+    return 100.0 * np.array(list(certified_accuracy(rows, grid).values()))
 
 
 def _grid(rows: Rows) -> np.ndarray:

@@ -25,8 +25,9 @@ from mlflow.entities import Experiment, Run, ViewType
 from mlflow.exceptions import MlflowException
 from statsmodels.stats.proportion import proportion_confint
 
-from decrop.certify import CertRow, average_certified_radius, read_rows
-from tuning.tracking import PARENT_TAG, ROLE_TAG, STUDY_TAG, TRIAL_TAG, resolve_tracking_uri
+from decrop.certify import CertRow, average_certified_radius, certified_counts, read_rows
+from tuning.tracking import (PARENT_TAG, ROLE_TAG, STUDY_TAG, TRIAL_TAG, certification_prefix,
+                             resolve_tracking_uri)
 
 SETTING_TAG, BEST_TAG = "decrop.setting", "decrop.best_trial_id"
 PARENT_ROLES = ("sweep", "study")
@@ -259,7 +260,7 @@ def _param_radii(run: pd.Series) -> list[float]:
 
 def metric_key(label: str, radius: float) -> str:
     """The metric `StudyTracker.log_certification` logs for certified accuracy of `label` at `radius`."""
-    return f"{'certify' if label == 'validation' else f'certify_{label}'}/acc_r{radius:.2f}"
+    return f"{certification_prefix(label)}/acc_r{radius:.2f}"
 
 
 def _method(run: pd.Series, label: str) -> str:
@@ -298,12 +299,9 @@ def certification_frame(runs: pd.DataFrame, rows: dict[tuple[str, str], Sequence
             if best is not None:  # the hyperparameters are the best trial's, not the profile's
                 identity.update({k: best.get(k) for k in SEARCHED})
         split = "validation" if label == "validation" else "test" if label.startswith("test_") else "other"
-        radius = np.array([r.radius for r in label_rows])
-        correct = np.array([r.correct == 1 for r in label_rows])
-        acr = average_certified_radius(label_rows)
+        acr, n = average_certified_radius(label_rows), len(label_rows)
         radii = sorted({0.0, *_param_radii(run), *_metric_labels(run).get(label, ())})
-        for r in radii:
-            k, n = int((correct & (radius >= r)).sum()), len(label_rows)
+        for r, k in certified_counts(label_rows, radii).items():
             lo, hi = proportion_confint(k, n, alpha=0.05, method="beta")
             records.append({**identity, "label": label, "split": split, "method": _method(run, label),
                             "radius": r, "n_images": n, "n_certified": k, "accuracy": k / n,

@@ -412,14 +412,17 @@ def read_rows(path: str | Path) -> list[CertRow]:
     return rows
 
 
+def certified_counts(rows: Sequence[CertRow], radii: Sequence[float]) -> dict[float, int]:
+    """For each r in radii, how many rows are certified correct with radius >= r (at r = 0: correct and not
+    abstained)."""
+    return {float(r): sum(row.correct == 1 and row.radius >= r for row in rows) for r in radii}
+
+
 def certified_accuracy(rows: Sequence[CertRow], radii: Sequence[float]) -> dict[float, float]:
-    """For each r in radii, the fraction of rows certified correct with radius >= r (at r = 0: correct and
-    not abstained)."""
+    """For each r in radii, the fraction of rows certified correct with radius >= r (`certified_counts` / rows)."""
     if not rows:
         raise ValueError("certified_accuracy needs at least one row")
-    return {
-        float(r): sum(row.correct == 1 and row.radius >= r for row in rows) / len(rows) for r in radii
-    }
+    return {r: k / len(rows) for r, k in certified_counts(rows, radii).items()}
 
 
 def average_certified_radius(rows: Sequence[CertRow]) -> float:

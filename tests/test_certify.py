@@ -1,7 +1,6 @@
 """Tests for decrop.certify: the bound, the radius, CERTIFY/PREDICT behaviour, sharding, I/O and soundness."""
 
 import dataclasses
-import math
 
 import pytest
 import torch

@@ -1,6 +1,5 @@
 """The training stages of one experiment: plain, interrupted and resumed (what Ray Train's retries rely on)."""
 
-import dataclasses
 
 import numpy as np
 import pytest

@@ -118,6 +118,13 @@ def plot_certified_curve(rows_by_label: Mapping[str, Sequence[CertRow]], path: P
     return path
 
 
+def certification_prefix(label: str) -> str:
+    """The metric prefix of a certification label: ``certify`` for "validation" (a trial's objective),
+    ``certify_<label>`` otherwise (``certify_test_baseline``); metrics are ``<prefix>/acc_r{r:.2f}`` and
+    ``<prefix>/acr``."""
+    return "certify" if label == "validation" else f"certify_{label}"
+
+
 def _quote(value: str) -> str:
     """A value inside a search filter: MLflow's filter grammar has no escape for quotes, so refuse them."""
     if "'" in value:
@@ -294,7 +301,7 @@ class StudyTracker:
         table) and ``<artifact_dir>/<label>_curve.png``. Returns the metrics logged."""
         if not re.fullmatch(r"[\w\-]+", label):
             raise ValueError(f"label must be letters, digits, '_' or '-', got {label!r}")
-        prefix = "certify" if label == "validation" else f"certify_{label}"
+        prefix = certification_prefix(label)
         metrics = {f"{prefix}/acc_r{r:.2f}": acc for r, acc in certified_accuracy(rows, radii).items()}
         metrics[f"{prefix}/acr"] = average_certified_radius(rows)
         self.log_metrics(run_id, metrics, step)

@@ -1,6 +1,5 @@
 """The sweep command: errors before any compute, the search space, and (slow) a real sweep with resume."""
 
-import os
 import sys
 from pathlib import Path
 
