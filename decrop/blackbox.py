@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from .config import BlackBoxConfig
 from .data import augmentation_policy
 from .metrics import MetricSink
+from .runtime import eval_mode
 
 
 class BlackBox(nn.Module):
@@ -30,11 +31,8 @@ class BlackBox(nn.Module):
         self.queries = 0
 
     def forward(self, x: Tensor) -> Tensor:
-        mode = self.model.training
-        self.model.eval()
-        with torch.no_grad():
+        with eval_mode(self.model), torch.no_grad():
             out = self.model(x)
-        self.model.train(mode)
         self.queries += len(x)
         return out
 

@@ -21,6 +21,7 @@ from .config import ClassifierConfig, ExperimentConfig, config_hash, expand_path
 from .data import AugmentedTensorDataset, augmentation_policy, dataset_info
 from .metrics import MetricSink
 from .models import create_model
+from .runtime import eval_mode
 
 
 def build_classifier(dataset: str, arch: str) -> nn.Module:
@@ -33,14 +34,12 @@ def build_classifier(dataset: str, arch: str) -> nn.Module:
 @torch.no_grad()
 def accuracy(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int = 1000) -> float:
     """Clean top-1 accuracy of `model` on (N, C, H, W) images in [0, 1]; restores the model's mode."""
-    mode = model.training
-    model.eval()
     device = next(model.parameters()).device
     correct = 0
-    for start in range(0, len(images), batch_size):
-        x = images[start:start + batch_size].to(device)
-        correct += (model(x).argmax(1).cpu() == labels[start:start + batch_size]).sum().item()
-    model.train(mode)
+    with eval_mode(model):
+        for start in range(0, len(images), batch_size):
+            x = images[start:start + batch_size].to(device)
+            correct += (model(x).argmax(1).cpu() == labels[start:start + batch_size]).sum().item()
     return correct / max(len(images), 1)
 
 

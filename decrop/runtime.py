@@ -1,13 +1,16 @@
-"""Process-level helpers: the device, seeding, and progress lines for long phases."""
+"""Process-level helpers: the device, seeding, progress lines for long phases, and model-mode guards."""
 
 from __future__ import annotations
 
+import contextlib
 import random
 import sys
 import time
+from collections.abc import Iterator
 
 import numpy as np
 import torch
+from torch import nn
 
 
 def resolve_device(name: str) -> torch.device:
@@ -70,3 +73,28 @@ def tune_allocator() -> bool:
     m_trim_threshold, m_mmap_threshold = -1, -3  # from <malloc.h>
     _ALLOCATOR_TUNED = bool(libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, 1 << 30))
     return _ALLOCATOR_TUNED
+
+
+@contextlib.contextmanager
+def eval_mode(*modules: nn.Module | None, frozen: bool = False) -> Iterator[None]:
+    """Every submodule of `modules` in eval mode for the duration; each one's own mode restored afterwards.
+
+    Modes may be mixed (a model in eval mode with one submodule in train mode comes back exactly so); calling
+    ``module.train(flag)`` afterwards would flatten them. With ``frozen=True`` the parameters also stop
+    requiring gradients for the duration (attacks and interpolation differentiate through a classifier that must
+    not accumulate ``.grad``), and each parameter's flag is restored afterwards. ``None`` entries are skipped.
+    """
+    present = [m for m in modules if m is not None]
+    modes = [(m, m.training) for module in present for m in module.modules()]
+    flags = [(p, p.requires_grad) for module in present for p in module.parameters()] if frozen else []
+    for module in present:
+        module.eval()
+        if frozen:
+            module.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+        for p, flag in flags:
+            p.requires_grad_(flag)
