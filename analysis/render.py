@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from .figures import FigureOut
-from .stats import Statistics, format_p
+from .stats import IMAGE_LEVEL, PER_SEED, Statistics, format_p
 
 TABLE_CAPTIONS = {
     "test_accuracy_seeds": "Certified accuracy (%) on the test images at each l2 radius r, mean ± standard deviation "
@@ -29,6 +29,26 @@ READING = ("Certified accuracy at r is the fraction of images that the smoothed 
            "(the ± columns show that). The paired tests use the same test images for both methods, which makes "
            "them far more sensitive than comparing two intervals.")
 
+PAIRED_TESTS = (
+    "The unit of every paired test is the test image: DE-CROP and the baseline certify the same test images "
+    "(matched on idx), and every seed of a setting certifies those same images again. For each image, d is the "
+    "fraction of seeds in which DE-CROP certifies it at r minus the same fraction for the baseline; the "
+    "image-level test is the exact sign-flip permutation test of the sum of d over images (null hypothesis: "
+    "within each image the two methods' labels are exchangeable), shown with the mean of d in percentage "
+    "points and its 95% paired bootstrap interval over images. Seeds are not pooled as independent pairs: an "
+    "image that is hard in one seed tends to be hard in the others, so its discordant pairs in S seeds are "
+    "one observation, not S, and summing them over seeds (a McNemar test of all seeds' pairs) overstates the "
+    "evidence and gives p-values far too small. The per-seed exact McNemar tests use one run's images each. "
+    "Each table is one family of tests, Holm-adjusted: comparing the adjusted p with 0.05 keeps the chance "
+    "that any test of the table reports a difference where there is none at 5% at most, whatever the "
+    "dependence between its tests; the sentences judge by the adjusted p.")
+IMAGE_LEVEL_CAPTION = ("Image-level tests over the seeds of each setting ({n} tests, one Holm family): images "
+                       "present in every seed of both methods; favour method / baseline: images with d > 0 / "
+                       "d < 0; difference: mean of d in percentage points.")
+PER_SEED_CAPTION = ("Exact McNemar test per seed ({n} tests, one Holm family): only_method: images the method "
+                    "certifies at r and the baseline does not, only_baseline the reverse; difference: "
+                    "(only_method - only_baseline) / images in percentage points.")
+
 
 @dataclass
 class Report:
@@ -43,15 +63,25 @@ class Report:
     notes: list[str] = field(default_factory=list)  # warnings: runs left out, metric mismatches
 
 
-def mcnemar_display(frame: pd.DataFrame) -> pd.DataFrame:
-    if frame.empty:
-        return frame
-    shown = frame[["scope", "setting", "seed", "run", "method", "radius", "n_pairs", "only_method",
-                   "only_baseline"]].copy()
+def paired_display(frame: pd.DataFrame, scope: str) -> pd.DataFrame:
+    """The rows of one family of paired tests (`IMAGE_LEVEL` or `PER_SEED`) as shown in the report."""
+    rows = frame[frame["scope"] == scope] if not frame.empty else frame
+    if rows.empty:
+        return rows
+    if scope == IMAGE_LEVEL:
+        shown = rows[["setting", "method", "radius", "n_seeds", "n_pairs"]].rename(
+            columns={"n_seeds": "seeds", "n_pairs": "images"})
+        shown["favour method"], shown["favour baseline"] = rows["only_method"], rows["only_baseline"]
+        shown["difference (pp) [95% CI]"] = [f"{d:+.1f} [{lo:+.1f}, {hi:+.1f}]" for d, lo, hi in
+                                             zip(rows["difference_pp"], rows["ci_low_pp"], rows["ci_high_pp"])]
+    else:
+        shown = rows[["setting", "seed", "run", "method", "radius", "n_pairs", "only_method", "only_baseline"]].copy()
+        shown["difference (pp)"] = rows["difference_pp"].map("{:+.1f}".format)
     shown["radius"] = shown["radius"].map("{:.2f}".format)
-    shown["p"] = frame["p_value"].map(format_p)
-    shown["in words"] = frame["sentence"]
-    return shown
+    shown["p"] = rows["p_value"].map(format_p)
+    shown["p (Holm)"] = rows["p_holm"].map(format_p)
+    shown["in words"] = rows["sentence"]
+    return shown.reset_index(drop=True)
 
 
 def regression_display(frame: pd.DataFrame) -> pd.DataFrame:
@@ -69,12 +99,14 @@ def _sections(report: Report) -> list[tuple[str, list[tuple[str, object]]]]:
     head = [("text", TABLE_CAPTIONS.get(names[0], "")), ("table", report.tables[names[0]])] if names else [
         ("text", "No table: no certification results.")]
     stats = report.statistics
-    paired = ([("text", "Exact McNemar test of each DE-CROP variant against the baseline on certified-at-r "
-                        "outcomes of the same test images (only_method: images the method certifies at r and the "
-                        "baseline does not; pooled: discordant pairs summed over the runs of a setting)."),
-               ("table", mcnemar_display(stats.mcnemar))] if not stats.mcnemar.empty else
-              [("text", "No paired test: no run has both a baseline and a DE-CROP test certification.")])
-    paired += [("list", stats.mcnemar_notes)] if stats.mcnemar_notes else []
+    paired: list[tuple[str, object]] = [("text", PAIRED_TESTS if not stats.paired.empty else
+                                         "No paired test: no run has both a baseline and a DE-CROP test "
+                                         "certification.")]
+    for scope, caption in ((IMAGE_LEVEL, IMAGE_LEVEL_CAPTION), (PER_SEED, PER_SEED_CAPTION)):
+        shown = paired_display(stats.paired, scope)
+        if not shown.empty:
+            paired += [("text", caption.format(n=len(shown))), ("table", shown)]
+    paired += [("list", stats.paired_notes)] if stats.paired_notes else []
     regression = ([("table", regression_display(stats.regression))] if not stats.regression.empty else [])
     return [
         ("Summary", [("list", report.summary)]),

@@ -122,7 +122,7 @@ def write_report(analysis: Analysis, out: Path) -> list[Path]:
     of the report, figures included."""
     report, found, cert = analysis.report, analysis.tables, analysis.cert
     files = [f.path for f in report.figures if f.path is not None]
-    csvs = {"certified": cert, **found, "mcnemar": report.statistics.mcnemar,
+    csvs = {"certified": cert, **found, "paired_tests": report.statistics.paired,
             "regression": report.statistics.regression}
     for name, frame in csvs.items():
         if not frame.empty:

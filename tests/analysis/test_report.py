@@ -24,7 +24,7 @@ sys.path.insert(0, str(REPO))
 import tuning.tracking  # noqa: E402
 from analysis import report  # noqa: E402
 from analysis.runs import SEARCHED, certification_frame, check_logged  # noqa: E402
-from analysis.stats import regression  # noqa: E402
+from analysis.stats import holm, image_level_test, regression  # noqa: E402
 from analysis.tables import interval_cell, spread_cell  # noqa: E402
 from decrop.certify import CertRow  # noqa: E402
 from tuning.tracking import StudyTracker, default_tracking_uri  # noqa: E402
@@ -196,27 +196,49 @@ def direct_mcnemar(a_rows, b_rows, r):
     return only_a, only_b, binomtest(only_a, only_a + only_b, 0.5).pvalue if only_a + only_b else 1.0
 
 
-def test_mcnemar_counts_and_p_per_run_and_pooled(store, sweep_report, study_report):
-    tests = pd.read_csv(sweep_report / "mcnemar.csv")
-    assert set(tests["method"]) == {"decrop_default", "decrop_best"} and set(tests["scope"]) == {"run"}
+def test_paired_tests_per_seed_and_image_level(store, sweep_report, study_report):
+    assert not (sweep_report / "mcnemar.csv").exists() and not (study_report / "mcnemar.csv").exists()
+    tests = pd.read_csv(sweep_report / "paired_tests.csv")
+    assert set(tests["method"]) == {"decrop_default", "decrop_best"} and set(tests["scope"]) == {"per seed"}
+    assert np.allclose(tests["p_holm"], holm(tests["p_value"])) and set(tests["n_tests"]) == {len(tests)}
     for row in tests.itertuples():
         only_m, only_b, p = direct_mcnemar(store.rows[(store.sweep_parent, f"test_{row.method}")],
                                            store.rows[(store.sweep_parent, "test_baseline")], row.radius)
         assert (row.only_method, row.only_baseline) == (only_m, only_b)
         assert row.p_value == pytest.approx(p)
         assert f"certifies {only_m} images at r={row.radius:.2f} that the baseline misses" in row.sentence
+        assert f"Holm-adjusted over {len(tests)} tests p={row.p_holm:.2g}" in row.sentence
 
-    tests = pd.read_csv(study_report / "mcnemar.csv")
-    assert len(tests) == (4 + 2) * 4  # 4 runs and 2 pooled settings, 4 radii, one DE-CROP label
-    for row in tests.itertuples():
-        seeds = [row.seed] if row.scope == "run" else [0, 1]
-        counts = [direct_mcnemar(store.rows[(store.method_runs[(row.setting, int(s))], "test_decrop")],
-                                 store.rows[(store.method_runs[(row.setting, int(s))], "test_baseline")], row.radius)
-                  for s in seeds]
-        only_m, only_b = sum(c[0] for c in counts), sum(c[1] for c in counts)
-        assert (row.only_method, row.only_baseline) == (only_m, only_b)
-        p = binomtest(only_m, only_m + only_b, 0.5).pvalue if only_m + only_b else 1.0
-        assert row.p_value == pytest.approx(p)
+    tests = pd.read_csv(study_report / "paired_tests.csv")
+    assert len(tests) == (2 + 4) * 4  # 2 image-level settings and 4 runs, 4 radii, one DE-CROP label
+    assert list(tests["scope"]) == ["image-level"] * 8 + ["per seed"] * 16  # the headline family first
+    for scope, family in tests.groupby("scope"):  # each family is Holm-adjusted on its own
+        assert np.allclose(family["p_holm"], holm(family["p_value"])) and set(family["n_tests"]) == {len(family)}
+    for row in tests[tests["scope"] == "per seed"].itertuples():
+        run = store.method_runs[(row.setting, int(row.seed))]
+        only_m, only_b, p = direct_mcnemar(store.rows[(run, "test_decrop")], store.rows[(run, "test_baseline")],
+                                           row.radius)
+        assert (row.only_method, row.only_baseline, row.p_value) == (only_m, only_b, pytest.approx(p))
+    for row in tests[tests["scope"] == "image-level"].itertuples():
+        # the image, not the (image, seed) pair, is the unit: d_i = mean over seeds of method - baseline
+        tables = {s: (store.rows[(store.method_runs[(row.setting, s)], "test_decrop")],
+                      store.rows[(store.method_runs[(row.setting, s)], "test_baseline")]) for s in (0, 1)}
+        images = sorted({r.idx for pair in tables.values() for rows in pair for r in rows})
+        method = np.array([[i in certified(tables[s][0], row.radius) for s in (0, 1)] for i in images])
+        baseline = np.array([[i in certified(tables[s][1], row.radius) for s in (0, 1)] for i in images])
+        d = method.mean(axis=1) - baseline.mean(axis=1)
+        assert (row.n_seeds, row.n_pairs) == (2, 40)
+        assert (row.only_method, row.only_baseline) == ((d > 0).sum(), (d < 0).sum())
+        assert row.difference_pp == pytest.approx(100 * d.mean())
+        assert row.ci_low_pp <= row.difference_pp <= row.ci_high_pp
+        assert row.p_value == pytest.approx(image_level_test(method, baseline).p_value)
+        assert "Over 2 seeds of the same 40 images, DE-CROP certifies" in row.sentence
+    markdown = (study_report / "report.md").read_text()
+    section = markdown.split("## Paired tests against the baseline")[1].split("## What drives")[0]
+    assert not [line for line in section.splitlines() if line.startswith("|") and "pooled" in line]
+    assert "The unit of every paired test is the test image" in markdown
+    assert "Image-level tests over the seeds of each setting (8 tests, one Holm family)" in markdown
+    assert "Exact McNemar test per seed (16 tests, one Holm family)" in markdown
 
 
 def test_regression_has_one_coefficient_per_varying_parameter(sweep_report):

@@ -1,0 +1,215 @@
+"""analysis/stats.py's paired tests on small hand-built outcomes: the exact sign-flip distribution against brute
+force, the image-level test against exact McNemar (one seed) and scipy's permutation test, the defect it fixes
+(seeds of the same images are not independent pairs), Holm against its definition, and the report's frame."""
+
+import itertools
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.stats import binomtest, permutation_test
+from statsmodels.stats.contingency_tables import mcnemar
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from analysis.runs import certification_frame  # noqa: E402
+from analysis.stats import (  # noqa: E402
+    IMAGE_LEVEL,
+    PER_SEED,
+    holm,
+    image_level_test,
+    paired_tests,
+    sign_flip_distribution,
+    sign_flip_p,
+)
+from decrop.certify import CertRow  # noqa: E402
+
+
+def outcomes(rng: np.random.Generator, n: int, seeds: int, p_method: float, p_baseline: float):
+    return rng.random((n, seeds)) < p_method, rng.random((n, seeds)) < p_baseline
+
+
+@pytest.mark.parametrize("weights", [[], [0, 0], [1], [1, 1, 2, 3, 0, 3], [2, 2, 2, 2], [3, 1, 4, 1, 5, 2, 6]])
+def test_sign_flip_distribution_is_the_exact_law_of_the_signed_sum(weights):
+    pmf = sign_flip_distribution(np.array(weights, dtype=int))
+    total = sum(weights)
+    assert len(pmf) == 2 * total + 1
+    assert pmf.sum() == pytest.approx(1.0, abs=1e-12)
+    assert np.allclose(pmf, pmf[::-1], rtol=1e-12, atol=0)  # symmetric
+    brute = np.zeros_like(pmf)
+    for signs in itertools.product((-1, 1), repeat=len(weights)):
+        brute[int(np.dot(signs, weights)) + total] += 0.5 ** len(weights)
+    assert np.allclose(pmf, brute, rtol=1e-12, atol=1e-15)
+    assert sign_flip_p(np.array(weights, dtype=int), 0) == pytest.approx(1.0)
+
+
+def test_sign_flip_keeps_tiny_tails_precise():
+    # 200 images all discordant one way: p = 2 * 2^-200, far below float epsilon relative to 1
+    assert sign_flip_p(np.ones(200, dtype=int), 200) == pytest.approx(2 * 0.5 ** 200, rel=1e-9)
+    with pytest.raises(ValueError, match="integers >= 0"):
+        sign_flip_distribution(np.array([1, -1]))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_one_seed_is_the_exact_mcnemar_test(seed):
+    rng = np.random.default_rng(seed)
+    method, baseline = outcomes(rng, int(rng.integers(5, 80)), 1, rng.uniform(0.2, 0.8), rng.uniform(0.2, 0.8))
+    b, c = int((method & ~baseline).sum()), int((~method & baseline).sum())
+    table = [[int((method & baseline).sum()), b], [c, int((~method & ~baseline).sum())]]
+    expected = mcnemar(table, exact=True).pvalue if b + c else 1.0
+    result = image_level_test(method, baseline)
+    assert result.p_value == pytest.approx(expected, rel=1e-9)
+    assert result.p_value == pytest.approx(binomtest(b, b + c).pvalue if b + c else 1.0, rel=1e-9)
+    assert result.difference == pytest.approx((b - c) / len(method))
+
+
+def test_matches_scipy_exact_permutation_test():
+    rng = np.random.default_rng(3)
+    method, baseline = outcomes(rng, 12, 3, 0.7, 0.4)
+    x, y = method.sum(axis=1), baseline.sum(axis=1)  # integer per-image counts: no float ties in scipy's compare
+    # "samples" swaps x_i and y_i within each image: all 2^12 sign flips of d_i (exact, n_resamples=inf)
+    expected = permutation_test((x, y), lambda a, b, axis: np.sum(a - b, axis=axis), permutation_type="samples",
+                                n_resamples=np.inf, alternative="two-sided").pvalue
+    assert image_level_test(method, baseline).p_value == pytest.approx(expected, rel=1e-9)
+
+
+def test_identical_methods_give_p_one_and_a_zero_difference():
+    method = np.random.default_rng(4).random((50, 3)) < 0.5
+    result = image_level_test(method, method.copy())
+    assert result == (1.0, 0.0, (0.0, 0.0))
+
+
+def test_a_strong_effect_gives_a_small_p_and_an_interval_above_zero():
+    method = np.zeros((60, 3), dtype=bool)
+    method[:40] = True  # 40 images the method certifies in every seed
+    baseline = np.zeros((60, 3), dtype=bool)
+    baseline[40:42] = True  # 2 the baseline certifies instead
+    p, difference, (lo, hi) = image_level_test(method, baseline)
+    assert p == pytest.approx(binomtest(40, 42).pvalue, rel=1e-9)  # 42 discordant images, weight 3
+    assert p < 1e-8
+    assert difference == pytest.approx(38 / 60)
+    assert 0 < lo < difference < hi <= 1
+    assert image_level_test(method, baseline, seed=0).interval == (lo, hi)  # seeded: reproducible
+
+
+def test_three_seeds_of_the_same_images_are_not_three_times_the_evidence():
+    """The defect this fixes: 10 images the method certifies in all 3 seeds and the baseline never, 2 the
+    reverse. Summing discordant pairs over seeds counts 30 vs 6 as 36 independent images; the image is the unit."""
+    method = np.zeros((40, 3), dtype=bool)
+    baseline = np.zeros((40, 3), dtype=bool)
+    method[:10], baseline[10:12] = True, True
+    method[12:30], baseline[12:30] = True, True  # concordant images
+    only_m, only_b = int((method & ~baseline).sum()), int((~method & baseline).sum())
+    pooled = binomtest(only_m, only_m + only_b).pvalue  # the old "pooled" McNemar over seeds
+    new = image_level_test(method, baseline).p_value
+    assert (only_m, only_b) == (30, 6)
+    assert new == pytest.approx(binomtest(10, 12).pvalue, rel=1e-9)  # 12 discordant images, each weight 3
+    assert new > 100 * pooled and new > 0.01 and pooled < 1e-4
+
+
+def test_bad_arrays_are_refused():
+    with pytest.raises(ValueError, match="same shape"):
+        image_level_test(np.ones((3, 2)), np.ones((3, 3)))
+    with pytest.raises(ValueError, match="at least one image"):
+        image_level_test(np.ones((0, 2)), np.ones((0, 2)))
+    with pytest.raises(ValueError, match="0/1 outcomes"):
+        image_level_test(np.full((3, 2), 2), np.ones((3, 2)))
+
+
+def test_holm_matches_its_definition_and_is_monotone():
+    p = np.array([0.01, 0.04, 0.03, 0.005, 0.5, 0.02, 1.0, 0.0001])
+    order = np.argsort(p)
+    m = len(p)
+    expected = np.empty(m)
+    running = 0.0
+    for k, i in enumerate(order):  # step-down: (m - k) * p_(k), made monotone, capped at 1
+        running = max(running, min(1.0, (m - k) * p[i]))
+        expected[i] = running
+    adjusted = holm(p)
+    assert np.allclose(adjusted, expected)
+    assert (adjusted >= p).all() and (np.diff(adjusted[order]) >= 0).all()
+    assert holm([]).size == 0 and holm([0.2])[0] == pytest.approx(0.2)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The report's frame, built from CertRows the way analysis/report.py builds it
+
+def rows_of(certified: np.ndarray, images: list[int]) -> list[CertRow]:
+    """One CertRow per image: certified ones correct with radius 0.6, the others abstain."""
+    return [CertRow(i, 0, 0 if c else -1, 0.6 if c else 0.0, int(c), 0.1) for i, c in zip(images, certified)]
+
+
+def study(method: np.ndarray, baseline: np.ndarray, missing: dict[int, int] | None = None):
+    """A one-setting study with a run per seed (column), test_decrop and test_baseline; `missing` drops image
+    idx from the baseline table of seed s."""
+    images = list(range(0, 10 * len(method), 10))
+    runs, rows = [], {}
+    for s in range(method.shape[1]):
+        run_id = f"run{s}"
+        runs.append({"run_id": run_id, "run_name": f"setting/seed{s}", "role": "method_run", "setting": "setting",
+                     "seed": s, "params.certify.radii": "[0.0, 0.5]"})
+        rows[(run_id, "test_decrop")] = rows_of(method[:, s], images)
+        base = rows_of(baseline[:, s], images)
+        rows[(run_id, "test_baseline")] = [r for r in base if (missing or {}).get(s) != r.idx]
+    runs = pd.DataFrame(runs).set_index("run_id", drop=False)
+    return certification_frame(runs, rows), rows
+
+
+def test_report_frame_has_image_level_and_per_seed_families_holm_adjusted():
+    rng = np.random.default_rng(5)
+    method, baseline = outcomes(rng, 30, 3, 0.7, 0.4)
+    cert, rows = study(method, baseline)
+    frame, notes = paired_tests(cert, rows)
+    assert notes == []
+    image, seed = frame[frame["scope"] == IMAGE_LEVEL], frame[frame["scope"] == PER_SEED]
+    assert list(frame["scope"]) == [IMAGE_LEVEL] * 2 + [PER_SEED] * 6  # image-level first; radii 0 and 0.5
+    for row in image.itertuples():
+        p, difference, (lo, hi) = image_level_test(method, baseline)  # every certified row has radius 0.6
+        assert (row.n_seeds, row.n_pairs, row.p_value) == (3, 30, pytest.approx(p))
+        assert (row.difference_pp, row.ci_low_pp, row.ci_high_pp) == pytest.approx((100 * difference, 100 * lo,
+                                                                                    100 * hi))
+        d = method.sum(axis=1).astype(int) - baseline.sum(axis=1)
+        assert (row.only_method, row.only_baseline) == ((d > 0).sum(), (d < 0).sum())
+    for family in (image, seed):
+        assert np.allclose(family["p_holm"], holm(family["p_value"]))
+        assert (family["n_tests"] == len(family)).all()
+        for row in family.itertuples():
+            assert f"p={row.p_value:.2g}, Holm-adjusted over {len(family)} tests p={row.p_holm:.2g}" in row.sentence
+    assert "Over 3 seeds of the same 30 images, DE-CROP certifies" in image["sentence"].iloc[0]
+    assert "pooled" not in " ".join(frame["sentence"])
+
+
+def test_images_missing_from_one_seed_are_left_out_with_a_note():
+    rng = np.random.default_rng(6)
+    method, baseline = outcomes(rng, 20, 3, 0.6, 0.5)
+    cert, rows = study(method, baseline, missing={1: 50})  # image idx 50 (row 5) lacks seed 1's baseline
+    frame, notes = paired_tests(cert, rows)
+    assert any("run setting/seed1: test_decrop and test_baseline share 19 of their images" in n for n in notes)
+    assert any("setting, DE-CROP: 1 images are not certified by both methods in all 3 seeds; the image-level "
+               "test uses the 19 present everywhere" in n for n in notes)
+    image = frame[frame["scope"] == IMAGE_LEVEL].iloc[0]
+    keep = np.arange(20) != 5
+    assert image["n_pairs"] == 19
+    assert image["p_value"] == pytest.approx(image_level_test(method[keep], baseline[keep]).p_value)
+    per_seed = frame[frame["scope"] == PER_SEED].groupby("seed")["n_pairs"].unique()
+    assert [list(v) for v in per_seed] == [[20], [19], [20]]
+
+
+def test_one_seed_gives_only_per_seed_tests():
+    rng = np.random.default_rng(7)
+    cert, rows = study(*outcomes(rng, 15, 1, 0.6, 0.5))
+    frame, _ = paired_tests(cert, rows)
+    assert set(frame["scope"]) == {PER_SEED} and len(frame) == 2
+
+
+def test_identical_methods_in_the_report_read_as_a_tie():
+    method = np.random.default_rng(8).random((12, 2)) < 0.5
+    cert, rows = study(method, method.copy())
+    frame, _ = paired_tests(cert, rows)
+    assert (frame["p_value"] == 1).all() and (frame["p_holm"] == 1).all() and (frame["difference_pp"] == 0).all()
+    image = frame[frame["scope"] == IMAGE_LEVEL]["sentence"]
+    assert image.str.endswith("Holm-adjusted over 2 tests p=1: no image favours either method.").all()
+    per_seed = frame[frame["scope"] == PER_SEED]["sentence"]
+    assert per_seed.str.endswith("Holm-adjusted over 4 tests p=1: the two certify exactly the same images.").all()
