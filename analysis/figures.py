@@ -22,8 +22,9 @@ from .runs import SEARCHED, level_text
 from .tables import method_name, method_rank
 
 Rows = dict[tuple[str, str], Sequence[CertRow]]
-# The studied factors of the paper's figures, in the order shown; alpha is binned.
-PANEL_FACTORS = ("sigma", "data.percent", "decrop.alpha", "denoiser.arch", "decrop.n_interp", "decrop.attack",
+# The studied factors of the paper's figures, in the order shown; the mixing coefficient (the paper's
+# alpha) is binned.
+PANEL_FACTORS = ("sigma", "data.percent", "decrop.mixing", "denoiser.arch", "decrop.n_interp", "decrop.attack",
                  "stage2")
 _ALPHA_BINS = ([-np.inf, 0.45, 0.7, np.inf], ["in [0, 0.45)", "in [0.45, 0.7)", "in [0.7, 1]"])  # sort as text
 
@@ -121,13 +122,13 @@ def _panel_values(frame: pd.DataFrame, factor: str, split: str) -> pd.Series:
     if split == "test":
         own = frame[frame["label"] != "test_decrop_best"].groupby("run_id")[factor].first()
         values = frame["run_id"].map(own)
-    if factor == "decrop.alpha":
+    if factor == "decrop.mixing":
         values = pd.cut(values.astype(float), _ALPHA_BINS[0], labels=_ALPHA_BINS[1], right=False)
     return values.astype(object).where(values.notna(), None)
 
 
 def _panel_title(factor: str, level: object) -> str:
-    return f"{factor} {level}" if factor == "decrop.alpha" else f"{factor} = {level}"
+    return f"{factor} {level}" if factor == "decrop.mixing" else f"{factor} = {level}"
 
 
 def _level_key(value: object) -> tuple:

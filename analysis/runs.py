@@ -33,14 +33,17 @@ SETTING_TAG, BEST_TAG = "decrop.setting", "decrop.best_trial_id"
 PARENT_ROLES = ("sweep", "study")
 DEFAULT_STORAGE = Path("~/decrop-runs")  # the sweep's default --storage: stores are <storage>/<study>/mlflow.db
 # The searched hyperparameters (tuning/space.py) and their scale: "log" ones are analysed as log10.
-SEARCHED = {"decrop.alpha": "linear", "decrop.w_cs": "log", "decrop.w_mmd": "log", "decrop.n_interp": "category",
+SEARCHED = {"decrop.mixing": "linear", "decrop.w_cs": "log", "decrop.w_mmd": "log", "decrop.n_interp": "category",
             "decrop.attack": "category", "stage2": "category", "decrop.beta_scale": "log",
             "decrop.beta_gamma": "log"}
 SETTING_FACTORS = ("sigma", "data.percent", "seed", "denoiser.arch")
 FACTORS = (*SETTING_FACTORS, *SEARCHED)
-_CASTS = {"sigma": float, "data.percent": float, "seed": int, "denoiser.arch": str, "decrop.alpha": float,
+_CASTS = {"sigma": float, "data.percent": float, "seed": int, "denoiser.arch": str, "decrop.mixing": float,
           "decrop.w_cs": float, "decrop.w_mmd": float, "decrop.n_interp": int, "decrop.attack": str,
           "decrop.beta_scale": float, "decrop.beta_gamma": float, "decrop.stage2_epochs": int}
+# Params renamed since earlier studies were recorded: their runs stay readable ("decrop.alpha" became
+# "decrop.mixing" so that "alpha" names only the certificate's failure probability).
+_FORMER_NAMES = {"decrop.mixing": "decrop.alpha"}
 _CERT_METRIC = re.compile(r"^certify(?:_(?P<label>[\w\-]+))?/(?:acc_r(?P<radius>\d+(?:\.\d+)?)|acr)$")
 Progress = Callable[[str], None]
 
@@ -140,7 +143,8 @@ def _cast(text: str | None, kind: type) -> object:
 
 def _factors(params: dict[str, str], prefix: str) -> dict[str, object]:
     """Typed factor columns from a run's string params (a sweep parent's are ``base.<key>``)."""
-    values = {key: _cast(params.get(prefix + key), kind) for key, kind in _CASTS.items()}
+    values = {key: _cast(params.get(prefix + key, params.get(prefix + _FORMER_NAMES.get(key, key))), kind)
+              for key, kind in _CASTS.items()}
     epochs = values.pop("decrop.stage2_epochs")
     values["stage2"] = None if epochs is None else epochs > 0
     if values["stage2"] is False:  # the gradient-reversal schedule only exists when stage 2 runs

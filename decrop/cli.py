@@ -57,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
         from .pipeline import format_table, run_experiment  # torch-heavy: only once the config is valid
 
         out = args.out or Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if out.exists():
+            raise FileExistsError(f"--out {out} already exists; choose a new folder (finished results are never "
+                                  f"overwritten)")
         print(f"decrop run: writing to {out}", flush=True)
         tic = time.perf_counter()
         table = run_experiment(cfg, out)
@@ -69,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"certified: raise certify.n to report larger radii)")
         print(f"\nwall time {time.perf_counter() - tic:.0f}s; results in {out}")
         return 0
-    except (ConfigError, DatasetNotFoundError, CheckpointError) as err:
+    except (ConfigError, DatasetNotFoundError, CheckpointError, FileExistsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -52,11 +52,17 @@ class DataConfig:
     download: bool = _field(False, "download the dataset with torchvision if it is not found (needs internet)")
     percent: float = _field(1.0, "size of the limited training subset in percent of the training split, "
                                  "drawn per class", gt=0, le=100)
-    val_size: int = _field(500, "validation images (training images disjoint from the subset) for model "
-                                "selection and the per-epoch metric; never the test images", ge=1)
+    val_size: int = _field(500, "validation images for model selection, the per-epoch metric and the tuning "
+                                "objective; never test images, and their labels are never read (the target is "
+                                "the classifier's own prediction)", ge=1)
+    val_source: Literal["unlabeled", "holdout"] = _field(
+        "unlabeled", "where validation images come from: 'unlabeled' = extra images outside the limited subset, "
+                     "drawn without reading their labels; 'holdout' = a stratified part of the limited subset, "
+                     "which is then not trained on (nothing beyond the k% is used at all)")
     test_every: int = _field(20, "certify every m-th test image (the paper: 20, i.e. 500 of CIFAR-10)", ge=1)
     augment: Literal[0, 1, 2, 3] = _field(1, "augmentation policy for denoiser training: 0 none, 1 crop+flip, "
-                                             "2 one of {hflip, vflip, crop, affine}, 3 all of policy 2")
+                                             "2 one of {hflip, vflip, crop, affine}, 3 all of policy 2 (each flip "
+                                             "with probability 0.5)")
 
 
 @dataclass(frozen=True)
@@ -84,7 +90,10 @@ class DenoiserConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = _field(600, "denoiser training epochs", ge=1)
+    epochs: int = _field(600, "denoiser training epochs (DE-CROP: of stage 1; stage 2 adds "
+                              "decrop.stage2_epochs of its own)", ge=1)
+    baseline_epochs: int = _field(0, "epochs of the baseline (Salman et al.); 0 = the same total as DE-CROP, "
+                                     "train.epochs + decrop.stage2_epochs", ge=0)
     batch_size: int = _field(64, "batch size", ge=1)
     lr: float = _field(1e-3, "learning rate of Adam and of SGD after the switch", gt=0)
     adam_epochs: int = _field(50, "epochs with Adam before switching to SGD (the paper's supplementary: 50)", ge=0)
@@ -105,16 +114,18 @@ class DecropConfig:
                                  "too few Fashion-MNIST predictions, 16/255 most)", gt=0, le=1)
     attack_steps: int = _field(20, "iterations of pgd and autoattack", ge=1)
     attack_step_size: float = _field(2 / 255, "pgd step size", gt=0)
-    alpha: float = _field(0.8, "mixing coefficient of interpolated samples: target logits "
-                               "alpha f(x) + (1 - alpha) f(x_b)", ge=0, le=1)
+    mixing: float = _field(0.8, "the paper's mixing coefficient alpha of interpolated samples: target logits "
+                                "mixing f(x) + (1 - mixing) f(x_b) (named apart from certify.alpha, the "
+                                "certificate's failure probability)", ge=0, le=1)
     n_interp: Literal[1, 2, 5] = _field(1, "interpolated samples per original, each from its own start")
     interp_steps: int = _field(50, "Adam steps of the input optimisation towards the interpolated target", ge=1)
     interp_lr: float = _field(1e-2, "Adam learning rate of the input optimisation", gt=0)
     w_lc: float = _field(1.0, "weight of L_lc (label consistency)", ge=0)
     w_cs: float = _field(4.0, "weight of L_cs (cosine similarity of logits), per generated kind", ge=0)
     w_mmd: float = _field(4.0, "weight of L_mmd (feature MMD), per generated kind", ge=0)
-    stage2_epochs: int = _field(0, "epochs of stage 2 (adds the domain discriminator), taken from the end of "
-                                   "train.epochs so every method has the same budget; 0 = stage 1 only", ge=0)
+    stage2_epochs: int = _field(0, "epochs of stage 2, a run of its own after stage 1: the domain discriminator "
+                                   "is added, the denoiser starts from stage 1's and the Adam-then-SGD schedule "
+                                   "restarts (the released code's second script); 0 = stage 1 only", ge=0)
     beta_scale: float = _field(2.0, "w_beta: final scale of the gradient-reversal coefficient", ge=0)
     beta_gamma: float = _field(10.0, "gamma: steepness of the gradient-reversal ramp", gt=0)
     disc_lr: float = _field(1e-5, "Adam learning rate of the domain discriminator", gt=0)
@@ -179,9 +190,13 @@ class ExperimentConfig:
         if self.certify.val_images > self.data.val_size:
             raise ConfigError(f"config key 'certify.val_images' = {self.certify.val_images} exceeds "
                               f"data.val_size = {self.data.val_size}: it certifies a part of the validation set")
-        if self.decrop.stage2_epochs >= self.train.epochs:
-            raise ConfigError(f"config key 'decrop.stage2_epochs' = {self.decrop.stage2_epochs} must be smaller "
-                              f"than train.epochs = {self.train.epochs} (stage 2 is the end of the same budget)")
+
+    def stage_epochs(self, method: str) -> tuple[int, ...]:
+        """Epochs of each training stage of `method`: DE-CROP ``(train.epochs, decrop.stage2_epochs)`` (the second
+        only when stage 2 runs), the baseline one stage of ``train.baseline_epochs``, by default the same total."""
+        if method == "baseline":
+            return (self.train.baseline_epochs or self.train.epochs + self.decrop.stage2_epochs,)
+        return (self.train.epochs, self.decrop.stage2_epochs) if self.decrop.stage2_epochs else (self.train.epochs,)
 
 
 # ---------------------------------------------------------------------------------------------------------

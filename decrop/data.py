@@ -250,6 +250,17 @@ def validation_indices(labels: Tensor | np.ndarray | Sequence[int], exclude: Seq
     return np.sort(np.concatenate(chosen)) if chosen else np.empty(0, dtype=np.int64)
 
 
+def unlabeled_indices(num_images: int, exclude: Sequence[int] | np.ndarray, size: int, seed: int) -> np.ndarray:
+    """Sorted indices of ``size`` images drawn uniformly, without replacement, from ``range(num_images)`` minus
+    ``exclude``, without looking at a single label: validation images beyond the limited subset whose labels
+    stay outside the data budget (``data.val_source=unlabeled``). Raises ValueError if fewer remain."""
+    pool = np.setdiff1d(np.arange(num_images), np.asarray(exclude, dtype=np.int64))
+    if size < 0 or size > len(pool):
+        raise ValueError(f"cannot draw {size} validation images: only {len(pool)} images lie outside the "
+                         f"{num_images - len(pool)} excluded ones")
+    return np.sort(np.random.default_rng(seed).choice(pool, size=size, replace=False))
+
+
 def test_indices(num_images: int, every: int, max_count: int | None = None) -> np.ndarray:
     """Indices 0, every, 2*every, ... below ``num_images`` (Cohen et al. certify every 20th test image),
     at most ``max_count`` of them."""
@@ -306,6 +317,8 @@ def augmentation_policy(policy: int, image_size: int) -> v2.Transform:
 
     0: identity; 1: random crop (padding image_size // 8) + horizontal flip; 2: one of {hflip, vflip, crop,
     affine(rotate 10 degrees, translate (0.25, 0.5))} chosen at random; 3: all four of policy 2 in sequence.
+    Every flip applies with probability 0.5, as the paper's supplementary states (so under policy 3 an image is
+    flipped horizontally, vertically, both or neither, a quarter of the time each).
 
     Called as ``t(a, b, c)`` with each input wrapped in ``torchvision.tv_tensors.Image``, v2 samples the random
     parameters once and applies them to every input, which keeps ``x``, ``x_boundary`` and ``x_interp`` of a
@@ -314,8 +327,8 @@ def augmentation_policy(policy: int, image_size: int) -> v2.Transform:
     """
     pad = image_size // 8
     spatial = [
-        v2.RandomHorizontalFlip(p=1.0),
-        v2.RandomVerticalFlip(p=1.0),
+        v2.RandomHorizontalFlip(p=0.5),
+        v2.RandomVerticalFlip(p=0.5),
         v2.RandomCrop(image_size, padding=pad),
         v2.RandomAffine(degrees=10, translate=(0.25, 0.5)),
     ]

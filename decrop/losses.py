@@ -19,18 +19,19 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def label_consistency_loss(logits: Tensor, clean_logits: Tensor) -> Tensor:
-    """L_lc = CE(f(D(x + delta)), argmax f(x)) given both logits (B, K).
+def label_consistency_loss(logits: Tensor, clean_logits: Tensor, reduction: str = "mean") -> Tensor:
+    """L_lc = CE(f(D(x + delta)), argmax f(x)) given both logits (B, K); `reduction` "mean" or "sum" over B.
 
     The target is the classifier's own prediction on the clean image, not the true label: the denoiser
     must make the smoothed classifier agree with the base classifier, whatever that says.
     """
-    return F.cross_entropy(logits, clean_logits.argmax(dim=1))
+    return F.cross_entropy(logits, clean_logits.argmax(dim=1), reduction=reduction)
 
 
-def cosine_loss(logits: Tensor, target_logits: Tensor) -> Tensor:
-    """L_cs = mean over the batch of 1 - cos(logits_i, target_i); (B, K) each; in [0, 2]."""
-    return (1 - F.cosine_similarity(logits, target_logits, dim=1)).mean()
+def cosine_loss(logits: Tensor, target_logits: Tensor, reduction: str = "mean") -> Tensor:
+    """L_cs = 1 - cos(logits_i, target_i) per image, (B, K) each, averaged (or summed) over B; in [0, 2]."""
+    per_image = 1 - F.cosine_similarity(logits, target_logits, dim=1)
+    return per_image.sum() if reduction == "sum" else per_image.mean()
 
 
 def mmd_loss(a: Tensor, b: Tensor, num_kernels: int = 5) -> Tensor:

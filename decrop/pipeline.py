@@ -2,16 +2,16 @@
 
 `run_experiment` is what ``python -m decrop run`` calls. Each phase is also a function of its own
 (`prepare`, `train_method`, `certify_model`) so `tuning/` can run the same steps in Ray workers and tasks.
-Everything a run writes goes into its output folder: the resolved config, the subset indices, one
+Everything a run writes goes into its output folder: the resolved config, the training indices, one
 certification file per method (``certify_<method>.tsv``, Cohen's columns), the denoiser weights,
-``summary.csv`` and ``run.json``.
+``summary.csv`` and ``run.json`` (with the run's data budget).
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,14 +27,15 @@ from .blackbox import BlackBox, distill_surrogate
 from .certify import (CertRow, average_certified_radius, certified_accuracy, certify_indices, write_rows)
 from .checkpoint import save_checkpoint
 from .classifier import accuracy, build_classifier, classifier_key, load_or_train_classifier
-from .config import DenoiserConfig, ExperimentConfig, config_hash, expand_path, to_yaml
+from .config import ConfigError, DenoiserConfig, ExperimentConfig, config_hash, expand_path, to_yaml
 from .data import (AugmentedTensorDataset, DatasetInfo, as_tensors, augmentation_policy, dataset_info,
-                   load_dataset, load_indices, save_indices, stratified_subset, test_indices,
+                   load_dataset, load_indices, save_indices, stratified_subset, test_indices, unlabeled_indices,
                    validation_indices)
+from .distributed import Shard
 from .metrics import MetricSink, PrintSink
 from .models import DomainDiscriminator, create_model, fold_batchnorm
 from .objectives import DecropObjective, Objective, baseline_objective
-from .runtime import Progress, resolve_device, seed_everything, tune_allocator
+from .runtime import Progress, eval_mode, resolve_device, seed_everything, tune_allocator
 from .samples import GeneratedSamples, load_or_generate_samples, sample_settings
 from .training import AdamThenSGD, TrainResult, train_denoiser
 
@@ -44,21 +45,48 @@ NO_DENOISER = "none"  # the smoothed classifier alone, the reference every table
 
 @dataclass
 class Prepared:
-    """What every method of one experiment shares: the frozen classifier and the three disjoint image sets."""
+    """What every method of one experiment shares: the frozen classifier and the three disjoint image sets.
+
+    Indices are dataset indices (into the training split for ``train_*`` and ``val_*``, the test split for
+    ``test_indices``), so every certification row can be traced to its image. ``val_targets`` are the
+    classifier's own predictions on the validation images: validation reads no label (`budget` says so).
+    """
 
     cfg: ExperimentConfig
     device: torch.device
     info: DatasetInfo
     classifier: nn.Module
-    subset_images: Tensor  # (k, C, H, W) in [0, 1], CPU: the limited training data
-    subset_labels: Tensor
-    subset_indices: np.ndarray  # into the training split
-    val_images: Tensor  # (V, C, H, W) on `device`: model selection and the per-epoch metric
-    val_labels: Tensor
+    train_images: Tensor  # (k, C, H, W) in [0, 1], CPU: the limited data the denoisers train on
+    train_labels: Tensor
+    train_indices: np.ndarray  # into the training split
+    val_images: Tensor  # (V, C, H, W) on `device`: model selection, the per-epoch metric, the tuning objective
+    val_targets: Tensor  # (V,) the classifier's predictions on val_images (labels are never read)
+    val_indices: np.ndarray  # into the training split, disjoint from train_indices
     test_set: TensorDataset  # the test split; certified at `test_indices` for reporting only
     test_indices: np.ndarray
     clean_accuracy: float  # of the classifier on the whole test split
+    budget: dict[str, object] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+
+    def val_dataset(self) -> "IndexedImages":
+        """The validation images addressed by their dataset index, with the classifier's predictions as
+        targets (what `certify_indices` reads for the label-free validation objective)."""
+        return IndexedImages(self.val_indices, self.val_images.cpu(), self.val_targets)
+
+
+class IndexedImages(torch.utils.data.Dataset):
+    """Images addressed by their dataset index: ``ds[idx] = (image, target)`` for idx in `indices`."""
+
+    def __init__(self, indices: np.ndarray, images: Tensor, targets: Tensor) -> None:
+        self.position = {int(i): k for k, i in enumerate(indices)}
+        self.images, self.targets = images, targets
+
+    def __len__(self) -> int:
+        return len(self.position)
+
+    def __getitem__(self, idx: int) -> tuple[Tensor, int]:
+        k = self.position[int(idx)]
+        return self.images[k], int(self.targets[k])
 
 
 def subset_for(cfg: ExperimentConfig, labels: Tensor) -> np.ndarray:
@@ -73,8 +101,36 @@ def subset_for(cfg: ExperimentConfig, labels: Tensor) -> np.ndarray:
     return indices
 
 
+def split_validation(cfg: ExperimentConfig, subset: np.ndarray, labels: Tensor,
+                     num_images: int) -> tuple[np.ndarray, np.ndarray]:
+    """(training indices, validation indices), both into the training split, disjoint.
+
+    ``data.val_source=unlabeled``: the whole subset trains and the validation images are drawn from the rest of
+    the split without reading a label. ``holdout``: a stratified part of the subset (its labels are inside the
+    budget) validates and the rest trains; at least one image per class must stay for training.
+    """
+    if cfg.data.val_source == "unlabeled":
+        return subset, unlabeled_indices(num_images, subset, cfg.data.val_size, cfg.seed)
+    subset_labels = labels[subset].numpy()
+    held = subset[validation_indices(subset_labels, [], cfg.data.val_size, cfg.seed)]
+    train = np.setdiff1d(subset, held)
+    if len(np.unique(labels[train].numpy())) < len(np.unique(subset_labels)):
+        raise ConfigError(f"data.val_source=holdout with data.val_size={cfg.data.val_size} leaves a class without "
+                          f"training images (the subset has {len(subset)}): lower data.val_size or raise "
+                          f"data.percent")
+    return train, held
+
+
+def describe_budget(budget: dict[str, object]) -> str:
+    """The data budget of a run in one line (printed by every run, logged with every trial)."""
+    return (f"budget: {budget['train_images']} labelled training images ({budget['percent']}% of "
+            f"{budget['split_size']}), {budget['val_images']} validation images ({budget['val_source']}, labels "
+            f"not read), labels read outside the limited data: {budget['labels_outside']}; classifier: "
+            f"{budget['classifier']}; test labels read for reporting only")
+
+
 def prepare(cfg: ExperimentConfig, log: Log = print, evaluate: bool = True) -> Prepared:
-    """Load the data, get the classifier (trained and cached on first use) and draw the subsets.
+    """Load the data, get the classifier (trained and cached on first use) and draw the image sets.
 
     `evaluate` measures the classifier's clean test accuracy (NaN without it: workers that only train or
     certify skip it)."""
@@ -100,15 +156,23 @@ def prepare(cfg: ExperimentConfig, log: Log = print, evaluate: bool = True) -> P
         log(f"classifier: clean test accuracy {clean:.4f}")
 
     subset = subset_for(cfg, train_labels)
-    val = validation_indices(train_labels.numpy(), subset, cfg.data.val_size, cfg.seed)
+    train, val = split_validation(cfg, subset, train_labels, len(train_labels))
     tests = test_indices(len(test_labels), cfg.data.test_every)
-    log(f"data: {len(subset)} training images ({cfg.data.percent}% of {len(train_labels)}, stratified, "
-        f"seed {cfg.seed}), {len(val)} validation images, {len(tests)} certified test images")
+    val_images = train_images[val].to(device)
+    with torch.no_grad(), eval_mode(classifier):
+        val_targets = torch.cat([classifier(chunk).argmax(1).cpu() for chunk in val_images.split(1000)])
+    budget = {"train_images": len(train), "percent": cfg.data.percent, "split_size": len(train_labels),
+              "val_images": len(val), "val_source": cfg.data.val_source, "labels_outside": 0,
+              "classifier": f"pretrained {cfg.classifier.arch} (trained here on the full training split, standing "
+                            f"in for the user's model)"}
+    log(f"data: {len(subset)} images in the limited subset ({cfg.data.percent}% of {len(train_labels)}, "
+        f"stratified, seed {cfg.seed}), {len(tests)} certified test images")
+    log(describe_budget(budget))
     return Prepared(cfg=cfg, device=device, info=info, classifier=classifier,
-                    subset_images=train_images[subset], subset_labels=train_labels[subset],
-                    subset_indices=subset, val_images=train_images[val].to(device),
-                    val_labels=train_labels[val], test_set=TensorDataset(test_images, test_labels),
-                    test_indices=tests, clean_accuracy=clean, timings=timings)
+                    train_images=train_images[train], train_labels=train_labels[train], train_indices=train,
+                    val_images=val_images, val_targets=val_targets, val_indices=val,
+                    test_set=TensorDataset(test_images, test_labels), test_indices=tests, clean_accuracy=clean,
+                    budget=budget, timings=timings)
 
 
 def build_denoiser(cfg: DenoiserConfig, in_channels: int) -> nn.Module:
@@ -123,21 +187,26 @@ def build_denoiser(cfg: DenoiserConfig, in_channels: int) -> nn.Module:
 class TrainHooks:
     """How `tuning/` runs the same training under Ray Train; the defaults are a plain single-process run.
 
-    `wrap` wraps every trained module (denoiser, discriminator), e.g. in DistributedDataParallel; `loader`
-    adapts the DataLoader (a distributed sampler); `batch_size` is the per-process batch (default
-    ``train.batch_size``); `resume` is a state dict produced by `on_epoch_end`'s ``state()``;
-    ``on_epoch_end(epoch, metrics, state)`` runs after every epoch, ``state()`` returning what a resumed run
-    needs (plain tensors and numbers, for ``torch.save``).
+    `wrap` wraps the trained denoiser (e.g. in DistributedDataParallel, after `convert_global_batchnorm`);
+    `shard` is this worker's share of every global batch (`decrop.distributed`); `resume` is a state dict
+    produced by `on_epoch_end`'s ``state()``; ``on_epoch_end(epoch, metrics, state)`` runs after every epoch
+    (counted over all stages), ``state()`` returning what a resumed run needs (plain tensors and numbers, for
+    ``torch.save``). Every worker iterates the same global batches: the loader is never sharded.
     """
 
     wrap: Callable[[nn.Module], nn.Module] = lambda module: module
-    loader: Callable[[DataLoader], DataLoader] = lambda loader: loader
-    batch_size: int | None = None
+    shard: Shard = field(default_factory=Shard)
     resume: dict | None = None
     on_epoch_end: Callable[[int, dict[str, float], Callable[[], dict]], None] | None = None
 
 
-Stage = tuple[int, Callable[[], Objective]]  # (epoch at which the stage ends, objective factory)
+@dataclass(frozen=True)
+class Stage:
+    """One training stage: its name, its epochs (with an Adam-then-SGD schedule of its own) and its objective."""
+
+    name: str
+    epochs: int
+    make_objective: Callable[[], Objective]
 
 
 def _unwrap(module: nn.Module) -> nn.Module:
@@ -153,96 +222,98 @@ def _restore_rng(rng: dict, loader: DataLoader) -> None:
 def run_stages(prep: Prepared, classifier: nn.Module, images: tuple[Tensor, ...], stages: list[Stage],
                sink: MetricSink | None = None, hooks: TrainHooks | None = None) -> tuple[nn.Module, TrainResult]:
     """Train a fresh denoiser on `images` (aligned tuples, one augmentation per sample) through consecutive
-    stages that share the denoiser and the optimiser schedule; returns the (unwrapped) denoiser."""
+    stages; each stage starts from the previous stage's denoiser with a fresh optimiser schedule. Returns the
+    (unwrapped) denoiser in eval mode and the per-epoch history (epochs counted over all stages)."""
     cfg, hooks = prep.cfg, hooks or TrainHooks()
     torch.manual_seed(cfg.seed)
     denoiser = build_denoiser(cfg.denoiser, prep.info.channels).to(prep.device)
-    dataset = AugmentedTensorDataset(images, prep.subset_labels,
+    dataset = AugmentedTensorDataset(images, prep.train_labels,
                                      augmentation_policy(cfg.data.augment, prep.info.image_size))
-    loader = hooks.loader(DataLoader(dataset, batch_size=hooks.batch_size or cfg.train.batch_size, shuffle=True,
-                                     generator=torch.Generator().manual_seed(cfg.seed)))
-    start = 0
-    if hooks.resume is not None:
-        denoiser.load_state_dict(hooks.resume["denoiser"])
-        start = hooks.resume["epoch"]
+    loader = DataLoader(dataset, batch_size=cfg.train.batch_size, shuffle=True,
+                        generator=torch.Generator().manual_seed(cfg.seed))
+    resume = hooks.resume
+    done = resume["epoch"] if resume is not None else 0  # epochs over all stages already trained
+    if resume is not None:
+        denoiser.load_state_dict(resume["denoiser"])
     model = hooks.wrap(denoiser)
-    schedule = AdamThenSGD(model.parameters(), cfg.train)
-    if hooks.resume is not None:
-        schedule.load_state_dict(hooks.resume["schedule"], start)
-    result, stage_start = TrainResult(), 0
-    for end, make_objective in stages:
-        if start < end:
-            resuming = hooks.resume is not None and stage_start <= start  # the stage the run stopped in
+    result, offset = TrainResult(), 0
+    for stage in stages:
+        if done < offset + stage.epochs:
+            in_stage = max(done - offset, 0)
             # The global RNG drives weight init, augmentation and noise, the loader's generator the shuffle.
-            # Restoring both where the interrupted run saved them (before building a stage that begins at
-            # the resume point; after rebuilding one that was under way) continues it exactly.
-            if resuming and start == stage_start:
-                _restore_rng(hooks.resume["rng"], loader)
-            objective = make_objective()
-            if resuming and start > stage_start:
-                if hooks.resume.get("objective"):
-                    objective.load_state_dict(hooks.resume["objective"])
-                _restore_rng(hooks.resume["rng"], loader)
+            # Restoring both where the interrupted run saved them (before building a stage that begins at the
+            # resume point; after rebuilding one that was under way) continues it exactly.
+            if resume is not None and done == offset:
+                _restore_rng(resume["rng"], loader)
+            objective = stage.make_objective()
+            schedule = AdamThenSGD(model.parameters(), cfg.train)
+            if resume is not None and in_stage > 0:
+                schedule.load_state_dict(resume["schedule"], in_stage)
+                objective.load_state_dict(resume["objective"] or {})
+                _restore_rng(resume["rng"], loader)
 
             def on_epoch_end(epoch, schedule, metrics, objective=objective):
                 if hooks.on_epoch_end is not None:
                     # A deep copy: state dicts hold the live tensors, which the next epoch changes in place.
                     hooks.on_epoch_end(epoch, metrics, lambda: copy.deepcopy({
                         "epoch": epoch + 1, "denoiser": _unwrap(model).state_dict(),
-                        "schedule": schedule.state_dict(),
-                        "objective": objective.state_dict() if hasattr(objective, "state_dict") else None,
+                        "schedule": schedule.state_dict(), "objective": objective.state_dict(),
                         "rng": {"torch": torch.get_rng_state(),
                                 "loader": loader.generator.get_state() if loader.generator is not None else None}}))
 
-            part = train_denoiser(model, classifier, loader, objective, dataclasses.replace(cfg.train, epochs=end),
+            part = train_denoiser(model, classifier, loader, objective, cfg.train, epochs=stage.epochs,
                                   val_images=prep.val_images, sigma=cfg.sigma, seed=cfg.seed, sink=sink,
-                                  schedule=schedule, start_epoch=max(start, stage_start), stage_start=stage_start,
+                                  schedule=schedule, start_epoch=in_stage, epoch_offset=offset,
                                   on_epoch_end=on_epoch_end)
             result.history += part.history
-        stage_start = end
+        offset += stage.epochs
     return denoiser.eval(), result
 
 
 def samples_for(prep: Prepared, model: nn.Module, model_key: str, log: Log = print) -> GeneratedSamples:
-    """Boundary + interpolated samples of the subset through `model`, cached per model, subset and setting."""
+    """Boundary + interpolated samples of the training images through `model`, cached per model, images and
+    setting."""
     cfg = prep.cfg
-    key = config_hash(model_key, prep.subset_indices.tolist(), sample_settings(cfg.decrop), cfg.seed)
+    key = config_hash(model_key, prep.train_indices.tolist(), sample_settings(cfg.decrop), cfg.seed)
     path = expand_path(cfg.cache_dir) / "samples" / f"{key}.pt"
-    return load_or_generate_samples(path, model, prep.subset_images, prep.subset_labels, cfg.decrop,
+    return load_or_generate_samples(path, model, prep.train_images, prep.train_labels, cfg.decrop,
                                     seed=cfg.seed, key=key, log=log)
 
 
-def decrop_stages(prep: Prepared, classifier: nn.Module, hooks: TrainHooks | None = None) -> list[Stage]:
-    """DE-CROP's two stages in one budget: stage 1 (L_lc + L_cs + L_mmd) until ``train.epochs - stage2_epochs``,
-    then stage 2 adds the domain discriminator (its own Adam) and continues the same denoiser and schedule."""
-    cfg, wrap = prep.cfg, (hooks or TrainHooks()).wrap
-    stage1_end = cfg.train.epochs - cfg.decrop.stage2_epochs
-    stages: list[Stage] = [(stage1_end, lambda: DecropObjective(cfg.sigma, cfg.decrop))]
-    if cfg.decrop.stage2_epochs:
-        stages.append((cfg.train.epochs, lambda: DecropObjective(
-            cfg.sigma, cfg.decrop, wrap(DomainDiscriminator(classifier.feature_dim).to(prep.device)))))
+def method_stages(method: str, prep: Prepared, classifier: nn.Module, hooks: TrainHooks | None = None
+                  ) -> list[Stage]:
+    """The training stages of `method` (`ExperimentConfig.stage_epochs`): the baseline's one stage of L_lc;
+    DE-CROP's stage 1 (L_lc + L_cs + L_mmd) and, when ``decrop.stage2_epochs`` > 0, stage 2, a run of its own
+    that adds the domain discriminator (its own Adam) to the stage-1 denoiser."""
+    cfg, shard = prep.cfg, (hooks or TrainHooks()).shard
+    epochs = cfg.stage_epochs(method)
+    if method == "baseline":
+        return [Stage("baseline", epochs[0], lambda: baseline_objective(cfg.train.objective, cfg.sigma, shard))]
+    stages = [Stage("stage1", epochs[0], lambda: DecropObjective(cfg.sigma, cfg.decrop, shard=shard))]
+    if len(epochs) > 1:
+        stages.append(Stage("stage2", epochs[1], lambda: DecropObjective(
+            cfg.sigma, cfg.decrop, DomainDiscriminator(classifier.feature_dim).to(prep.device), shard=shard)))
     return stages
 
 
 def train_method(method: str, prep: Prepared, sink: MetricSink | None = None, log: Log = print,
                  hooks: TrainHooks | None = None) -> tuple[nn.Module, TrainResult]:
-    """Train the denoiser of `method` on the limited subset; returns it in eval mode with its history.
+    """Train the denoiser of `method` on the limited data; returns it in eval mode with its history.
 
     ``baseline``: Salman et al. (L_lc). ``decrop``: white-box DE-CROP through the classifier.
     ``decrop_blackbox``: DE-CROP through a surrogate distilled from the classifier's outputs.
     """
-    cfg = prep.cfg
     if method == "baseline":
-        stages = [(cfg.train.epochs, lambda: baseline_objective(cfg.train.objective, cfg.sigma))]
-        return run_stages(prep, prep.classifier, (prep.subset_images,), stages, sink, hooks)
+        return run_stages(prep, prep.classifier, (prep.train_images,),
+                          method_stages(method, prep, prep.classifier, hooks), sink, hooks)
     if method == "decrop":
-        samples = samples_for(prep, prep.classifier, classifier_key(cfg), log)
-        return run_stages(prep, prep.classifier, (prep.subset_images, *samples.as_images()),
-                          decrop_stages(prep, prep.classifier, hooks), sink, hooks)
+        samples = samples_for(prep, prep.classifier, classifier_key(prep.cfg), log)
+        return run_stages(prep, prep.classifier, (prep.train_images, *samples.as_images()),
+                          method_stages(method, prep, prep.classifier, hooks), sink, hooks)
     if method == "decrop_blackbox":
         surrogate, samples = distilled_surrogate(prep, log)
-        return run_stages(prep, surrogate, (prep.subset_images, *samples.as_images()),
-                          decrop_stages(prep, surrogate, hooks), sink, hooks)
+        return run_stages(prep, surrogate, (prep.train_images, *samples.as_images()),
+                          method_stages(method, prep, surrogate, hooks), sink, hooks)
     raise ValueError(f"unknown method {method!r}")
 
 
@@ -254,11 +325,11 @@ def distilled_surrogate(prep: Prepared, log: Log = print) -> tuple[nn.Module, Ge
     torch.manual_seed(cfg.seed)
     surrogate = build_classifier(cfg.data.dataset, cfg.blackbox.arch).to(prep.device)
     common = dict(image_size=prep.info.image_size, seed=cfg.seed, log=log)
-    distill_surrogate(blackbox, surrogate, prep.subset_images, cfg.blackbox, **common)
+    distill_surrogate(blackbox, surrogate, prep.train_images, cfg.blackbox, **common)
     surrogate_key = config_hash(classifier_key(cfg), "surrogate", cfg.blackbox, cfg.seed)
     samples = samples_for(prep, surrogate, surrogate_key, log)
     # Second round: the generated samples lie near the boundary, where the surrogate must match best.
-    distill_surrogate(blackbox, surrogate, torch.cat([prep.subset_images, *samples.as_images()]),
+    distill_surrogate(blackbox, surrogate, torch.cat([prep.train_images, *samples.as_images()]),
                       cfg.blackbox, **common)
     return surrogate, samples
 
@@ -287,53 +358,71 @@ def certify_model(model: nn.Module, prep: Prepared, label: str, indices: np.ndar
                            progress=lambda done, total, row: progress.update(done))
 
 
-def summarize(rows_by_method: dict[str, list[CertRow]], radii: tuple[float, ...], clean_accuracy: float
-              ) -> pd.DataFrame:
-    """Method x radius table of certified accuracy plus ACR; the classifier's clean accuracy as a reference."""
+def epochs_text(cfg: ExperimentConfig, method: str) -> str:
+    """Epochs `method` trained, stage by stage ("15+5" for DE-CROP with stage 2); "" for no denoiser."""
+    return "" if method == NO_DENOISER else "+".join(map(str, cfg.stage_epochs(method.removeprefix("test_"))))
+
+
+def summarize(rows_by_method: dict[str, list[CertRow]], cfg: ExperimentConfig, clean_accuracy: float,
+              epochs: dict[str, str] | None = None) -> pd.DataFrame:
+    """Method x radius table of certified accuracy plus ACR and the epochs each method trained (`epochs_text`
+    under `cfg`, unless `epochs` gives a label's own); the classifier's clean accuracy as a reference."""
+    radii, epochs = cfg.certify.radii, epochs or {}
     records = [{"method": "classifier (clean, no noise)", **{f"r={r:.2f}": np.nan for r in radii},
-                "ACR": np.nan, "clean_acc": clean_accuracy}]
+                "ACR": np.nan, "epochs": "", "clean_acc": clean_accuracy}]
     for method, rows in rows_by_method.items():
         acc = certified_accuracy(rows, radii)
         records.append({"method": method, **{f"r={r:.2f}": acc[r] for r in radii},
-                        "ACR": average_certified_radius(rows), "clean_acc": np.nan})
+                        "ACR": average_certified_radius(rows), "epochs": epochs.get(method, epochs_text(cfg, method)),
+                        "clean_acc": np.nan})
     return pd.DataFrame.from_records(records).set_index("method")
 
 
 def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, log: Log = print) -> pd.DataFrame:
-    """Train and certify every method of `cfg` on one subset; write everything to `out_dir`; return the table."""
+    """Train and certify every method of `cfg` on one subset; write everything to `out_dir`; return the table.
+
+    Everything is written into a private folder beside `out_dir` that is renamed to `out_dir` only when the run
+    has finished: a failed or interrupted run leaves no folder that looks finished, and an existing `out_dir`
+    is never modified (FileExistsError before any compute)."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(to_yaml(cfg))
+    if out.exists():
+        raise FileExistsError(f"output folder {out} already exists; choose a new --out (finished results are "
+                              f"never overwritten)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    (work / "config.yaml").write_text(to_yaml(cfg))
     started = time.perf_counter()
     prep = prepare(cfg, log)
-    save_indices(out / "subset_indices.json", prep.subset_indices, dataset=cfg.data.dataset,
-                 percent=cfg.data.percent, seed=cfg.seed)
+    save_indices(work / "train_indices.json", prep.train_indices, dataset=cfg.data.dataset,
+                 percent=cfg.data.percent, seed=cfg.seed, val_source=cfg.data.val_source)
 
     rows_by_method: dict[str, list[CertRow]] = {}
     report: dict[str, dict] = {}
     for method in (NO_DENOISER, *cfg.methods):
         denoiser = None
         if method != NO_DENOISER:
-            log(f"[{method}] training {cfg.denoiser.arch} on {len(prep.subset_labels)} images, "
-                f"{cfg.train.epochs} epochs")
+            total = sum(cfg.stage_epochs(method))
+            log(f"[{method}] training {cfg.denoiser.arch} on {len(prep.train_labels)} images, "
+                f"{epochs_text(cfg, method)} epochs")
             tic = time.perf_counter()
-            denoiser, result = train_method(method, prep, PrintSink(f"[{method}] ", total=cfg.train.epochs), log)
+            denoiser, result = train_method(method, prep, PrintSink(f"[{method}] ", total=total), log)
             prep.timings[f"train_{method}"] = time.perf_counter() - tic
-            save_checkpoint(out / f"denoiser_{method}.pt", denoiser,
+            save_checkpoint(work / f"denoiser_{method}.pt", denoiser,
                             {"kind": "denoiser", "method": method, "arch": cfg.denoiser.arch,
                              "key": config_hash(cfg.denoiser), "dataset": cfg.data.dataset, "sigma": cfg.sigma})
-            report[method] = {"final": result.final}
+            report[method] = {"final": result.final, "epochs": list(cfg.stage_epochs(method))}
         tic = time.perf_counter()
         rows = certify_model(smoothed_model(prep.classifier, denoiser, cfg.certify.fold_bn), prep, method, log=log)
         prep.timings[f"certify_{method}"] = time.perf_counter() - tic
-        write_rows(rows, out / f"certify_{method}.tsv")
+        write_rows(rows, work / f"certify_{method}.tsv")
         rows_by_method[method] = rows
 
-    table = summarize(rows_by_method, cfg.certify.radii, prep.clean_accuracy)
-    table.to_csv(out / "summary.csv")
+    table = summarize(rows_by_method, cfg, prep.clean_accuracy)
+    table.to_csv(work / "summary.csv")
     prep.timings["total"] = time.perf_counter() - started
-    (out / "run.json").write_text(json.dumps({"clean_accuracy": prep.clean_accuracy, "timings": prep.timings,
-                                              "methods": report}, indent=2))
+    (work / "run.json").write_text(json.dumps({"clean_accuracy": prep.clean_accuracy, "budget": prep.budget,
+                                               "timings": prep.timings, "methods": report}, indent=2))
+    work.rename(out)
     return table
 
 
@@ -341,6 +430,8 @@ def format_table(table: pd.DataFrame) -> str:
     """The table as text, percentages with one decimal, blanks for what does not apply."""
     shown = table.copy()
     for col in shown.columns:
+        if col == "epochs":
+            continue
         scale = 1 if col == "ACR" else 100
         shown[col] = [("" if pd.isna(v) else f"{v * scale:.1f}" if scale == 100 else f"{v:.3f}")
                       for v in table[col]]

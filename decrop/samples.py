@@ -2,8 +2,9 @@
 
 For every limited-data image `x` the method makes a boundary sample `x_b` (an attack, `decrop.attacks`) and
 `n_interp` interpolated samples `x_int` between them: inputs whose logits match
-``t = alpha f(x) + (1 - alpha) f(x_b)``. They are found by optimising the input with Adam (the paper's intent;
-the released code takes a single 0.001 step by accident). Sample j > 0 starts from ``x + U(-eps, eps)`` so the
+``t = mixing f(x) + (1 - mixing) f(x_b)`` (`mixing` is the paper's alpha, named apart from the certificate's
+failure probability). They are found by optimising the input with Adam (the paper's intent; the released code
+takes a single 0.001 step by accident). Sample j > 0 starts from ``x + U(-eps, eps)`` so the
 samples differ; sample 0 starts from ``x`` itself.
 
 Generation is deterministic given the seed and is cached (``cache_dir/samples/<hash>.pt``) per classifier,
@@ -35,16 +36,16 @@ class GeneratedSamples:
         return (self.boundary, *self.interpolated.unbind(0))
 
 
-def interpolate(model: nn.Module, x: Tensor, x_b: Tensor, *, alpha: float, n_interp: int = 1, steps: int = 50,
+def interpolate(model: nn.Module, x: Tensor, x_b: Tensor, *, mixing: float, n_interp: int = 1, steps: int = 50,
                 lr: float = 1e-2, eps: float = 8 / 255, generator: torch.Generator | None = None) -> Tensor:
     """Interpolated samples between `x` and `x_b` (both (B, C, H, W) in [0, 1]) in the classifier's logit space.
 
-    Minimises MSE(f(x_int), alpha f(x) + (1 - alpha) f(x_b)) over the input with Adam, clamping to [0, 1]
-    after each step. Returns (n_interp, B, C, H, W). The model is in eval mode throughout and left as found.
+    Minimises MSE(f(x_int), mixing f(x) + (1 - mixing) f(x_b)) over the input with Adam (`mixing` is the
+    paper's alpha), clamping to [0, 1] after each step. Returns (n_interp, B, C, H, W). The model is in eval mode throughout and left as found.
     """
     with _frozen_eval(model):
         with torch.no_grad():
-            target = alpha * model(x) + (1 - alpha) * model(x_b)
+            target = mixing * model(x) + (1 - mixing) * model(x_b)
         starts = [x] + [(x + (torch.rand(x.shape, generator=generator, device=x.device) * 2 - 1) * eps).clamp(0, 1)
                         for _ in range(n_interp - 1)]
         x_int = torch.cat(starts).clone().requires_grad_(True)
@@ -84,7 +85,7 @@ def generate_samples(model: nn.Module, images: Tensor, labels: Tensor, cfg: Decr
         boundary[idx] = x_b.cpu()
         for j in range(0, len(idx), batch_size):  # `none` is one batch for pairing, interpolate in chunks
             sl = slice(j, j + batch_size)
-            interpolated[:, idx[sl]] = interpolate(model, x[sl], x_b[sl], alpha=cfg.alpha, n_interp=cfg.n_interp,
+            interpolated[:, idx[sl]] = interpolate(model, x[sl], x_b[sl], mixing=cfg.mixing, n_interp=cfg.n_interp,
                                                    steps=cfg.interp_steps, lr=cfg.interp_lr, eps=cfg.eps,
                                                    generator=generator).cpu()
         if log:
@@ -95,7 +96,7 @@ def generate_samples(model: nn.Module, images: Tensor, labels: Tensor, cfg: Decr
 
 def sample_settings(cfg: DecropConfig) -> dict:
     """The fields of `cfg` that change the generated samples (the cache key), nothing else."""
-    keys = ("attack", "eps", "attack_steps", "attack_step_size", "alpha", "n_interp", "interp_steps", "interp_lr")
+    keys = ("attack", "eps", "attack_steps", "attack_step_size", "mixing", "n_interp", "interp_steps", "interp_lr")
     return {k: getattr(cfg, k) for k in keys}
 
 

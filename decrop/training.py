@@ -1,10 +1,12 @@
 """The denoiser training loop: one loop, pluggable objectives, the paper's Adam-then-SGD schedule.
 
-``train_denoiser`` runs epochs over a DataLoader, asks the objective for a loss, steps the optimiser chosen by
-`AdamThenSGD` for that epoch, measures the validation metric and reports both through a `MetricSink`. The
-classifier stays frozen: gradients off, eval mode (BatchNorm statistics untouched), restored afterwards.
-The loop knows nothing of Ray or MLflow; `tuning/` passes a DDP-wrapped denoiser, a distributed sampler's
-loader, its own sink and an ``on_epoch_end`` hook that checkpoints.
+``train_denoiser`` runs the epochs of one training stage over a DataLoader, asks the objective for a loss,
+steps the optimiser chosen by `AdamThenSGD` for that epoch, measures the validation metric and reports both
+through a `MetricSink`. Each stage has a schedule of its own (DE-CROP's stage 2 restarts Adam-then-SGD, as the
+released code's second script does). The classifier stays frozen: gradients off, eval mode (BatchNorm
+statistics untouched), restored afterwards. The loop knows nothing of Ray or MLflow; `tuning/` passes a
+DDP-wrapped denoiser, its own sink and an ``on_epoch_end`` hook that checkpoints; every worker iterates the same
+global batches (`decrop.distributed`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from torch.utils.data import DataLoader
 from .config import TrainConfig
 from .metrics import MetricSink
 from .objectives import Objective
+from .runtime import eval_mode
 
 
 class AdamThenSGD:
@@ -72,22 +75,20 @@ class AdamThenSGD:
 @torch.no_grad()
 def agreement(denoiser: nn.Module, classifier: nn.Module, images: Tensor, sigma: float, seed: int,
               batch_size: int = 500) -> float:
-    """Validation metric: fraction of images with argmax f(D(x + delta)) == argmax f(x).
+    """Validation metric: fraction of images with argmax f(D(x + delta)) == argmax f(x), read no label.
 
     `images` (N, C, H, W) in [0, 1]. The noise is drawn from a generator seeded with `seed`, so every epoch
     sees the same draws and the curve moves only because the denoiser does. Runs both models in eval mode
     and restores their modes.
     """
-    modes = denoiser.training, classifier.training
-    denoiser.eval(), classifier.eval()
     device = images.device
     generator = torch.Generator(device=device).manual_seed(seed)
     agree = 0
-    for start in range(0, len(images), batch_size):
-        x = images[start:start + batch_size]
-        noise = torch.randn(x.shape, generator=generator, device=device) * sigma
-        agree += (classifier(denoiser(x + noise)).argmax(1) == classifier(x).argmax(1)).sum().item()
-    denoiser.train(modes[0]), classifier.train(modes[1])
+    with eval_mode(denoiser, classifier):
+        for start in range(0, len(images), batch_size):
+            x = images[start:start + batch_size]
+            noise = torch.randn(x.shape, generator=generator, device=device) * sigma
+            agree += (classifier(denoiser(x + noise)).argmax(1) == classifier(x).argmax(1)).sum().item()
     return agree / max(len(images), 1)
 
 
@@ -101,63 +102,53 @@ class TrainResult:
 
 
 def train_denoiser(denoiser: nn.Module, classifier: nn.Module, loader: DataLoader, objective: Objective,
-                   cfg: TrainConfig, *, val_images: Tensor, sigma: float, seed: int,
+                   cfg: TrainConfig, *, epochs: int, val_images: Tensor, sigma: float, seed: int,
                    sink: MetricSink | None = None, schedule: AdamThenSGD | None = None, start_epoch: int = 0,
-                   stage_start: int | None = None, on_epoch_end: Callable[[int, AdamThenSGD, dict[str, float]], None] | None = None,
+                   epoch_offset: int = 0,
+                   on_epoch_end: Callable[[int, AdamThenSGD, dict[str, float]], None] | None = None,
                    ) -> TrainResult:
-    """Train `denoiser` in front of the frozen `classifier` for ``cfg.epochs`` epochs.
+    """Train `denoiser` in front of the frozen `classifier` for the `epochs` of one stage.
 
-    `loader` yields ``(images_tuple, labels)`` (see `decrop.data.AugmentedTensorDataset`); images are moved to
-    the device of `val_images`. Every epoch reports ``train/loss``, ``train/<part>`` for each part the
-    objective returns, ``train/lr``, ``train/epoch_time`` and ``val/agreement`` to `sink` at step = epoch + 1.
-    To resume, pass the restored `schedule` and `start_epoch`; `stage_start` (default `start_epoch`) is where
-    the objective's progress p = 0 lies, so a resumed stage continues its schedule instead of restarting it. `on_epoch_end(epoch, schedule, metrics)` runs
-    after each epoch (checkpointing). Leaves the denoiser in eval mode.
+    `loader` yields ``(images_tuple, labels)`` global batches (see `decrop.data.AugmentedTensorDataset`); images
+    are moved to the device of `val_images`. Before every step the objective learns the stage's progress
+    p = steps done / steps of the stage. Every epoch reports ``train/loss``, ``train/<part>`` for each part the
+    objective returns, ``train/lr``, ``train/epoch_time`` and ``val/agreement`` to `sink` at step
+    ``epoch_offset + epoch + 1`` (epochs are counted over all stages). To resume, pass the stage's restored
+    `schedule` and `start_epoch` (epochs of this stage already done). ``on_epoch_end(epoch, schedule, metrics)``
+    runs after each epoch with the epoch counted over all stages (checkpointing). The classifier is frozen (eval
+    mode, no gradients) throughout and restored afterwards; the denoiser is left in eval mode.
     """
     device = val_images.device
     schedule = schedule or AdamThenSGD(denoiser.parameters(), cfg)
-    stage_start = start_epoch if stage_start is None else stage_start
-    frozen = [(p, p.requires_grad) for p in classifier.parameters()]
-    classifier_mode = classifier.training
-    classifier.requires_grad_(False)
-    classifier.eval()
+    steps = len(loader)
     result = TrainResult()
-    try:
-        for epoch in range(start_epoch, cfg.epochs):
+    with eval_mode(classifier, frozen=True):
+        for epoch in range(start_epoch, epochs):
             tic = time.perf_counter()
             optimizer = schedule.for_epoch(epoch)
-            if hasattr(objective, "set_progress"):  # p runs from 0 at the stage's first epoch to 1 at its last
-                objective.set_progress((epoch - stage_start) / max(cfg.epochs - stage_start - 1, 1))
-            if hasattr(loader.sampler, "set_epoch"):  # DistributedSampler reshuffles per epoch
-                loader.sampler.set_epoch(epoch)
             denoiser.train()
             sums: dict[str, float] = {}
             seen = 0
-            for images, labels in loader:
+            for step, (images, labels) in enumerate(loader):
+                objective.set_progress((epoch * steps + step) / (epochs * steps))
                 images = tuple(im.to(device, non_blocking=True) for im in images)
                 labels = labels.to(device, non_blocking=True)
                 loss, parts = objective(denoiser, classifier, images, labels)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                if hasattr(objective, "after_backward"):
-                    objective.after_backward()
+                objective.after_backward()
                 optimizer.step()
-                size = len(labels)
-                seen += size
-                for key, value in {"loss": loss.item(), **parts}.items():
-                    sums[key] = sums.get(key, 0.0) + value * size
+                seen += len(labels)
+                for key, value in parts.items():
+                    sums[key] = sums.get(key, 0.0) + value * len(labels)
             metrics = {f"train/{k}": v / max(seen, 1) for k, v in sums.items()}
             metrics["train/lr"] = optimizer.param_groups[0]["lr"]
             metrics["train/epoch_time"] = time.perf_counter() - tic
             metrics["val/agreement"] = agreement(denoiser, classifier, val_images, sigma, seed)
-            result.history.append({"epoch": epoch + 1, **metrics})
+            result.history.append({"epoch": epoch_offset + epoch + 1, **metrics})
             if sink is not None:
-                sink.log_metrics(metrics, step=epoch + 1)
+                sink.log_metrics(metrics, step=epoch_offset + epoch + 1)
             if on_epoch_end is not None:
-                on_epoch_end(epoch, schedule, metrics)
-    finally:
-        for p, flag in frozen:
-            p.requires_grad_(flag)
-        classifier.train(classifier_mode)
+                on_epoch_end(epoch_offset + epoch, schedule, metrics)
     denoiser.eval()
     return result

@@ -1,10 +1,12 @@
 """The run command end to end on tiny settings, and its error paths (which must fail before any compute)."""
 
 import os
+import json
 import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from decrop.certify import read_rows
@@ -43,9 +45,25 @@ def test_run_writes_rows_config_and_table(tiny_run, capsys):
     assert cfg.train.epochs == 2 and cfg.data.test_every == 1000
     assert cfg.methods == ("baseline", "decrop", "decrop_blackbox")  # --blackbox appended the variant
     assert all((out / f"denoiser_{m}.pt").exists() for m in cfg.methods)
-    assert (out / "subset_indices.json").exists()
-    summary = (out / "summary.csv").read_text()
-    assert all(m in summary for m in ("classifier", "none", "baseline", "decrop", "decrop_blackbox"))
+    assert (out / "train_indices.json").exists()
+    summary = pd.read_csv(out / "summary.csv", index_col="method", keep_default_na=False)
+    assert set(summary.index) == {"classifier (clean, no noise)", "none", "baseline", "decrop", "decrop_blackbox"}
+    # every table says how long each method trained: the baseline the same total as DE-CROP's two stages
+    assert summary.loc["baseline", "epochs"] == "3" and summary.loc["decrop", "epochs"] == "2+1"
+    budget = json.loads((out / "run.json").read_text())["budget"]
+    assert budget["train_images"] == 600 and budget["val_images"] == 50 and budget["labels_outside"] == 0
+    assert budget["val_source"] == "unlabeled"
+    assert not list(tmp.glob(".out.partial-*"))  # the run was written aside and moved into place
+
+
+def test_a_finished_output_folder_is_never_touched(tiny_run, capsys):
+    tmp, args = tiny_run
+    out = tmp / "out"
+    before = {f.name: (f.stat().st_mtime_ns, f.read_bytes()) for f in out.iterdir()}
+    assert main(args) == 2  # the same --out again
+    err = capsys.readouterr().err
+    assert "already exists" in err and "--out" in err
+    assert {f.name: (f.stat().st_mtime_ns, f.read_bytes()) for f in out.iterdir()} == before
 
 
 def test_second_run_reuses_the_cached_classifier(tiny_run, capsys):

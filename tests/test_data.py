@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
+from torchvision.transforms import v2
 
 from decrop import data
 from decrop.data import (
@@ -25,6 +26,7 @@ from decrop.data import (
     save_indices,
     stratified_subset,
     test_indices,
+    unlabeled_indices,
     validation_indices,
 )
 
@@ -235,6 +237,17 @@ def test_validation_indices_disjoint_and_stratified():
         validation_indices(labels, train, size=901, seed=0)
 
 
+def test_unlabeled_indices_read_no_label_and_avoid_the_subset():
+    subset = np.arange(0, 1000, 10)
+    val = unlabeled_indices(1000, exclude=subset, size=300, seed=3)  # the signature takes no labels at all
+    assert len(val) == 300 and len(np.unique(val)) == 300 and np.all(np.diff(val) > 0)
+    assert not set(val) & set(subset) and val.max() < 1000
+    assert np.array_equal(val, unlabeled_indices(1000, subset, 300, seed=3))
+    assert not np.array_equal(val, unlabeled_indices(1000, subset, 300, seed=4))
+    with pytest.raises(ValueError, match="only 900"):
+        unlabeled_indices(1000, subset, size=901, seed=0)
+
+
 def test_test_indices():
     idx = test_indices(10000, every=20)
     assert len(idx) == 500 and idx[:3].tolist() == [0, 20, 40] and idx[-1] == 9980
@@ -280,6 +293,38 @@ def test_augmentation_same_transform_for_all_images():
         augmentation_policy(4, 28)
 
 
+def _flip_frequencies(transform, x: torch.Tensor, draws: int) -> dict[str, float]:
+    """How often `transform`'s output equals x, its horizontal mirror, its vertical mirror, or both mirrors."""
+    from torchvision.tv_tensors import Image
+
+    targets = {"none": x, "h": x.flip(-1), "v": x.flip(-2), "hv": x.flip(-1).flip(-2)}
+    counts = dict.fromkeys(targets, 0)
+    for _ in range(draws):
+        out = transform(Image(x)).as_subclass(torch.Tensor)
+        for name, target in targets.items():
+            counts[name] += torch.equal(out, target)
+    return {name: c / draws for name, c in counts.items()}
+
+
+def test_flips_apply_half_the_time():
+    """The supplementary: random horizontal / vertical flip 'with probability 0.5'. Policy 2 picks one of four
+    transforms and a picked flip applies half the time, so the output is exactly the horizontal (vertical)
+    mirror 1/8 of the time; under policy 3 both flips run in sequence, each half the time, independently."""
+    torch.manual_seed(0)
+    x = torch.rand(1, 16, 16)
+    draws = 4000
+    tol = 4 * (0.125 * 0.875 / draws) ** 0.5  # 4 standard errors of a frequency near 1/8
+    freq = _flip_frequencies(augmentation_policy(2, 16), x, draws)
+    assert abs(freq["h"] - 0.125) < tol and abs(freq["v"] - 0.125) < tol
+    assert freq["hv"] == 0  # policy 2 applies one transform, never both flips
+    policy3 = augmentation_policy(3, 16)
+    flips = v2.Compose(policy3.transforms[:2])  # the flips of policy 3, before its crop and affine
+    assert [type(t) for t in flips.transforms] == [v2.RandomHorizontalFlip, v2.RandomVerticalFlip]
+    freq = _flip_frequencies(flips, x, draws)
+    tol = 4 * (0.25 * 0.75 / draws) ** 0.5
+    assert all(abs(freq[k] - 0.25) < tol for k in ("none", "h", "v", "hv")), freq
+
+
 def test_augmented_tensor_dataset():
     x = torch.rand(6, 3, 32, 32)
     labels = torch.arange(6)
@@ -290,7 +335,6 @@ def test_augmented_tensor_dataset():
         assert y == i and a.shape == (3, 32, 32) and type(a) is torch.Tensor
         # Same flips/crop/affine (nearest interpolation, zero fill) on each: the relation between inputs survives.
         assert torch.equal(a, b) and torch.equal(c, 0.5 * a)
-        assert not torch.equal(a, x[i])  # both flips always apply under policy 3
     (only,), y = AugmentedTensorDataset([x], labels)[2]
     assert torch.equal(only, x[2]) and y == 2
     batch, ys = next(iter(DataLoader(ds, batch_size=4)))

@@ -18,12 +18,12 @@ from decrop.data import AugmentedTensorDataset
 from decrop.losses import beta_schedule
 from decrop.metrics import MemorySink
 from decrop.models import DomainDiscriminator, create_model
-from decrop.objectives import DecropObjective
+from decrop.objectives import BaseObjective, DecropObjective
 from decrop.training import AdamThenSGD, train_denoiser
 from conftest import quadrant_images  # tests/conftest.py: shared toy data
 
 NUM_CLASSES, SIZE, SIGMA = 4, 8, 0.25
-PARTS = {"loss_lc", "loss_cs_b", "loss_cs_int", "loss_mmd_b", "loss_mmd_int"}
+PARTS = {"loss", "loss_lc", "loss_cs_b", "loss_cs_int", "loss_mmd_b", "loss_mmd_int"}
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -88,6 +88,7 @@ def test_objective_returns_finite_loss_and_the_weighted_sum_of_its_parts(n_inter
     expected = (parts["loss_lc"] + 2 * (parts["loss_cs_b"] + parts["loss_cs_int"])
                 + 3 * (parts["loss_mmd_b"] + parts["loss_mmd_int"]))
     assert loss.item() == pytest.approx(expected, rel=1e-5)
+    assert parts["loss"] == pytest.approx(expected, rel=1e-5)
 
 
 def test_objective_with_discriminator_adds_the_domain_loss_and_beta():
@@ -224,7 +225,7 @@ def test_after_backward_does_not_accumulate_old_discriminator_gradients():
 
 # ------------------------------------------------------------------------------------------ training hooks
 
-class Recording:
+class Recording(BaseObjective):
     """Wraps an objective, forwarding its hooks and recording progress values and the first call's weights."""
 
     name = "recording"
@@ -242,6 +243,9 @@ class Recording:
     def after_backward(self) -> None:
         self.after_backward_calls += 1
         self.inner.after_backward()
+
+    def state_dict(self) -> dict:
+        return self.inner.state_dict()
 
     def __call__(self, denoiser, classifier, images, labels):
         if self.first_state is None:
@@ -266,68 +270,55 @@ def test_training_keeps_the_classifier_bit_identical_and_ramps_progress_from_0_t
     objective = Recording(DecropObjective(SIGMA, DecropConfig(), DomainDiscriminator(128)))
     cfg = TrainConfig(epochs=3, batch_size=8, adam_epochs=1, lr=1e-3)
     sink = MemorySink()
-    train_denoiser(denoiser, classifier, loader, objective, cfg, val_images=x, sigma=SIGMA, seed=0, sink=sink)
+    train_denoiser(denoiser, classifier, loader, objective, cfg, epochs=3, val_images=x, sigma=SIGMA, seed=0,
+                   sink=sink)
     for key, value in classifier.state_dict().items():  # weights and running statistics alike
         assert torch.equal(value, state[key]), key
     assert classifier.training and all(p.requires_grad for p in classifier.parameters())
-    assert objective.progress == [0.0, 0.5, 1.0]
-    assert objective.after_backward_calls == 3 * len(loader)
-    assert sink.series("train/beta") == pytest.approx([beta_schedule(p) for p in (0.0, 0.5, 1.0)])
+    # Ganin & Lempitsky's p per iteration: steps done / steps of the stage (2 steps per epoch, 3 epochs).
+    steps = 3 * len(loader)
+    assert objective.progress == pytest.approx([i / steps for i in range(steps)])
+    assert objective.after_backward_calls == steps
+    per_epoch = [sum(beta_schedule(i / steps) for i in range(e * 2, e * 2 + 2)) / 2 for e in range(3)]
+    assert sink.series("train/beta") == pytest.approx(per_epoch)  # the epoch's mean beta
+    assert sink.series("train/beta")[0] > 0  # the first epoch already ramps (not beta = 0 for all of it)
     assert {f"train/{p}" for p in PARTS | {"loss_dd"}} <= set(sink.history[0])
 
 
-def test_stage_two_continues_from_the_stage_one_weights_and_schedule():
-    """The two calls of `decrop.pipeline.run_stages` with `decrop_stages`: stage 1 for the first epochs, then stage 2 (with the
-    discriminator) from `start_epoch` on the same denoiser and the same `AdamThenSGD` schedule."""
+def test_stage_two_starts_from_the_stage_one_weights_with_a_schedule_of_its_own():
+    """Stage 2 is a run of its own (`decrop.pipeline.run_stages`): the stage-1 denoiser, a fresh Adam-then-SGD
+    schedule counted from its own first epoch (Adam with empty moments, the Adam learning rate again)."""
     classifier = _classifier(train_steps=10)
     state = {k: v.clone() for k, v in classifier.state_dict().items()}
     denoiser = _denoiser()
     loader, x = _loader()
-    train_cfg = TrainConfig(epochs=4, batch_size=8, adam_epochs=3, lr=1e-3)
-    stage1_end = 2
-    schedule = AdamThenSGD(denoiser.parameters(), train_cfg)
+    train_cfg = TrainConfig(epochs=3, batch_size=8, adam_epochs=2, lr=1e-3, lr_step=1)
+    common = dict(val_images=x, sigma=SIGMA, seed=0)
     initial = {k: v.clone() for k, v in denoiser.state_dict().items()}
-    common = dict(val_images=x, sigma=SIGMA, seed=0, schedule=schedule)
 
     stage1 = Recording(DecropObjective(SIGMA, DecropConfig()))
-    result1 = train_denoiser(denoiser, classifier, loader, stage1, dataclasses.replace(train_cfg, epochs=stage1_end),
-                             **common)
+    schedule1 = AdamThenSGD(denoiser.parameters(), train_cfg)
+    result1 = train_denoiser(denoiser, classifier, loader, stage1, train_cfg, epochs=3, schedule=schedule1, **common)
     after_stage1 = {k: v.clone() for k, v in denoiser.state_dict().items()}
-    adam = schedule.optimizer
     assert any(not torch.equal(after_stage1[k], initial[k]) for k in initial)  # stage 1 trained
+    assert isinstance(schedule1.optimizer, torch.optim.SGD)  # stage 1 ended in its SGD phase
 
     stage2 = Recording(DecropObjective(SIGMA, DecropConfig(), DomainDiscriminator(classifier.feature_dim)))
-    result2 = train_denoiser(denoiser, classifier, loader, stage2, train_cfg, start_epoch=stage1_end, **common)
+    schedule2 = AdamThenSGD(denoiser.parameters(), train_cfg)
+    result2 = train_denoiser(denoiser, classifier, loader, stage2, train_cfg, epochs=2, schedule=schedule2,
+                             epoch_offset=3, **common)
 
-    assert stage2.first_state is not None
     for key, value in after_stage1.items():
         assert torch.equal(stage2.first_state[key], value), key
     assert any(not torch.equal(denoiser.state_dict()[k], after_stage1[k]) for k in after_stage1)  # stage 2 trained
-    assert stage1.progress == [0.0, 1.0] and stage2.progress == [0.0, 1.0]
-    assert [row["epoch"] for row in result1.history + result2.history] == [1, 2, 3, 4]
-    # epoch 2 is still Adam (adam_epochs=3), the same instance with its moments; epoch 3 switches to SGD
-    assert isinstance(schedule.optimizer, torch.optim.SGD)
-    assert adam is not schedule.optimizer
-    assert result2.history[0]["train/lr"] == 1e-3
+    assert isinstance(schedule2.optimizer, torch.optim.Adam)  # restarted: Adam again, not stage 1's SGD
+    assert next(iter(schedule2.optimizer.state.values()))["step"].item() == 2 * len(loader)  # its own moments
+    assert [row["train/lr"] for row in result1.history] == pytest.approx([1e-3, 1e-3, 1e-3])
+    assert [row["train/lr"] for row in result2.history] == pytest.approx([1e-3, 1e-3])
+    assert [row["epoch"] for row in result1.history + result2.history] == [1, 2, 3, 4, 5]
+    assert stage2.progress[0] == 0.0  # beta's ramp starts at stage 2
     for key, value in classifier.state_dict().items():
         assert torch.equal(value, state[key]), key
-
-
-def test_stage_two_reuses_the_adam_state_of_stage_one():
-    classifier = _classifier()
-    denoiser = _denoiser()
-    loader, x = _loader()
-    train_cfg = TrainConfig(epochs=3, batch_size=8, adam_epochs=10, lr=1e-3)
-    schedule = AdamThenSGD(denoiser.parameters(), train_cfg)
-    common = dict(val_images=x, sigma=SIGMA, seed=0, schedule=schedule)
-    train_denoiser(denoiser, classifier, loader, DecropObjective(SIGMA, DecropConfig()),
-                   dataclasses.replace(train_cfg, epochs=2), **common)
-    adam = schedule.optimizer
-    steps_stage1 = next(iter(adam.state.values()))["step"].item()
-    train_denoiser(denoiser, classifier, loader, DecropObjective(SIGMA, DecropConfig(), DomainDiscriminator(128)),
-                   train_cfg, start_epoch=2, **common)
-    assert schedule.optimizer is adam
-    assert next(iter(adam.state.values()))["step"].item() == steps_stage1 + len(loader)
 
 
 # ------------------------------------------------------------------------------------------------ black box

@@ -9,42 +9,42 @@ from torch.utils.data import TensorDataset
 from decrop.config import load_config
 from decrop.data import dataset_info
 from decrop.models import create_model
-from decrop.pipeline import Prepared, TrainHooks, decrop_stages, run_stages
+from decrop.pipeline import Prepared, TrainHooks, method_stages, run_stages
 from decrop.samples import generate_samples
 
 
 @pytest.fixture(scope="module")
 def prep():
     torch.manual_seed(0)
-    cfg = load_config(None, ["data.augment=2", "train.epochs=4", "train.adam_epochs=2", "train.batch_size=8",
+    cfg = load_config(None, ["data.augment=2", "train.epochs=2", "train.adam_epochs=1", "train.batch_size=8",
                              "denoiser.depth=3", "denoiser.width=4", "decrop.stage2_epochs=2",
                              "decrop.attack_steps=2", "decrop.interp_steps=2"])
     classifier = create_model("small_cnn", in_channels=1, num_classes=10).eval()
     images, labels = torch.rand(24, 1, 28, 28), torch.arange(24) % 10
     return Prepared(cfg=cfg, device=torch.device("cpu"), info=dataset_info("fashion_mnist"),
-                    classifier=classifier, subset_images=images, subset_labels=labels,
-                    subset_indices=np.arange(24), val_images=torch.rand(8, 1, 28, 28), val_labels=labels[:8],
+                    classifier=classifier, train_images=images, train_labels=labels, train_indices=np.arange(24),
+                    val_images=torch.rand(8, 1, 28, 28), val_targets=labels[:8], val_indices=np.arange(24, 32),
                     test_set=TensorDataset(images, labels), test_indices=np.arange(4), clean_accuracy=0.0)
 
 
 def _decrop_images(prep):
-    samples = generate_samples(prep.classifier, prep.subset_images, prep.subset_labels, prep.cfg.decrop, seed=0)
-    return (prep.subset_images, *samples.as_images())
+    samples = generate_samples(prep.classifier, prep.train_images, prep.train_labels, prep.cfg.decrop, seed=0)
+    return (prep.train_images, *samples.as_images())
 
 
-@pytest.mark.parametrize("stop_after", [1, 2])  # inside stage 1, and exactly at the stage boundary
+@pytest.mark.parametrize("stop_after", [1, 2, 3])  # inside stage 1, exactly at the stage boundary, in stage 2
 def test_resumed_run_equals_the_uninterrupted_one(prep, stop_after):
     images = _decrop_images(prep)
-    straight, _ = run_stages(prep, prep.classifier, images, decrop_stages(prep, prep.classifier))
+    straight, _ = run_stages(prep, prep.classifier, images, method_stages("decrop", prep, prep.classifier))
 
     saved = {}
 
     def keep(epoch, metrics, state):
         if epoch + 1 == stop_after:
             saved.update(state())
-    run_stages(prep, prep.classifier, images, decrop_stages(prep, prep.classifier), hooks=TrainHooks(on_epoch_end=keep))
+    run_stages(prep, prep.classifier, images, method_stages("decrop", prep, prep.classifier), hooks=TrainHooks(on_epoch_end=keep))
     assert saved["epoch"] == stop_after
-    resumed, result = run_stages(prep, prep.classifier, images, decrop_stages(prep, prep.classifier),
+    resumed, result = run_stages(prep, prep.classifier, images, method_stages("decrop", prep, prep.classifier),
                                  hooks=TrainHooks(resume=saved))
     assert [row["epoch"] for row in result.history] == list(range(stop_after + 1, 5))
     for key, value in straight.state_dict().items():
@@ -53,12 +53,12 @@ def test_resumed_run_equals_the_uninterrupted_one(prep, stop_after):
 
 def test_resume_inside_stage_two_restores_the_discriminator_and_its_ramp(prep):
     images = _decrop_images(prep)
-    straight, full = run_stages(prep, prep.classifier, images, decrop_stages(prep, prep.classifier))
+    straight, full = run_stages(prep, prep.classifier, images, method_stages("decrop", prep, prep.classifier))
     saved = {}
-    run_stages(prep, prep.classifier, images, decrop_stages(prep, prep.classifier),
+    run_stages(prep, prep.classifier, images, method_stages("decrop", prep, prep.classifier),
                hooks=TrainHooks(on_epoch_end=lambda e, m, state: saved.update(state()) if e == 2 else None))
     assert saved["objective"]["discriminator"]  # stage 2's discriminator is in the checkpoint
-    resumed, result = run_stages(prep, prep.classifier, images, decrop_stages(prep, prep.classifier),
+    resumed, result = run_stages(prep, prep.classifier, images, method_stages("decrop", prep, prep.classifier),
                                  hooks=TrainHooks(resume=saved))
     assert result.history[-1]["train/beta"] == full.history[-1]["train/beta"]  # p continues, not restarts
     for key, value in straight.state_dict().items():

@@ -49,10 +49,10 @@ def pair(model):
     return x, x_b
 
 
-def _target_mse(model, x_int, x, x_b, alpha):
-    """Per-sample MSE (B,) between f(x_int) and alpha f(x) + (1 - alpha) f(x_b)."""
+def _target_mse(model, x_int, x, x_b, mixing):
+    """Per-sample MSE (B,) between f(x_int) and mixing f(x) + (1 - mixing) f(x_b)."""
     with torch.no_grad():
-        target = alpha * model(x) + (1 - alpha) * model(x_b)
+        target = mixing * model(x) + (1 - mixing) * model(x_b)
         return (model(x_int) - target).pow(2).mean(dim=1)
 
 
@@ -61,31 +61,31 @@ def _target_mse(model, x_int, x, x_b, alpha):
 @pytest.mark.parametrize("n_interp", [1, 2, 5])
 def test_interpolate_shape_range_and_moves_towards_the_mixed_logits(n_interp, model, pair):
     x, x_b = pair
-    alpha = 0.5
-    x_int = interpolate(model, x, x_b, alpha=alpha, n_interp=n_interp, steps=30, lr=1e-2,
+    mixing = 0.5
+    x_int = interpolate(model, x, x_b, mixing=mixing, n_interp=n_interp, steps=30, lr=1e-2,
                         generator=torch.Generator().manual_seed(0))
     assert x_int.shape == (n_interp, *x.shape)
     assert x_int.min() >= 0 and x_int.max() <= 1
     assert not x_int.requires_grad
-    start = _target_mse(model, x, x, x_b, alpha).mean()
+    start = _target_mse(model, x, x, x_b, mixing).mean()
     assert start > 0.01  # the test is meaningful only if x is not already at the target
     for j in range(n_interp):
-        end = _target_mse(model, x_int[j], x, x_b, alpha).mean()
+        end = _target_mse(model, x_int[j], x, x_b, mixing).mean()
         assert end < 0.5 * start, (j, end.item(), start.item())
 
 
 def test_interpolated_samples_are_distinct(model, pair):
     x, x_b = pair
-    x_int = interpolate(model, x, x_b, alpha=0.8, n_interp=5, steps=5, generator=torch.Generator().manual_seed(0))
+    x_int = interpolate(model, x, x_b, mixing=0.8, n_interp=5, steps=5, generator=torch.Generator().manual_seed(0))
     for i in range(5):
         for j in range(i + 1, 5):
             assert (x_int[i] - x_int[j]).abs().max() > 1e-3, (i, j)
 
 
 def test_interpolate_with_alpha_one_targets_the_clean_logits(model, pair):
-    """alpha = 1: the target is f(x) and the search starts at x, so sample 0 barely moves."""
+    """mixing = 1: the target is f(x) and the search starts at x, so sample 0 barely moves."""
     x, x_b = pair
-    x_int = interpolate(model, x, x_b, alpha=1.0, n_interp=1, steps=10)
+    x_int = interpolate(model, x, x_b, mixing=1.0, n_interp=1, steps=10)
     assert _target_mse(model, x_int[0], x, x_b, 1.0).mean() < 1e-3
 
 
@@ -95,7 +95,7 @@ def test_interpolate_restores_model_mode_and_leaves_no_gradients(train_mode, mod
     state = {k: v.clone() for k, v in model.state_dict().items()}
     model.train(train_mode)
     try:
-        interpolate(model, x, x_b, alpha=0.5, n_interp=2, steps=3, generator=torch.Generator().manual_seed(0))
+        interpolate(model, x, x_b, mixing=0.5, n_interp=2, steps=3, generator=torch.Generator().manual_seed(0))
         assert model.training == train_mode
         assert all(p.grad is None for p in model.parameters())
         assert all(p.requires_grad for p in model.parameters())
@@ -109,7 +109,7 @@ def test_interpolate_is_reproducible_for_a_seed(model, pair):
     x, x_b = pair
 
     def run(seed):
-        return interpolate(model, x, x_b, alpha=0.5, n_interp=2, steps=3,
+        return interpolate(model, x, x_b, mixing=0.5, n_interp=2, steps=3,
                            generator=torch.Generator().manual_seed(seed))
 
     assert torch.equal(run(3), run(3))
@@ -119,7 +119,7 @@ def test_interpolate_is_reproducible_for_a_seed(model, pair):
 # ------------------------------------------------------------------------------------------ generate_samples
 
 _CFG = DecropConfig(attack="pgd", eps=16 / 255, attack_steps=3, attack_step_size=4 / 255, n_interp=2,
-                    interp_steps=4, alpha=0.5)
+                    interp_steps=4, mixing=0.5)
 
 
 def test_generate_samples_shapes_ranges_and_budget(model):

@@ -62,8 +62,8 @@ def test_loop_trains_reports_and_leaves_the_classifier_untouched():
     denoiser = _Denoiser()
     sink = MemorySink()
     cfg = TrainConfig(epochs=4, adam_epochs=2, lr=0.05)
-    result = train_denoiser(denoiser, classifier, loader, MSEObjective(0.1), cfg, val_images=x, sigma=0.1,
-                            seed=0, sink=sink)
+    result = train_denoiser(denoiser, classifier, loader, MSEObjective(0.1), cfg, epochs=4, val_images=x,
+                            sigma=0.1, seed=0, sink=sink)
     assert [row["step"] for row in sink.history] == [1, 2, 3, 4]
     assert {"train/loss", "train/loss_mse", "train/lr", "val/agreement"} <= set(sink.history[0])
     assert sink.series("train/loss")[-1] < sink.series("train/loss")[0]  # MSE pulls scale towards 1

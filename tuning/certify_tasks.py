@@ -13,7 +13,6 @@ from typing import Any, Mapping
 import numpy as np
 import ray
 import torch
-from torch.utils.data import TensorDataset
 
 from decrop.certify import CertRow, certify_indices, merge_rows
 from decrop.config import from_flat
@@ -28,8 +27,9 @@ def _quiet(_: str) -> None:
 @ray.remote(num_cpus=1)
 def certify_shard(flat_config: Mapping[str, Any], denoiser_state: Mapping[str, torch.Tensor] | None, split: str,
                   indices: list[int]) -> list[CertRow]:
-    """Certify images `indices` of `split` ("val": the validation set, "test": the test split) with the
-    classifier behind the denoiser `denoiser_state` (None: the classifier alone)."""
+    """Certify images `indices` (dataset indices) of `split` with the classifier behind the denoiser
+    `denoiser_state` (None: the classifier alone). "val": validation images of the training split, whose target
+    is the classifier's own prediction (no label is read); "test": the test split with its labels."""
     cfg = from_flat(flat_config)
     tune_allocator()
     torch.set_num_threads(1)  # one CPU per task: parallelism comes from the shards
@@ -39,7 +39,7 @@ def certify_shard(flat_config: Mapping[str, Any], denoiser_state: Mapping[str, t
         denoiser = build_denoiser(cfg.denoiser, prep.info.channels).to(prep.device)
         denoiser.load_state_dict(denoiser_state)
     model = smoothed_model(prep.classifier, denoiser, cfg.certify.fold_bn)
-    dataset = TensorDataset(prep.val_images.cpu(), prep.val_labels) if split == "val" else prep.test_set
+    dataset = prep.val_dataset() if split == "val" else prep.test_set
     c = cfg.certify
     return certify_indices(model, dataset, indices, num_classes=prep.info.num_classes, sigma=cfg.sigma, n0=c.n0,
                            n=c.n, alpha=c.alpha, batch_size=c.batch_size, seed=cfg.seed, device=prep.device,
@@ -50,7 +50,8 @@ def certify_parallel(flat_config: Mapping[str, Any], denoisers: Mapping[str, Map
                      split: str, indices: list[int], num_shards: int, gpus_per_task: float = 0
                      ) -> dict[str, list[CertRow]]:
     """Certify several denoisers (label -> state, None for no denoiser) on images `indices` of `split`
-    (``Prepared.test_indices`` for "test", ``range(certify.val_images)`` for "val"), each over `num_shards`
+    (dataset indices: ``Prepared.test_indices`` for "test", ``Prepared.val_indices[:certify.val_images]`` for
+    "val"), each over `num_shards`
     shards, all tasks in flight at once; returns the merged rows per label."""
     shards = [list(map(int, s)) for s in np.array_split(indices, min(num_shards, len(indices))) if len(s)]
     task = certify_shard.options(scheduling_strategy="SPREAD", num_gpus=gpus_per_task)

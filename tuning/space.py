@@ -1,6 +1,6 @@
 """The search space of a DE-CROP study, define-by-run for Optuna (no computation here, only suggestions).
 
-Searched: the mixing coefficient alpha of the interpolated samples, the loss weights w_cs and w_mmd (log
+Searched: the mixing coefficient (the paper's alpha, `decrop.mixing`) of the interpolated samples, the loss weights w_cs and w_mmd (log
 scale), the interpolation count n_interp, the boundary attack, whether stage 2 (the domain discriminator)
 runs and, if it does, its gradient-reversal schedule (scale w_beta and steepness gamma). Parameter names are
 the config's dotted keys, so a trial's parameters are config overrides as they stand (plus ``stage2``).
@@ -17,7 +17,7 @@ STAGE2_FRACTION = 0.25  # stage 2's share of the epoch budget when the profile i
 
 
 def define_space(trial: optuna.Trial) -> None:
-    trial.suggest_float("decrop.alpha", 0.2, 0.95)
+    trial.suggest_float("decrop.mixing", 0.2, 0.95)
     trial.suggest_float("decrop.w_cs", 0.25, 16.0, log=True)
     trial.suggest_float("decrop.w_mmd", 0.25, 16.0, log=True)
     trial.suggest_categorical("decrop.n_interp", [1, 2, 5])
@@ -27,16 +27,24 @@ def define_space(trial: optuna.Trial) -> None:
         trial.suggest_float("decrop.beta_gamma", 2.0, 20.0, log=True)
 
 
+def total_epochs(base: dict[str, Any]) -> int:
+    """The profile's epoch budget of DE-CROP, stage 1 plus stage 2: every trial trains exactly this many."""
+    return int(base["train.epochs"]) + int(base["decrop.stage2_epochs"])
+
+
 def stage2_length(base: dict[str, Any]) -> int:
     """Epochs of stage 2 when a trial turns it on: the profile's own length, or a quarter of the budget."""
-    return int(base["decrop.stage2_epochs"]) or max(1, round(STAGE2_FRACTION * int(base["train.epochs"])))
+    return int(base["decrop.stage2_epochs"]) or max(1, round(STAGE2_FRACTION * total_epochs(base)))
 
 
 def trial_overrides(params: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
-    """Config overrides (dotted keys) of a trial's sampled parameters over the profile's flat config `base`;
-    ``stage2`` becomes a stage length (`stage2_length`) or 0."""
+    """Config overrides (dotted keys) of a trial's sampled parameters over the profile's flat config `base`.
+    ``stage2`` splits the profile's budget (`total_epochs`) into stage 1 and a stage 2 of `stage2_length`, or
+    gives all of it to stage 1: trials with and without stage 2 train equally long."""
     overrides = {k: v for k, v in params.items() if k != "stage2"}
-    overrides["decrop.stage2_epochs"] = stage2_length(base) if params.get("stage2") else 0
+    stage2 = stage2_length(base) if params.get("stage2") else 0
+    overrides["train.epochs"] = total_epochs(base) - stage2
+    overrides["decrop.stage2_epochs"] = stage2
     return overrides
 
 
@@ -44,7 +52,7 @@ def default_point(base: dict[str, Any]) -> dict[str, Any]:
     """The profile's own values of the searched parameters: the search's first trial (``points_to_evaluate``),
     so every study measures the method's defaults next to what it finds. ``trial_overrides`` of it reproduces
     the profile."""
-    point = {key: base[key] for key in ("decrop.alpha", "decrop.w_cs", "decrop.w_mmd", "decrop.n_interp",
+    point = {key: base[key] for key in ("decrop.mixing", "decrop.w_cs", "decrop.w_mmd", "decrop.n_interp",
                                         "decrop.attack")}
     point["stage2"] = int(base["decrop.stage2_epochs"]) > 0
     if point["stage2"]:

@@ -43,10 +43,10 @@ import ray.tune  # noqa: E402
 from optuna.samplers import TPESampler  # noqa: E402
 from ray.tune.schedulers import ASHAScheduler  # noqa: E402
 
-from decrop.config import ConfigError, load_config, to_flat  # noqa: E402
-from decrop.pipeline import format_table, prepare, summarize  # noqa: E402
+from decrop.config import ConfigError, from_flat, load_config, to_flat  # noqa: E402
+from decrop.pipeline import epochs_text, format_table, prepare, summarize  # noqa: E402
 from tuning.certify_tasks import certify_parallel  # noqa: E402
-from tuning.space import FinalObjectiveOptunaSearch, default_point, define_space  # noqa: E402
+from tuning.space import FinalObjectiveOptunaSearch, default_point, define_space, total_epochs  # noqa: E402
 from tuning.tracking import MlflowStatusCallback, StudyTracker, resolve_tracking_uri  # noqa: E402
 from tuning.trainable import StudySettings, load_denoiser_state, trial_config, tune_trainable  # noqa: E402
 from tuning.train_loop import train_loop_per_worker, trained_state  # noqa: E402
@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
                 search_alg=FinalObjectiveOptunaSearch(space=define_space, metric="objective", mode="max",
                                                       sampler=TPESampler(seed=args.seed),
                                                       points_to_evaluate=[default]),
-                scheduler=asha(cfg.train.epochs),
+                scheduler=asha(total_epochs(settings.base)),
                 num_samples=args.num_trials, max_concurrent_trials=concurrent),
             run_config=ray.tune.RunConfig(name="tune", storage_path=str(storage),
                                           callbacks=[MlflowStatusCallback(tracker, parent),
@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
                             gpus_per_task=args.gpus_per_worker)
     for label, label_rows in rows.items():
         tracker.log_certification(parent, label_rows, cfg.certify.radii, f"test_{label}")
-    table = summarize(rows, cfg.certify.radii, prep.clean_accuracy)
+    table = summarize(rows, cfg, prep.clean_accuracy, epochs={"decrop_best": epochs_text(from_flat(best_flat), "decrop")})
     tracker.log_text(parent, table.to_csv(), "test_summary.csv")
     tracker.finish(parent, "FINISHED")
     print(f"\nTest-subset certified accuracy (%), best trial vs DE-CROP defaults and baseline, sigma={cfg.sigma}, "

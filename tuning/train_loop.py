@@ -1,9 +1,9 @@
 """The Ray Train worker function: one DDP rank of a trial's denoiser training.
 
 Each rank runs the library's own training (`decrop.pipeline.train_method`) with Ray's hooks plugged in: the
-denoiser (and stage 2's discriminator) wrapped in DistributedDataParallel by ``prepare_model`` (gloo on CPU,
-nccl on GPU), the loader given a distributed sampler by ``prepare_data_loader``, the global batch split over
-the ranks. Every epoch every rank calls ``ray.train.report`` (a barrier); rank 0 attaches a checkpoint every
+denoiser's BatchNorm made global and the denoiser wrapped in DistributedDataParallel by ``prepare_model`` (gloo
+on CPU, nccl on GPU); every rank iterates the same global batches and computes its contiguous share of each
+(`decrop.distributed`), so W workers optimise exactly the objective of one process. Every epoch every rank calls ``ray.train.report`` (a barrier); rank 0 attaches a checkpoint every
 ``checkpoint_every`` epochs and logs the epoch's metrics to the trial's MLflow run. A retried trial finds
 its latest checkpoint with ``ray.train.get_checkpoint()`` and continues from it, bit for bit.
 """
@@ -19,6 +19,7 @@ import ray.train.torch
 import torch
 
 from decrop.config import from_flat
+from decrop.distributed import Shard, convert_global_batchnorm
 from decrop.metrics import MultiSink, PrintSink
 from decrop.pipeline import TrainHooks, prepare, train_method
 from decrop.runtime import tune_allocator
@@ -61,9 +62,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         prep.classifier.to(device)
         prep.val_images, prep.device = prep.val_images.to(device), device
 
+    total = sum(cfg.stage_epochs(loop_config["method"]))
     sinks = []
     if rank == 0:
-        sinks.append(PrintSink(f"[{loop_config.get('label', 'train')}] ", total=cfg.train.epochs))
+        sinks.append(PrintSink(f"[{loop_config.get('label', 'train')}] ", total=total))
         if loop_config.get("run_id"):
             tracker = StudyTracker(loop_config["tracking_uri"], loop_config["experiment"])
             sinks.append(MlflowSink(tracker, loop_config["run_id"]))
@@ -71,7 +73,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
 
     def on_epoch_end(epoch: int, metrics: dict[str, float], state) -> None:
         done = epoch + 1
-        if rank == 0 and (done % every == 0 or done == cfg.train.epochs):
+        if rank == 0 and (done % every == 0 or done == total):
             with tempfile.TemporaryDirectory() as folder:
                 torch.save(state(), Path(folder) / STATE_FILE)
                 ray.train.report({**metrics, "epoch": done},
@@ -79,9 +81,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         else:
             ray.train.report({**metrics, "epoch": done})
 
-    hooks = TrainHooks(wrap=ray.train.torch.prepare_model, loader=ray.train.torch.prepare_data_loader,
-                       batch_size=max(1, cfg.train.batch_size // world),
-                       resume=_load_state(ray.train.get_checkpoint()), on_epoch_end=on_epoch_end)
+    # Every rank iterates the same global batches and computes its share of them; BatchNorm, the MMD and the
+    # discriminator see the whole batch (decrop.distributed): the objective does not depend on the worker count.
+    shard = Shard(rank, world)
+    hooks = TrainHooks(wrap=lambda module: ray.train.torch.prepare_model(convert_global_batchnorm(module, shard)),
+                       shard=shard, resume=_load_state(ray.train.get_checkpoint()), on_epoch_end=on_epoch_end)
     if hooks.resume is not None:
         log(f"resuming from the checkpoint of epoch {hooks.resume['epoch']}")
     denoiser, result = train_method(loop_config["method"], prep, MultiSink(*sinks), log=log, hooks=hooks)

@@ -6,9 +6,11 @@ trials on ``val/agreement``), calls ``fit()``, certifies the trained denoiser on
 Ray tasks and reports the objective with ``ray.tune.report``.
 
 **Objective**: the average certified radius (ACR) of the smoothed classifier on the first
-``certify.val_images`` validation images (training images disjoint from the limited subset). ACR rewards both
-certifying more images and certifying them further, and varies smoothly with the hyperparameters, where
-certified accuracy at one radius on ~100 images moves in steps of 1%. The test images are never touched.
+``certify.val_images`` validation images (`data.val_source`: extra unlabelled images or a held-out part of the
+limited subset), where an image counts as correct when the smoothed denoised classifier agrees with the
+classifier's own prediction: no label outside the limited data is read. ACR rewards both certifying more
+images and certifying them further, and varies smoothly with the hyperparameters, where certified accuracy at
+one radius on ~100 images moves in steps of 1%. The test images are never touched.
 """
 
 from __future__ import annotations
@@ -94,7 +96,7 @@ def run_trial(params: dict[str, Any], settings: StudySettings) -> None:
     result = trainer.fit()
     state = trained_state(result)
 
-    rows = certify_parallel(flat, {"trial": state}, "val", list(range(cfg.certify.val_images)),
+    rows = certify_parallel(flat, {"trial": state}, "val", [int(i) for i in prep.val_indices[:cfg.certify.val_images]],
                             settings.cert_shards, gpus_per_task=settings.gpus_per_worker)["trial"]
     metrics = tracker.log_certification(run_id, rows, cfg.certify.radii, "validation")
     weights = Path(settings.storage) / "denoisers" / f"{trial_id}.pt"

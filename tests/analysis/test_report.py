@@ -58,7 +58,7 @@ def empty_png(_rows, path, title):
 
 def flat(**over):
     return {"sigma": 0.25, "data.percent": 1.0, "seed": 0, "certify.radii": str(RADII), "denoiser.arch": "dncnn",
-            "methods": "['decrop']", "decrop.alpha": 0.8, "decrop.w_cs": 4.0, "decrop.w_mmd": 4.0,
+            "methods": "['decrop']", "decrop.mixing": 0.8, "decrop.w_cs": 4.0, "decrop.w_mmd": 4.0,
             "decrop.n_interp": 1, "decrop.attack": "pgd", "decrop.stage2_epochs": 5, "decrop.beta_scale": 2.0,
             "decrop.beta_gamma": 10.0, **over}
 
@@ -86,7 +86,7 @@ def store(tmp_path_factory):
         parent = sweep.start_sweep("sweep-exp", {f"base.{k}": v for k, v in flat().items()}, resume=False)
         trial_ids = []
         for i in range(16):
-            params = flat(**{"decrop.alpha": round(rng.uniform(0.2, 0.95), 3),
+            params = flat(**{"decrop.mixing": round(rng.uniform(0.2, 0.95), 3),
                              "decrop.w_cs": round(float(np.exp(rng.uniform(-1.4, 2.8))), 3),
                              "decrop.w_mmd": round(float(np.exp(rng.uniform(-1.4, 2.8))), 3),
                              "decrop.n_interp": [1, 2][i % 2], "decrop.attack": ["pgd", "none"][(i // 2) % 2],
@@ -161,7 +161,7 @@ def test_tidy_frame_matches_the_logged_rows(store, sweep_report, study_report):
     sweep = pd.read_csv(sweep_report / "certified.csv")
     assert sweep.groupby("role")["run_id"].nunique().to_dict() == {"sweep": 1, "trial": 14}
     best = sweep[sweep["label"] == "test_decrop_best"].iloc[0]  # the best trial's hyperparameters
-    assert best["decrop.alpha"] == float(store.client.get_run(store.best_run).data.params["decrop.alpha"])
+    assert best["decrop.mixing"] == float(store.client.get_run(store.best_run).data.params["decrop.mixing"])
 
 
 def test_tables_equal_a_direct_computation(store, sweep_report, study_report):
@@ -250,7 +250,7 @@ def test_regression_has_one_coefficient_per_varying_parameter(sweep_report):
 
 
 def test_regression_refuses_too_few_trials():
-    trials = pd.DataFrame({"objective": [0.3, 0.4, 0.35, 0.5], "decrop.alpha": [0.3, 0.5, 0.7, 0.9],
+    trials = pd.DataFrame({"objective": [0.3, 0.4, 0.35, 0.5], "decrop.mixing": [0.3, 0.5, 0.7, 0.9],
                            "decrop.w_cs": [1.0, 2.0, 4.0, 8.0], "decrop.w_mmd": [1.0, 0.5, 2.0, 4.0],
                            "decrop.attack": ["pgd", "none", "pgd", "deepfool"]}).reindex(columns=["objective",
                                                                                                 *SEARCHED])

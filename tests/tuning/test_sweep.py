@@ -44,9 +44,10 @@ def test_search_space_samples_every_knob_and_maps_stage2():
         overrides = trial_overrides(trial.params, {"train.epochs": 20, "decrop.stage2_epochs": 0})
         assert "stage2" not in overrides
         assert overrides["decrop.stage2_epochs"] == (5 if trial.params["stage2"] else 0)
+        assert overrides["train.epochs"] + overrides["decrop.stage2_epochs"] == 20  # the same budget either way
         assert ("decrop.beta_scale" in trial.params) == trial.params["stage2"]  # conditional on stage 2
         study.tell(trial, 0.0)
-    assert {"decrop.alpha", "decrop.w_cs", "decrop.w_mmd", "decrop.n_interp", "decrop.attack", "stage2",
+    assert {"decrop.mixing", "decrop.w_cs", "decrop.w_mmd", "decrop.n_interp", "decrop.attack", "stage2",
             "decrop.beta_scale", "decrop.beta_gamma"} <= seen
 
 
@@ -71,7 +72,9 @@ def test_default_point_is_in_the_space_and_reproduces_the_profile():
         assert to_flat(from_flat({**base, **trial_overrides(point, base)})) == base
     off = {**base, "decrop.stage2_epochs": 0}
     assert default_point(off)["stage2"] is False
-    assert trial_overrides({"stage2": True}, off)["decrop.stage2_epochs"] == round(0.25 * base["train.epochs"])
+    on = trial_overrides({"stage2": True}, off)
+    assert on["decrop.stage2_epochs"] == round(0.25 * base["train.epochs"])
+    assert on["train.epochs"] + on["decrop.stage2_epochs"] == base["train.epochs"]
 
 
 @pytest.mark.slow
@@ -104,7 +107,7 @@ def test_tiny_sweep_logs_every_trial_and_resume_duplicates_nothing(tmp_path, mon
         assert f"certify_test_{label}/acr" in parent.data.metrics
     assert parent.data.tags["decrop.best_trial_id"] in {c.data.tags["decrop.trial_id"] for c in children}
     # one trial ran the profile's own values (the search's first point): the defaults are always measured
-    assert any(all(c.data.params[k] == parent.data.params[f"base.{k}"] for k in ("decrop.alpha", "decrop.w_cs",
+    assert any(all(c.data.params[k] == parent.data.params[f"base.{k}"] for k in ("decrop.mixing", "decrop.w_cs",
                                                                                "decrop.attack"))
                for c in children)
 

@@ -61,7 +61,7 @@ def test_trainable_trains_certifies_validation_images_and_logs_one_run(local_ray
                                                                                  abs=1e-4)
     history = mlflow.MlflowClient(uri).get_metric_history(run_id, "val/agreement")
     assert [m.step for m in history] == list(range(1, cfg.train.epochs + 1))  # one value per epoch
-    assert run.data.params["decrop.alpha"] == str(cfg.decrop.alpha)
+    assert run.data.params["decrop.mixing"] == str(cfg.decrop.mixing)
 
     # the weights the trial saved load into the profile's denoiser
     trial_id = run.data.tags["decrop.trial_id"]
