@@ -30,6 +30,10 @@ for arg in "$@"; do
   esac
 done
 PY=${PYTHON:-.venv/bin/python}
+if [[ -z "${PYTHON:-}" && ! -x "$PY" ]] && command -v python3 > /dev/null; then
+  PY=$(command -v python3)
+  echo "gpu_check: no .venv/bin/python here; trying $PY (set PYTHON to choose)"
+fi
 DEVICE=${DECROP_GPU_CHECK_DEVICE:-cuda}
 BUDGET=${DECROP_GPU_CHECK_BUDGET_S:-450}
 OUT=${OUT:-benchmarks/results/gpu}
