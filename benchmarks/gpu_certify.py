@@ -174,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
                 recorder.run(variant, batch, lambda: {"precision": precision, "tf32": tf32, "fold_bn": fold,
                                                       **time_certification(model, device, precision, batch, args)})
             del model
+            if device.type == "cuda":
+                torch.cuda.empty_cache()  # the next variant (fp32 last, the largest) starts unfragmented
         return 0
     batch = best_eager_batch(args.out, max(args.batches)) if args.batch == "best" else int(args.batch)
     set_tf32(True)
