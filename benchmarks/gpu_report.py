@@ -12,6 +12,7 @@ table and all raw records as one JSON file, and prints the Markdown.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import subprocess
 import sys
@@ -20,6 +21,17 @@ from pathlib import Path
 
 PAPER_IMAGES, PAPER_SAMPLES = 500, 10_100  # every 20th CIFAR-10 test image; n0 100 + n 10,000 each
 TARGET_SPS = 85_000  # bf16 samples/s at which the paper protocol takes under a minute
+
+
+def missing_modules(*names: str) -> list[str]:
+    """Those of `names` that cannot be imported here."""
+    missing = []
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    return missing
 
 
 def nvidia_smi() -> str:
@@ -33,22 +45,26 @@ def nvidia_smi() -> str:
 
 
 def env(device: str, out: Path) -> int:
-    try:
-        import ray  # noqa: F401  what the DDP step needs besides torch
+    try:  # what decrop itself needs; ray and mlflow only the Ray Train step, which says so if they are missing
+        import pandas  # noqa: F401
         import scipy  # noqa: F401
         import torch
         import torchvision  # noqa: F401
+        import yaml  # noqa: F401
     except ImportError as err:
-        print(f"gpu_check: {sys.executable} lacks the project's dependencies ({err}); use the project's venv "
+        print(f"gpu_check: {sys.executable} lacks decrop's dependencies ({err}); use the project's venv "
               f"(PYTHON=/path/to/.venv/bin/python)", file=sys.stderr)
         return 2
+    ray = not missing_modules("ray", "mlflow")
 
     info = {"date": time.strftime("%Y-%m-%d %H:%M"), "nvidia_smi": nvidia_smi(), "torch": torch.__version__,
             "cuda_build": torch.version.cuda, "cuda_available": torch.cuda.is_available(), "device": device,
             "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None,
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "python": sys.executable, "ray_and_mlflow": ray}
     print(f"gpu_check: {info['nvidia_smi']} | torch {info['torch']}, CUDA build {info['cuda_build']}, cuDNN "
-          f"{info['cudnn']}, CUDA available {info['cuda_available']}, checking on {device}", flush=True)
+          f"{info['cudnn']}, CUDA available {info['cuda_available']}, checking on {device}; {sys.executable}"
+          f"{'' if ray else ' (no ray/mlflow: the Ray Train step will be skipped)'}", flush=True)
     out.mkdir(parents=True, exist_ok=True)
     (out / "env.json").write_text(json.dumps(info, indent=2) + "\n")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -127,7 +143,7 @@ def write(out: Path) -> int:
     lines = [f"# GPU check, {env_info.get('date', '?')}", "",
              f"{env_info.get('nvidia_smi', '?')}; torch {env_info.get('torch', '?')}, CUDA build "
              f"{env_info.get('cuda_build', '?')}, cuDNN {env_info.get('cudnn', '?')}; device "
-             f"{env_info.get('device', '?')}", ""]
+             f"{env_info.get('device', '?')}; {env_info.get('python', '?')}", ""]
     if quick:
         lines += ["> **QUICK VALIDATION RUN** (`--quick`): tiny models and sizes; the numbers measure nothing.", ""]
     lines += cert_lines + [""] + train_section(train)

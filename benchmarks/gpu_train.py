@@ -18,7 +18,9 @@ needs from a dataset. Random data: the numbers are timings, not accuracies.
    boundary/interpolated samples first (their time is ``prep_s``), so the worker reads them from the cache.
    Reported: ``fit()``'s wall time and the epoch's own time (``train/epoch_time`` from the worker).
 
-Each step appends one JSON line to `--out`; a failing step is recorded with its error.
+Each step appends one JSON line to `--out`; a failing step is recorded with its error. Where ray or mlflow is
+not installed (the GPU image's own python3 has torch but not the project's venv), ``ray_train`` is recorded as
+skipped and ``nccl_step`` is the DDP check.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from benchmarks.gpu_report import missing_modules  # noqa: E402
 from decrop.config import DecropConfig, load_config, to_flat  # noqa: E402
 from decrop.data import DATASETS  # noqa: E402
 from decrop.models import create_model  # noqa: E402
@@ -115,8 +118,16 @@ def train_config(data_root: Path, cache: Path, device: torch.device, quick: bool
     return to_flat(load_config(REPO / "configs" / "paper.yaml", overrides))
 
 
+class Skipped(Exception):
+    """A step that cannot run here, for the reason given (recorded as skipped, not as an error)."""
+
+
 def ray_train(flat: dict, storage: Path, gpu: bool) -> dict:
     """Driver-side preparation, then one TorchTrainer run of `train_loop_per_worker` (see the module doc)."""
+    missing = missing_modules("ray", "mlflow")
+    if missing:  # e.g. the GPU image's own python3, which has torch but not the project's venv
+        raise Skipped(f"{', '.join(missing)} not installed in {sys.executable}: the Ray Train run needs the "
+                      f"project's venv; the plain torch.distributed DDP step (nccl_step) stands in for it")
     import ray
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -167,6 +178,8 @@ def record(out: Path, step: str, common: dict, fn) -> None:
     tic = time.perf_counter()
     try:
         entry.update(status="ok", **fn())
+    except Skipped as why:
+        entry.update(status="skipped", message=str(why))
     except Exception as err:  # recorded; the next step still runs
         traceback.print_exc()
         entry.update(status="error", message=f"{type(err).__name__}: {err}"[:500])
