@@ -16,6 +16,7 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
+from benchmarks import gpu_train  # noqa: E402
 from benchmarks.gpu_report import TARGET_SPS, write  # noqa: E402
 from benchmarks.gpu_train import write_synthetic_cifar  # noqa: E402
 from decrop.data import as_tensors, load_dataset  # noqa: E402
@@ -49,6 +50,16 @@ def test_report_names_the_best_variant_and_the_paper_protocols_time(tmp_path, ca
     assert "| timeout: killed after its 150s limit |" in text and "| ray_train | - | error | - |" in text
     raw = json.loads((tmp_path / "gpu_check.json").read_text())
     assert raw["summary"]["target_met"] and len(raw["certify"]) == 3
+
+
+def test_without_ray_the_train_step_is_recorded_as_skipped_with_its_reason(tmp_path, monkeypatch):
+    # the GPU image's own python3 has torch but neither ray nor mlflow
+    monkeypatch.setattr(gpu_train, "missing_modules", lambda *names: ["ray", "mlflow"])
+    out = tmp_path / "train.jsonl"
+    gpu_train.record(out, "ray_train", {}, lambda: gpu_train.ray_train({}, tmp_path, gpu=False))
+    entry = json.loads(out.read_text())
+    assert entry["status"] == "skipped" and "ray, mlflow not installed" in entry["message"]
+    assert "nccl_step" in entry["message"]  # says what stands in for it
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown where CUDA is absent")
