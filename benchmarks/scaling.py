@@ -34,7 +34,6 @@ import ray  # noqa: E402
 import ray.train  # noqa: E402
 import torch  # noqa: E402
 from ray.train.torch import TorchTrainer  # noqa: E402
-from torch.utils.data import TensorDataset  # noqa: E402
 
 from decrop.certify import certify_indices  # noqa: E402
 from decrop.classifier import classifier_key  # noqa: E402
@@ -52,7 +51,7 @@ def certification(flat: dict, images: int) -> list[tuple[str, float, float]]:
     torch.manual_seed(0)
     denoiser = build_denoiser(cfg.denoiser, prep.info.channels)  # throughput does not depend on the weights
     state = {k: v.clone() for k, v in denoiser.state_dict().items()}
-    indices = list(range(images))
+    indices = [int(i) for i in prep.val_indices[:images]]
     c = cfg.certify
 
     results = []
@@ -60,7 +59,7 @@ def certification(flat: dict, images: int) -> list[tuple[str, float, float]]:
     tune_allocator()
     model = smoothed_model(prep.classifier, denoiser.to(prep.device), c.fold_bn)
     tic = time.perf_counter()
-    reference = certify_indices(model, TensorDataset(prep.val_images.cpu(), prep.val_labels), indices,
+    reference = certify_indices(model, prep.val_dataset(), indices,
                                 num_classes=prep.info.num_classes, sigma=cfg.sigma, n0=c.n0, n=c.n, alpha=c.alpha,
                                 batch_size=c.batch_size, seed=cfg.seed, device=prep.device, mode=c.mode,
                                 memory_mb=c.memory_mb, radii=c.radii, precision=c.precision)
@@ -80,7 +79,7 @@ def certification(flat: dict, images: int) -> list[tuple[str, float, float]]:
 
 def training(flat: dict, epochs: int) -> list[tuple[str, float, float]]:
     """(case, last epoch seconds, fit wall seconds) for 1 worker x 1 thread, 1 x all threads, 2 x 1 thread."""
-    flat = {**flat, "train.epochs": epochs, "decrop.stage2_epochs": 1, "methods": ["decrop"]}
+    flat = {**flat, "train.epochs": epochs - 1, "decrop.stage2_epochs": 1, "methods": ["decrop"]}
     results = []
     for workers, threads in ((1, 1), (1, os.cpu_count()), (2, 1)):
         trainer = TorchTrainer(
