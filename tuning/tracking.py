@@ -44,6 +44,11 @@ from decrop.certify import CertRow, average_certified_radius, certified_accuracy
 log = logging.getLogger(__name__)
 
 STUDY_TAG, ROLE_TAG, TRIAL_TAG, COMMIT_TAG = "decrop.study", "decrop.role", "decrop.trial_id", "decrop.git_commit"
+# What a trial is, for grouping the runs table: the preset (the paper's study, or "search"), its factor (the varied
+# config key), the factor's level, the method, the seed, and for the search's confirmation which configuration.
+PRESET_TAG, FACTOR_TAG, LEVEL_TAG, METHOD_TAG, SEED_TAG, VARIANT_TAG = (
+    "decrop.preset", "decrop.factor", "decrop.level", "decrop.method", "decrop.seed", "decrop.variant")
+CURVE_STEPS_PER_UNIT = 100  # certify*/curve: one step per hundredth of radius
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own tag: the UI folds child runs under their parent
 TERMINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
 _PARAMS_PER_BATCH = 100  # MLflow rejects a log_batch with more than 100 params
@@ -231,9 +236,15 @@ class StudyTracker:
         self._log_new_params(run, params)
         return run.info.run_id
 
-    def trial_run(self, parent_run_id: str, trial_id: str, trial_name: str, params: Mapping[str, Any]) -> str:
-        """The child run of a Tune trial (`child_run` keyed by the trial id, role ``trial``)."""
-        return self.child_run(parent_run_id, {TRIAL_TAG: trial_id}, trial_name, params, role="trial")
+    def trial_run(self, parent_run_id: str, trial_id: str, trial_name: str, params: Mapping[str, Any],
+                  tags: Mapping[str, Any] | None = None) -> str:
+        """The child run of a Tune trial (`child_run` keyed by the trial id, role ``trial``), named for a human
+        (``decrop mixing=0.25 seed=1``) and tagged with what a runs table groups by (`TRIAL_TAGS`)."""
+        run_id = self.child_run(parent_run_id, {TRIAL_TAG: trial_id}, trial_name, params, role="trial")
+        for key, value in (tags or {}).items():
+            if value is not None:
+                self.client.set_tag(run_id, key, str(value))
+        return run_id
 
     def set_tag(self, run_id: str, key: str, value: str) -> None:
         self.client.set_tag(run_id, key, value)
@@ -305,6 +316,7 @@ class StudyTracker:
         metrics = {f"{prefix}/acc_r{r:.2f}": acc for r, acc in certified_accuracy(rows, radii).items()}
         metrics[f"{prefix}/acr"] = average_certified_radius(rows)
         self.log_metrics(run_id, metrics, step)
+        self.log_curve(run_id, rows, f"{prefix}/curve")
         with tempfile.TemporaryDirectory() as tmp:
             table = Path(tmp) / f"{label}.tsv"
             write_rows(rows, table)
@@ -313,6 +325,18 @@ class StudyTracker:
             for path in (table, curve):
                 self.log_artifact(run_id, path, artifact_dir)
         return metrics
+
+    def log_curve(self, run_id: str, rows: Sequence[CertRow], key: str) -> None:
+        """The certified-accuracy curve of `rows` as the stepped metric `key`, step = radius in hundredths
+        (`CURVE_STEPS_PER_UNIT`), from 0 to one step past the largest certified radius: the MLflow UI's chart
+        view then overlays the curves of the selected runs."""
+        top = max((r.radius for r in rows if r.correct), default=0.0)
+        steps = range(int(top * CURVE_STEPS_PER_UNIT) + 2)
+        accuracy = certified_accuracy(rows, [s / CURVE_STEPS_PER_UNIT for s in steps])
+        now = int(time.time() * 1000)
+        entries = [Metric(key, float(acc), now, s) for s, acc in zip(steps, accuracy.values())]
+        for start in range(0, len(entries), 1000):
+            self.client.log_batch(run_id, metrics=entries[start:start + 1000])
 
     def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
         """Copy a local file (or folder) into the run's artifacts, under `artifact_path` if given."""
