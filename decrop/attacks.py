@@ -119,27 +119,26 @@ def deepfool(model: nn.Module, x: Tensor, y: Tensor, *, eps: float = 8 / 255, st
     call shape and ignored: a minimal-perturbation attack has no budget, and it is deterministic.
     """
     view = (-1,) + (1,) * (x.dim() - 1)
-    idx = torch.arange(len(x), device=x.device)
     r_total = torch.zeros_like(x)
-    active = torch.ones(len(x), dtype=torch.bool, device=x.device)
+    active = torch.arange(len(x), device=x.device)  # images still classified as y: only these are computed
     with eval_mode(model, frozen=True):
         for _ in range(steps):
-            x_cur = (x + (1 + overshoot) * r_total).clamp(0, 1).detach().requires_grad_(True)
+            x_cur = (x[active] + (1 + overshoot) * r_total[active]).clamp(0, 1).detach().requires_grad_(True)
             logits = model(x_cur)
-            active &= logits.argmax(1) == y
-            if not active.any():
+            still = logits.argmax(1) == y[active]
+            if not still.any():
                 break
-            num_classes = logits.shape[1]
+            logits, y_cur, active = logits[still], y[active][still], active[still]
+            rows, num_classes = torch.arange(len(active), device=x.device), logits.shape[1]
             grads = torch.stack([torch.autograd.grad(logits[:, k].sum(), x_cur, retain_graph=k < num_classes - 1)[0]
-                                 for k in range(num_classes)], dim=1)  # (B, K, C, H, W)
-            w = grads - grads[idx, y].unsqueeze(1)
-            f = (logits - logits[idx, y].unsqueeze(1)).detach()
+                                 [still] for k in range(num_classes)], dim=1)  # (B', K, C, H, W)
+            w = grads - grads[rows, y_cur].unsqueeze(1)
+            f = (logits - logits[rows, y_cur].unsqueeze(1)).detach()
             w_norm = w.flatten(2).norm(dim=2) + 1e-8  # a zero gradient gives a zero step, not 0/0
             distance = f.abs() / w_norm
-            distance[idx, y] = float("inf")
+            distance[rows, y_cur] = float("inf")
             k = distance.argmin(1)
-            step = (distance[idx, k] + 1e-4).view(view) * w[idx, k] / w_norm[idx, k].view(view)
-            r_total = r_total + step * active.view(view)
+            r_total[active] += (distance[rows, k] + 1e-4).view(view) * w[rows, k] / w_norm[rows, k].view(view)
     return (x + (1 + overshoot) * r_total).clamp(0, 1).detach()
 
 
