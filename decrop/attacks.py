@@ -23,11 +23,12 @@ model's mixed submodule modes with ``model.train()`` afterwards, and draws its r
 - `apgd_ce`: AutoAttack's first component alone (`torchattacks.APGD`, loss CE, one restart, `steps` iterations),
   the cheaper choice. Like the ensemble it returns the clean image where it does not fool the model.
 - `deepfool`: Moosavi-Dezfooli et al. (2016) minimal L2 perturbation to the nearest class boundary (overshoot
-  0.02 on the accumulated perturbation, <= 50 iterations, as in the authors' reference code): it stops just past
-  the boundary, clamped to [0, 1] only; `eps` does not bound it. Not torchattacks' DeepFool: that one applies the
-  overshoot to each step and clamps each step to [0, 1], so where clamping shortens the steps it converges onto
-  the boundary without crossing it (it left about half of a toy model's images on the boundary, still classified
-  as `y`; see tests/test_attacks.py).
+  0.02 on the accumulated perturbation, <= 50 iterations, as in DeepFool's reference code, LTS4/DeepFool): it
+  stops just past the boundary, clamped to [0, 1] only; `eps` does not bound it. Ours, not torchattacks': that
+  one applies the overshoot to each step and clamps each step to [0, 1], so where clamping shortens the steps it
+  converges onto the boundary without crossing it. Measured: it left 65% of the quick profile's correctly
+  classified Fashion-MNIST images (15 of 32 toy images in tests/test_attacks.py) on the boundary, still
+  classified as `y`; this one crossed for all of them.
 - `none`: the paper's ablation without an attack: the partner of each image is a random *other* image of the
   same class from the batch (itself only when it is alone in its class).
 """
@@ -110,7 +111,7 @@ def autoattack(model: nn.Module, x: Tensor, y: Tensor, *, eps: float = 8 / 255,
 
 def deepfool(model: nn.Module, x: Tensor, y: Tensor, *, eps: float = 8 / 255, steps: int = 50,
              overshoot: float = 0.02, generator: torch.Generator | None = None) -> Tensor:
-    """DeepFool (L2, Moosavi-Dezfooli et al. 2016) to the nearest class boundary, as in the authors' reference code.
+    """DeepFool (L2, Moosavi-Dezfooli et al. 2016) to the nearest class boundary, as its reference code does it.
 
     Per image: linearise every logit difference f_k - f_y at the current point, step to the nearest linearised
     boundary (|f_k - f_y| / ||grad (f_k - f_y)|| + 1e-4 along that gradient), accumulate the steps in r, and stop
