@@ -42,7 +42,7 @@ Dataset = Literal["fashion_mnist", "cifar10"]
 ClassifierArch = Literal["small_cnn", "resnet20", "resnet56", "resnet110"]
 DenoiserArch = Literal["dncnn", "memnet"]
 Method = Literal["baseline", "decrop", "decrop_blackbox"]
-AttackName = Literal["pgd", "autoattack", "deepfool", "none"]
+AttackName = Literal["pgd", "autoattack", "apgd_ce", "deepfool", "none"]
 
 
 @dataclass(frozen=True)
@@ -108,11 +108,14 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class DecropConfig:
-    attack: AttackName = _field("pgd", "how boundary samples are made: pgd, autoattack (APGD-CE), deepfool, or "
-                                       "none (a random partner of the same class, the paper's ablation)")
+    attack: AttackName = _field("pgd", "how boundary samples are made (decrop.attacks): pgd; autoattack (the standard "
+                                       "ensemble APGD-CE, APGD-T, FAB-T, Square; unfooled images stay clean); "
+                                       "apgd_ce (its first member alone, cheaper); deepfool (minimal L2 step just "
+                                       "past the boundary, not bounded by eps); or none (a random partner of the "
+                                       "same class, the paper's ablation)")
     eps: float = _field(8 / 255, "L-inf radius of the boundary attacks (a property of the dataset: 8/255 flips "
                                  "too few Fashion-MNIST predictions, 16/255 most)", gt=0, le=1)
-    attack_steps: int = _field(20, "iterations of pgd and autoattack", ge=1)
+    attack_steps: int = _field(20, "iterations of pgd and apgd_ce (autoattack keeps torchattacks' own budgets)", ge=1)
     attack_step_size: float = _field(2 / 255, "pgd step size", gt=0)
     mixing: float = _field(0.8, "the paper's mixing coefficient alpha of interpolated samples: target logits "
                                 "mixing f(x) + (1 - mixing) f(x_b) (named apart from certify.alpha, the "

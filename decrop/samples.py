@@ -21,9 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attacks import _frozen_eval, get_attack
+from .attacks import ATTACK_IMPLEMENTATION, get_attack
 from .checkpoint import load_tensors, save_tensors
 from .config import DecropConfig
+from .runtime import eval_mode
 
 
 @dataclass
@@ -43,7 +44,7 @@ def interpolate(model: nn.Module, x: Tensor, x_b: Tensor, *, mixing: float, n_in
     Minimises MSE(f(x_int), mixing f(x) + (1 - mixing) f(x_b)) over the input with Adam (`mixing` is the
     paper's alpha), clamping to [0, 1] after each step. Returns (n_interp, B, C, H, W). The model is in eval mode throughout and left as found.
     """
-    with _frozen_eval(model):
+    with eval_mode(model, frozen=True):
         with torch.no_grad():
             target = mixing * model(x) + (1 - mixing) * model(x_b)
         starts = [x] + [(x + (torch.rand(x.shape, generator=generator, device=x.device) * 2 - 1) * eps).clamp(0, 1)
@@ -78,7 +79,7 @@ def generate_samples(model: nn.Module, images: Tensor, labels: Tensor, cfg: Decr
     for b, idx in enumerate(order):
         generator = torch.Generator(device=device).manual_seed(seed * 7919 + b)
         x, y = images[idx].to(device), labels[idx].to(device)
-        kwargs = {"steps": cfg.attack_steps} if cfg.attack in ("pgd", "autoattack") else {}
+        kwargs = {"steps": cfg.attack_steps} if cfg.attack in ("pgd", "apgd_ce") else {}
         if cfg.attack == "pgd":
             kwargs["step_size"] = cfg.attack_step_size
         x_b = attack(model, x, y, eps=cfg.eps, generator=generator, **kwargs)
@@ -95,9 +96,10 @@ def generate_samples(model: nn.Module, images: Tensor, labels: Tensor, cfg: Decr
 
 
 def sample_settings(cfg: DecropConfig) -> dict:
-    """The fields of `cfg` that change the generated samples (the cache key), nothing else."""
+    """The fields of `cfg` that change the generated samples (the cache key), nothing else, and the attacks'
+    implementation: samples cached by an older one (same names, other algorithms) must not be reused."""
     keys = ("attack", "eps", "attack_steps", "attack_step_size", "mixing", "n_interp", "interp_steps", "interp_lr")
-    return {k: getattr(cfg, k) for k in keys}
+    return {**{k: getattr(cfg, k) for k in keys}, "attack_implementation": ATTACK_IMPLEMENTATION}
 
 
 def load_or_generate_samples(path: Path, model: nn.Module, images: Tensor, labels: Tensor, cfg: DecropConfig, *,

@@ -97,7 +97,7 @@ def test_tiny_sweep_logs_every_trial_and_resume_duplicates_nothing(tmp_path, mon
     assert len(parents) == 1 and len(children) == 2
     for child in children:
         assert child.info.status == "FINISHED"
-        assert child.data.params["decrop.attack"] in {"pgd", "autoattack", "deepfool", "none"}
+        assert child.data.params["decrop.attack"] in {"pgd", "autoattack", "apgd_ce", "deepfool", "none"}
         assert "train/loss" in child.data.metrics
         if "certify/acr" in child.data.metrics:  # trials ASHA stopped early have no certification
             paths = {a.path for a in client.list_artifacts(child.info.run_id, "certify")}
