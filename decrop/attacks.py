@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from .runtime import eval_mode
 
 Attack = Callable[..., Tensor]
-# Part of the samples' cache key (decrop.samples.sample_settings): another implementation makes other samples.
+# Part of the boundary samples' cache key (decrop.samples.boundary_settings): another implementation makes other samples.
 # Bump the leading number when an attack of ours (deepfool, none) changes.
 ATTACK_IMPLEMENTATION = f"2+torchattacks-{torchattacks.__version__}"
 

@@ -36,7 +36,7 @@ from .metrics import MetricSink, PrintSink
 from .models import DomainDiscriminator, create_model, fold_batchnorm
 from .objectives import DecropObjective, Objective, baseline_objective
 from .runtime import Progress, eval_mode, resolve_device, seed_everything, tune_allocator
-from .samples import GeneratedSamples, load_or_generate_samples, sample_settings
+from .samples import GeneratedSamples, load_or_generate_samples
 from .training import AdamThenSGD, TrainResult, train_denoiser
 
 Log = Callable[[str], None]
@@ -274,10 +274,9 @@ def samples_for(prep: Prepared, model: nn.Module, model_key: str, log: Log = pri
     """Boundary + interpolated samples of the training images through `model`, cached per model, images and
     setting."""
     cfg = prep.cfg
-    key = config_hash(model_key, prep.train_indices.tolist(), sample_settings(cfg.decrop), cfg.seed)
-    path = expand_path(cfg.cache_dir) / "samples" / f"{key}.pt"
-    return load_or_generate_samples(path, model, prep.train_images, prep.train_labels, cfg.decrop,
-                                    seed=cfg.seed, key=key, log=log)
+    key = config_hash(model_key, prep.train_indices.tolist(), cfg.seed)
+    return load_or_generate_samples(expand_path(cfg.cache_dir) / "samples", model, prep.train_images,
+                                    prep.train_labels, cfg.decrop, seed=cfg.seed, key=key, log=log)
 
 
 def method_stages(method: str, prep: Prepared, classifier: nn.Module, hooks: TrainHooks | None = None

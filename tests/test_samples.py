@@ -1,5 +1,7 @@
 """Generated samples (decrop.samples): interpolation towards mixed logits, generation and its cache."""
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -161,18 +163,34 @@ def test_generate_samples_none_pairs_within_the_class_across_batches(model):
 
 def test_cache_is_written_then_reused_and_rejects_another_key(model, tmp_path, monkeypatch):
     images, labels = _data(6, seed=4)
-    path = tmp_path / "samples" / "abc.pt"
+    folder = tmp_path / "samples"
     logs = []
-    first = load_or_generate_samples(path, model, images, labels, _CFG, seed=0, key="abc", log=logs.append)
-    assert path.is_file()
+    first = load_or_generate_samples(folder, model, images, labels, _CFG, seed=0, key="abc", log=logs.append)
+    boundary_file, = folder.glob("boundary-*.pt")
+    interp_file, = folder.glob("interpolated-*.pt")
 
     def must_not_run(*args, **kwargs):
-        raise AssertionError("generate_samples called although the cache exists")
+        raise AssertionError("generated although the cache exists")
 
-    monkeypatch.setattr(samples_module, "generate_samples", must_not_run)
-    second = load_or_generate_samples(path, model, images, labels, _CFG, seed=0, key="abc", log=logs.append)
+    real_interpolated = samples_module.generate_interpolated
+    monkeypatch.setattr(samples_module, "generate_boundary", must_not_run)
+    monkeypatch.setattr(samples_module, "generate_interpolated", must_not_run)
+    second = load_or_generate_samples(folder, model, images, labels, _CFG, seed=0, key="abc", log=logs.append)
     assert torch.equal(first.boundary, second.boundary)
     assert torch.equal(first.interpolated, second.interpolated)
-    assert any("reusing" in line for line in logs)
+    assert sum("reusing" in line for line in logs) == 2
+
+    # Another mixing coefficient reuses the boundary samples (the attack is the expensive part) and
+    # interpolates anew.
+    monkeypatch.setattr(samples_module, "generate_interpolated", real_interpolated)
+    other = load_or_generate_samples(folder, model, images, labels, dataclasses.replace(_CFG, mixing=0.3), seed=0,
+                                     key="abc", log=logs.append)
+    assert torch.equal(other.boundary, first.boundary) and not torch.equal(other.interpolated, first.interpolated)
+    assert len(list(folder.glob("boundary-*.pt"))) == 1 and len(list(folder.glob("interpolated-*.pt"))) == 2
+
+    # A file that was written for another key is refused, never silently reused.
+    monkeypatch.undo()
+    interp_file.unlink()
+    boundary_file.rename(interp_file)
     with pytest.raises(CheckpointError, match="key"):
-        load_or_generate_samples(path, model, images, labels, _CFG, seed=0, key="other", log=logs.append)
+        load_or_generate_samples(folder, model, images, labels, _CFG, seed=0, key="abc", log=logs.append)

@@ -21,7 +21,7 @@ def define_space(trial: optuna.Trial) -> None:
     trial.suggest_float("decrop.w_cs", 0.25, 16.0, log=True)
     trial.suggest_float("decrop.w_mmd", 0.25, 16.0, log=True)
     trial.suggest_categorical("decrop.n_interp", [1, 2, 5])
-    trial.suggest_categorical("decrop.attack", ["pgd", "autoattack", "apgd_ce", "deepfool", "none"])
+    trial.suggest_categorical("decrop.attack", ["pgd", "autoattack", "deepfool", "none"])  # the paper's attacks
     if trial.suggest_categorical("stage2", [True, False]):
         trial.suggest_float("decrop.beta_scale", 0.25, 4.0, log=True)
         trial.suggest_float("decrop.beta_gamma", 2.0, 20.0, log=True)
