@@ -1,17 +1,22 @@
-"""A hyperparameter study of DE-CROP on Ray: Tune + Optuna search, Ray Train DDP trials, MLflow records.
+"""DE-CROP studies on Ray: the Optuna search and the paper's studies, one entry point, one trainable.
 
-    python tuning/sweep.py                                   # local Ray, quick profile, 8 trials
-    ray job submit --working-dir . -- python tuning/sweep.py --profile paper --gpus-per-worker 1 \\
+    python tuning/sweep.py                                   # the search: local Ray, quick profile, 8 trials
+    python tuning/sweep.py --preset sigma --seeds 0 1 2      # the paper's figure 1 (see --preset)
+    ray job submit --working-dir . -- python tuning/sweep.py --profile paper --preset attack --gpus-per-worker 1 \
         --mlflow-uri http://127.0.0.1:5000                   # on a cluster (see cluster/README.md)
 
-What happens: the profile's classifier is trained (or taken from the cache) once; Optuna's seeded TPE
-proposes alpha, the loss weights, n_interp, the attack and the stage-2 schedule (`tuning/space.py`); each
-trial trains DE-CROP in a Ray Train `TorchTrainer` (W DDP workers), ASHA stops weak trials on the per-epoch
-validation agreement, and the survivors' denoisers are certified on validation images as Ray tasks; the
-objective is the validation ACR (`tuning/trainable.py`). After the search the best trial and the baseline
-(same data and budget) are certified on the test subset in parallel tasks, and a table of both is printed.
-MLflow gets one experiment per study, a parent run per sweep and a child run per trial. ``--resume`` continues
-an interrupted sweep: finished trials are not rerun and no MLflow run is duplicated.
+``--preset search`` (the default): Optuna's seeded TPE proposes the mixing coefficient, the loss weights,
+n_interp, the attack and the stage-2 schedule (`tuning/space.py`); each trial trains DE-CROP in a Ray Train
+`TorchTrainer` (W DDP workers), ASHA stops weak trials on the per-epoch validation agreement, and the
+survivors' denoisers are certified on validation images as Ray tasks (objective: label-free validation ACR).
+The search ends with its confirmation: the best configuration, the profile's defaults and the baseline are
+retrained on fresh seeds and certified on the test subset, with a paired per-image test of best against
+defaults (`tuning/studies.py`). ``--preset NAME`` runs one of the paper's studies (`tuning/presets.py`: sigma,
+data, mixing (alias alpha), denoiser, n_interp, attack, boundary, augment, blackbox) as a grid of trials
+through the same trainable, each certifying the test subset; ``all`` runs every preset and the search. Each
+study gets an MLflow experiment with a parent run, a child run per trial, and ends with its analysis report.
+``--resume`` continues an interrupted study: finished trials are not rerun and no MLflow run is duplicated.
+Bad arguments stop the sweep with one line naming the problem and the fix, before Ray starts.
 """
 
 from __future__ import annotations
@@ -40,35 +45,39 @@ for _key, _value in RAY_ENV.items():
 
 import ray  # noqa: E402
 import ray.tune  # noqa: E402
-from optuna.samplers import TPESampler  # noqa: E402
-from ray.tune.schedulers import ASHAScheduler  # noqa: E402
 
-from decrop.config import ConfigError, from_flat, load_config, to_flat  # noqa: E402
-from decrop.pipeline import epochs_text, format_table, prepare, summarize  # noqa: E402
-from tuning.certify_tasks import certify_parallel  # noqa: E402
-from tuning.space import FinalObjectiveOptunaSearch, default_point, define_space, total_epochs  # noqa: E402
-from tuning.tracking import MlflowStatusCallback, StudyTracker, resolve_tracking_uri  # noqa: E402
-from tuning.trainable import StudySettings, load_denoiser_state, trial_config, tune_trainable  # noqa: E402
-from tuning.train_loop import train_loop_per_worker, trained_state  # noqa: E402
+from decrop.config import ConfigError, load_config, to_flat  # noqa: E402
+from decrop.pipeline import prepare  # noqa: E402
+from tuning.presets import ALL, PRESETS, SEARCH, preset_names, resolve  # noqa: E402
+from tuning.studies import Study, confirm, run_preset, run_search  # noqa: E402
+from tuning.tracking import StudyTracker, resolve_tracking_uri  # noqa: E402
+from tuning.trainable import StudySettings  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+MAX_SEED = 2**32 - 1
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default=SEARCH, help=f"the study to run: {', '.join(preset_names())}")
     p.add_argument("--profile", default="quick", help="configs/<profile>.yaml: quick (CPU, minutes) or paper")
-    p.add_argument("--study", default=None, help="study name (default <profile>-study); also the MLflow experiment")
-    p.add_argument("--num-trials", type=int, default=8)
+    p.add_argument("--study", default=None, help="study name (default <profile>-study for the search, "
+                                                 "<profile>-<preset> for a preset); also the MLflow experiment")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of a preset's trials")
+    p.add_argument("--levels", nargs="+", default=None, help="only these levels of the preset's factor")
+    p.add_argument("--confirm-seeds", type=int, nargs="+", default=[1],
+                   help="fresh seeds on which the search's best configuration and the defaults are retrained")
+    p.add_argument("--num-trials", type=int, default=8, help="trials of the search")
     p.add_argument("--max-concurrent", type=int, default=None,
                    help="trials at once (default: cluster CPUs, or GPUs, / demand of one trial)")
     p.add_argument("--workers-per-trial", type=int, default=1, help="DDP workers of each trial's training")
     p.add_argument("--gpus-per-worker", type=float, default=0.0)
     p.add_argument("--cert-shards", type=int, default=2, help="parallel certification tasks per trial")
-    p.add_argument("--mlflow-uri", default=None, help="tracking server URI (default: <storage>/mlflow.db)")
+    p.add_argument("--mlflow-uri", default=None, help="tracking server URI (default: <storage>/<study>/mlflow.db)")
     p.add_argument("--experiment", default=None, help="MLflow experiment (default: the study name)")
     p.add_argument("--storage", type=Path, default=Path("~/decrop-runs"),
                    help="folder for trial checkpoints, denoisers and the default MLflow store")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted sweep of this study")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted study of this name")
     p.add_argument("--seed", type=int, default=0, help="seed of the TPE sampler")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key of the profile for every trial, e.g. --set train.epochs=10")
@@ -89,147 +98,124 @@ def connect() -> None:
         ray.init(num_cpus=os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1")
 
 
-class Progress(ray.tune.Callback):
-    """One line per finished trial with its objective and the best so far."""
-
-    def __init__(self, total: int):
-        self.total, self.done, self.best = total, 0, float("-inf")
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        self.done += 1
-        value = (trial.last_result or {}).get("objective")
-        if value is not None:
-            self.best = max(self.best, value)
-        shown = f"objective (val ACR) {value:.4f}" if value is not None else "stopped early by ASHA"
-        print(f"sweep: trial {trial.trial_id} done ({self.done}/{self.total}): {shown}; best so far "
-              f"{self.best:.4f}", flush=True)
 
 
-def asha(epochs: int) -> ASHAScheduler:
-    """ASHA on the per-epoch validation agreement: rungs at a quarter of the budget and 3x that, keeping the top
-    third at each. Every rung lies before the last epoch (max_t = epochs - 1, no stop at max_t): a trial that
-    trained to the end is always certified, never discarded after paying for all its epochs."""
-    grace = max(1, epochs // 4)
-    return ASHAScheduler(metric="val/agreement", mode="max", max_t=max(grace, epochs - 1), grace_period=grace,
-                         reduction_factor=3, stop_last_trials=False)
+def check_args(args: argparse.Namespace, cfg, preset: str) -> tuple | None:
+    """Every argument checked before Ray starts (ValueError naming the flag and the fix); returns the preset
+    levels to run (None: all)."""
+    positive = {"--num-trials": args.num_trials, "--workers-per-trial": args.workers_per_trial,
+                "--cert-shards": args.cert_shards}
+    if args.max_concurrent is not None:
+        positive["--max-concurrent"] = args.max_concurrent
+    for flag, value in positive.items():
+        if value < 1:
+            raise ValueError(f"{flag} {value}: must be at least 1")
+    for flag, seeds in (("--seed", [args.seed]), ("--seeds", args.seeds), ("--confirm-seeds", args.confirm_seeds)):
+        bad = [s for s in seeds if not 0 <= s <= MAX_SEED]
+        if bad:
+            raise ValueError(f"{flag} {bad[0]}: seeds are integers from 0 to {MAX_SEED}")
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"{flag} lists a seed twice: {seeds}")
+    if set(args.confirm_seeds) & {cfg.seed}:
+        raise ValueError(f"--confirm-seeds {args.confirm_seeds} includes the search's own seed {cfg.seed}: the "
+                         f"confirmation needs seeds the search never used")
+    if args.gpus_per_worker < 0:
+        raise ValueError(f"--gpus-per-worker {args.gpus_per_worker}: must be >= 0")
+    if args.gpus_per_worker > 0 and not os.environ.get("RAY_ADDRESS"):
+        import torch
+        if not torch.cuda.is_available():
+            raise ValueError(f"--gpus-per-worker {args.gpus_per_worker} but this machine has no CUDA device and no "
+                             f"cluster is given (RAY_ADDRESS): trials would wait forever; drop the flag or submit "
+                             f"to a GPU cluster")
+    if args.levels is None or preset not in PRESETS:
+        if args.levels is not None:
+            raise ValueError(f"--levels applies to a single preset, not to {preset!r}")
+        return None
+    known = {str(level): level for level in PRESETS[preset].levels}
+    unknown = [level for level in args.levels if level not in known]
+    if unknown:
+        raise ValueError(f"--levels {unknown[0]} is not a level of preset {preset!r}; its levels: "
+                         f"{', '.join(known)}")
+    return tuple(known[level] for level in args.levels)
 
 
-def train_reference(flat: dict, method: str, settings: StudySettings) -> dict:
-    """A denoiser for the final comparison (the Salman et al. baseline, or DE-CROP with the profile's defaults)
-    on the same subset and budget, as a Ray Train run like the trials'. Returns its weights."""
-    from ray.train.torch import TorchTrainer
-
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"config": {**flat, "methods": [method]}, "method": method, "label": method,
-                           "checkpoint_every": settings.checkpoint_every},
-        scaling_config=ray.train.ScalingConfig(num_workers=settings.workers, use_gpu=settings.gpus_per_worker > 0),
-        run_config=ray.train.RunConfig(name=f"reference-{method}", storage_path=settings.storage,
-                                       failure_config=ray.train.FailureConfig(max_failures=1,
-                                                                              controller_failure_limit=1)))
-    return trained_state(trainer.fit())
+def study_names(preset: str) -> list[str]:
+    """The studies a `--preset` value runs, in order."""
+    return [*PRESETS, SEARCH] if preset == ALL else [preset]
 
 
-@ray.remote(num_cpus=0)
-def _train_reference_task(flat: dict, method: str, settings: StudySettings) -> dict:
-    return train_reference(flat, method, settings)
+def open_study(name: str, args: argparse.Namespace, base: dict, concurrent: int) -> Study:
+    """The storage, MLflow parent run and settings of study `name` (a preset or the search)."""
+    study = args.study or (f"{args.profile}-study" if name == SEARCH else f"{args.profile}-{name}")
+    if args.study and len(study_names(args.preset)) > 1:
+        study = f"{args.study}-{name}"
+    storage = args.storage.expanduser().resolve() / study
+    storage.mkdir(parents=True, exist_ok=True)
+    uri = resolve_tracking_uri(args.mlflow_uri, storage)
+    experiment = args.experiment or study
+    tracker = StudyTracker(uri, experiment)
+    preset = PRESETS.get(name)
+    params = {"preset": name, "profile": args.profile, "workers_per_trial": args.workers_per_trial,
+              "gpus_per_worker": args.gpus_per_worker,
+              **({"num_trials": args.num_trials, "seed": args.seed, "confirm_seeds": args.confirm_seeds}
+                 if preset is None else {"factor": preset.key, "seeds": args.seeds, "levels": args.levels or "all"}),
+              **{f"base.{k}": v for k, v in base.items()}}
+    parent = tracker.start_sweep(study, params, args.resume, role="sweep" if preset is None else "preset")
+    settings = StudySettings(base=base, storage=str(storage), tracking_uri=uri, experiment=experiment,
+                             parent_run_id=parent, workers=args.workers_per_trial,
+                             gpus_per_worker=args.gpus_per_worker, cert_shards=args.cert_shards, preset=name,
+                             factor=None if preset is None else preset.key, validate=preset is None,
+                             test=preset is not None)
+    print(f"{study}: storage {storage}, MLflow {uri} (experiment {tracker.experiment_id})", flush=True)
+    return Study(study, storage, tracker, parent, settings, args.resume, concurrent)
 
 
-def reference_denoisers(results: ray.tune.ResultGrid, settings: StudySettings, default: dict) -> dict[str, dict]:
-    """The baseline's weights and those of DE-CROP with the profile's defaults: the search's first trial
-    (`default_point`) when it ran to the end, else trained here. The trainings run at the same time."""
-    to_train = {"baseline": "baseline"}  # label -> method
-    state = {}
-    finished = [r for r in results if r.config == default and "objective" in (r.metrics or {})]
-    weights = Path(settings.storage) / "denoisers" / f"{finished[0].metrics['trial_id']}.pt" if finished else None
-    if weights is not None and weights.exists():
-        state["decrop_default"] = load_denoiser_state(weights)
-    else:
-        to_train["decrop_default"] = "decrop"
-    print(f"sweep: training {' and '.join(to_train)} on the same subset and budget", flush=True)
-    futures = {label: _train_reference_task.remote(settings.base, method, settings)
-               for label, method in to_train.items()}
-    state.update({label: ray.get(future) for label, future in futures.items()})
-    return {"baseline": state["baseline"], "decrop_default": state["decrop_default"]}
+def concurrency(args: argparse.Namespace) -> int:
+    """Trials at once: --max-concurrent, else the cluster's CPUs (or GPUs) / what one trial's training holds."""
+    resources = ray.cluster_resources()
+    demand = ("GPU", args.gpus_per_worker * args.workers_per_trial) if args.gpus_per_worker else (
+        "CPU", args.workers_per_trial)
+    return args.max_concurrent or max(1, int(resources.get(demand[0], 1) // demand[1]))
+
+
+def report(study: Study) -> None:
+    """The study's analysis report (tables, figures, paired statistics) into <storage>/report."""
+    from analysis import report as analysis_report
+    analysis_report.main(["--mlflow-uri", study.settings.tracking_uri, "--experiment", study.settings.experiment,
+                          "--out", str(study.storage / "report")])
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    study = args.study or f"{args.profile}-study"
     try:
+        preset = resolve(args.preset)
         cfg = load_config(REPO / "configs" / f"{args.profile}.yaml", args.overrides)
-    except ConfigError as err:  # before Ray starts or any trial runs
+        levels = check_args(args, cfg, preset)
+    except (ConfigError, ValueError) as err:  # before Ray starts or any trial runs
         print(f"error: {err}", file=sys.stderr)
         return 2
-    storage = args.storage.expanduser().resolve() / study
-    storage.mkdir(parents=True, exist_ok=True)
-    uri = resolve_tracking_uri(args.mlflow_uri, storage)
-    tracker = StudyTracker(uri, args.experiment or study)
-    try:
-        parent = tracker.start_sweep(study, {"profile": args.profile, "num_trials": args.num_trials,
-                                             "workers_per_trial": args.workers_per_trial,
-                                             "gpus_per_worker": args.gpus_per_worker, "seed": args.seed,
-                                             **{f"base.{k}": v for k, v in to_flat(cfg).items()}}, args.resume)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"sweep {study}: storage {storage}, MLflow {uri} (experiment {tracker.experiment_id})", flush=True)
-
-    connect()
+    base = to_flat(cfg)
     tic = time.perf_counter()
+    connect()
     prep = prepare(cfg)  # trains and caches the classifier once, before trials could race to do it
-    resources = ray.cluster_resources()
-    demand = ("GPU", args.gpus_per_worker * args.workers_per_trial) if args.gpus_per_worker else (
-        "CPU", args.workers_per_trial)
-    concurrent = args.max_concurrent or max(1, int(resources.get(demand[0], 1) // demand[1]))
-    settings = StudySettings(base=to_flat(cfg), storage=str(storage), tracking_uri=uri,
-                             experiment=args.experiment or study, parent_run_id=parent,
-                             workers=args.workers_per_trial, gpus_per_worker=args.gpus_per_worker,
-                             cert_shards=args.cert_shards)
-    trainable = tune_trainable(settings)
-    default = default_point(settings.base)  # the first trial: the method with the profile's own values
-    path = storage / "tune"
-    if args.resume and ray.tune.Tuner.can_restore(str(path)):
-        print(f"sweep: resuming {path}", flush=True)
-        tuner = ray.tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, resume_errored=True)
-    else:
-        tuner = ray.tune.Tuner(
-            trainable,
-            tune_config=ray.tune.TuneConfig(
-                search_alg=FinalObjectiveOptunaSearch(space=define_space, metric="objective", mode="max",
-                                                      sampler=TPESampler(seed=args.seed),
-                                                      points_to_evaluate=[default]),
-                scheduler=asha(total_epochs(settings.base)),
-                num_samples=args.num_trials, max_concurrent_trials=concurrent),
-            run_config=ray.tune.RunConfig(name="tune", storage_path=str(storage),
-                                          callbacks=[MlflowStatusCallback(tracker, parent),
-                                                     Progress(args.num_trials)],
-                                          failure_config=ray.tune.FailureConfig(max_failures=1), verbose=1))
-    results = tuner.fit()
-    best = results.get_best_result(metric="objective", mode="max", filter_nan_and_inf=True)
-    best_params = dict(best.config)
-    print(f"sweep: best trial {best.path.split('/')[-1]}: objective {best.metrics['objective']:.4f}, "
-          f"{best_params}", flush=True)
-
-    # The best trial's denoiser, the baseline's and the defaults', certified on the test subset: reporting only.
-    best_id = best.metrics["trial_id"]
-    tracker.set_tag(parent, "decrop.best_trial_id", best_id)
-    best_flat = trial_config(settings, best_params)
-    references = reference_denoisers(results, settings, default)
-    rows = certify_parallel(best_flat, {"none": None, **references,
-                                        "decrop_best": load_denoiser_state(storage / "denoisers" / f"{best_id}.pt")},
-                            "test", [int(i) for i in prep.test_indices], args.cert_shards,
-                            gpus_per_task=args.gpus_per_worker)
-    for label, label_rows in rows.items():
-        tracker.log_certification(parent, label_rows, cfg.certify.radii, f"test_{label}")
-    table = summarize(rows, cfg, prep.clean_accuracy, epochs={"decrop_best": epochs_text(from_flat(best_flat), "decrop")})
-    tracker.log_text(parent, table.to_csv(), "test_summary.csv")
-    tracker.finish(parent, "FINISHED")
-    print(f"\nTest-subset certified accuracy (%), best trial vs DE-CROP defaults and baseline, sigma={cfg.sigma}, "
-          f"{cfg.data.percent}% of {cfg.data.dataset}, n={cfg.certify.n}:")
-    print(format_table(table))
-    print(f"\nsweep wall time {time.perf_counter() - tic:.0f}s; MLflow UI: mlflow ui --backend-store-uri {uri}, "
-          f"then open http://127.0.0.1:5000/#/experiments/{tracker.experiment_id}/runs?workflowType=machine_learning")
+    concurrent = concurrency(args)
+    for name in study_names(preset):
+        try:
+            study = open_study(name, args, base, concurrent)
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        if name == SEARCH:
+            best = run_search(study, args.num_trials, args.seed)
+            confirm(study, best, args.confirm_seeds, cfg, prep.clean_accuracy)
+        else:
+            run_preset(study, name, args.seeds, levels)
+        study.tracker.finish(study.parent, "FINISHED")
+        report(study)
+        uri, experiment_id = study.settings.tracking_uri, study.tracker.experiment_id
+        print(f"\n{study.name} done in {time.perf_counter() - tic:.0f}s; report in {study.storage / 'report'}; "
+              f"MLflow UI: mlflow ui --backend-store-uri {uri}, then open "
+              f"http://127.0.0.1:5000/#/experiments/{experiment_id}/runs?workflowType=machine_learning", flush=True)
     return 0
 
 

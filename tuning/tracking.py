@@ -39,7 +39,7 @@ from mlflow.entities import Metric, Param, Run
 from mlflow.exceptions import MlflowException
 from ray.tune import Callback
 
-from decrop.certify import CertRow, average_certified_radius, certified_accuracy, write_rows
+from decrop.certify import CertRow, average_certified_radius, certified_accuracy, read_rows, write_rows
 
 log = logging.getLogger(__name__)
 
@@ -245,6 +245,15 @@ class StudyTracker:
             if value is not None:
                 self.client.set_tag(run_id, key, str(value))
         return run_id
+
+    def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        """Log the `params` the run does not have yet (params are immutable in MLflow)."""
+        self._log_new_params(self.client.get_run(run_id), params)
+
+    def rows(self, run_id: str, label: str) -> list[CertRow]:
+        """The certification rows a run logged under `label` (``certify/<label>.tsv``)."""
+        with tempfile.TemporaryDirectory() as tmp:
+            return read_rows(self.client.download_artifacts(run_id, f"certify/{label}.tsv", tmp))
 
     def set_tag(self, run_id: str, key: str, value: str) -> None:
         self.client.set_tag(run_id, key, value)

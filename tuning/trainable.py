@@ -1,16 +1,20 @@
-"""One Tune trial of a DE-CROP study: samples -> Ray Train DDP training -> sharded certification -> objective.
+"""One Tune trial of a study: samples -> Ray Train DDP training -> sharded certification -> report.
 
-The trial function is the driver of a Ray Train run (PLATFORM_NOTES: Train V2 inside Tune): it builds a
-`TorchTrainer` whose per-epoch reports reach Tune through ``TuneReportCallback`` (so ASHA can stop weak
-trials on ``val/agreement``), calls ``fit()``, certifies the trained denoiser on validation images as parallel
-Ray tasks and reports the objective with ``ray.tune.report``.
+Every study runs its trials through this one trainable: the Optuna search (a trial's parameters are the
+searched config keys), the paper's presets and the search's confirmation (a trial's parameters are a *point*
+of `tuning.presets`: method, seed, level and config overrides). The trial function is the driver of a Ray
+Train run (PLATFORM_NOTES: Train V2 inside Tune): it builds a `TorchTrainer` whose per-epoch reports reach Tune
+through ``TuneReportCallback`` (so ASHA can stop weak search trials on ``val/agreement``), calls ``fit()``,
+certifies the trained denoiser as parallel Ray tasks and reports with ``ray.tune.report``. The no-denoiser
+reference (method ``none``) trains nothing and is only certified.
 
-**Objective**: the average certified radius (ACR) of the smoothed classifier on the first
+**Objective** (the search): the average certified radius (ACR) of the smoothed classifier on the first
 ``certify.val_images`` validation images (`data.val_source`: extra unlabelled images or a held-out part of the
 limited subset), where an image counts as correct when the smoothed denoised classifier agrees with the
 classifier's own prediction: no label outside the limited data is read. ACR rewards both certifying more
 images and certifying them further, and varies smoothly with the hyperparameters, where certified accuracy at
-one radius on ~100 images moves in steps of 1%. The test images are never touched.
+one radius on ~100 images moves in steps of 1%. **Test images** are certified only by trials of a study that
+reports them (presets, confirmation), after training: nothing is selected on them.
 """
 
 from __future__ import annotations
@@ -27,18 +31,20 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from decrop.checkpoint import read_checkpoint, save_checkpoint
 from decrop.classifier import classifier_key
-from decrop.config import config_hash, from_flat, to_flat, to_yaml
-from decrop.pipeline import build_denoiser, prepare, samples_for
+from decrop.config import ExperimentConfig, config_hash, from_flat, to_flat, to_yaml
+from decrop.pipeline import NO_DENOISER, Prepared, build_denoiser, prepare, samples_for
 
 from .certify_tasks import certify_parallel
 from .space import trial_overrides
-from .tracking import StudyTracker
+from .tracking import (FACTOR_TAG, LEVEL_TAG, METHOD_TAG, PRESET_TAG, SEED_TAG, VARIANT_TAG, StudyTracker)
 from .train_loop import train_loop_per_worker, trained_state
 
 
 @dataclass(frozen=True)
 class StudySettings:
-    """What every trial of a study shares (picklable: it travels to the trial processes)."""
+    """What every trial of a study shares (picklable: it travels to the trial processes). `preset` and `factor`
+    tag its runs; `validate` certifies validation images for the objective (the search), `test` the test subset
+    for reporting (presets and the confirmation)."""
 
     base: dict[str, Any]  # the profile's flat config
     storage: str  # absolute folder for Train runs and checkpoints
@@ -49,11 +55,29 @@ class StudySettings:
     gpus_per_worker: float = 0.0
     cert_shards: int = 2
     checkpoint_every: int = 5
+    preset: str = "search"
+    factor: str | None = None
+    validate: bool = True
+    test: bool = False
+
+
+def trial_point(params: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+    """The point a trial runs: `params` itself when it is one (presets), else a search trial's Optuna parameters
+    as a DE-CROP point on the profile's seed."""
+    if "point" in params:
+        return params["point"]
+    shown = " ".join(f"{k.removeprefix('decrop.')}={v:.3g}" if isinstance(v, float) else
+                     f"{k.removeprefix('decrop.')}={v}" for k, v in params.items())
+    return {"method": "decrop", "seed": int(base["seed"]), "level": None,
+            "overrides": trial_overrides(params, base), "name": f"decrop search {shown}"}
 
 
 def trial_config(settings: StudySettings, params: dict[str, Any]) -> dict[str, Any]:
-    """The flat config of a trial: the profile's, with the sampled parameters applied (and checked)."""
-    flat = {**settings.base, **trial_overrides(params, settings.base), "methods": ["decrop"]}
+    """The flat config of a trial: the profile's, with the point's overrides and seed applied (and checked)."""
+    point = trial_point(params, settings.base)
+    method = point["method"]
+    flat = {**settings.base, **point["overrides"], "seed": point["seed"],
+            "methods": [] if method == NO_DENOISER else [method]}
     return to_flat(from_flat(flat))
 
 
@@ -61,24 +85,14 @@ def _quiet(_: str) -> None:
     pass
 
 
-def run_trial(params: dict[str, Any], settings: StudySettings) -> None:
-    """The Tune function trainable (see module doc). Raises on failure so Tune marks the trial errored."""
-    flat = trial_config(settings, params)
-    cfg = from_flat(flat)
-    context = ray.tune.get_context()
-    trial_id, trial_name = context.get_trial_id(), context.get_trial_name()
-    tracker = StudyTracker(settings.tracking_uri, settings.experiment)
-    run_id = tracker.trial_run(settings.parent_run_id, trial_id, trial_name, flat)
-    tracker.log_text(run_id, to_yaml(cfg), "config.yaml")
-
-    # Samples are generated (and cached per subset and attack setting) here, once, so the DDP workers read
-    # the cache instead of each generating them.
-    prep = prepare(cfg, log=_quiet, evaluate=False)
-    samples_for(prep, prep.classifier, classifier_key(cfg), log=_quiet)
-
+def _train(settings: StudySettings, flat: dict, method: str, trial_id: str, name: str, run_id: str,
+           prep: Prepared) -> tuple[dict[str, torch.Tensor], dict]:
+    """The trial's denoiser, trained by a Ray Train run of `train_loop_per_worker`; (weights, last metrics)."""
+    if method in ("decrop",):  # generated (and cached) once here, so the DDP workers read the cache
+        samples_for(prep, prep.classifier, classifier_key(prep.cfg), log=_quiet)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": flat, "method": "decrop", "label": trial_name,
+        train_loop_config={"config": flat, "method": method, "label": name,
                            "checkpoint_every": settings.checkpoint_every,
                            "threads": 1, "tracking_uri": settings.tracking_uri,
                            "experiment": settings.experiment, "run_id": run_id},
@@ -94,20 +108,52 @@ def run_trial(params: dict[str, Any], settings: StudySettings) -> None:
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1)),
     )
     result = trainer.fit()
-    state = trained_state(result)
+    return trained_state(result), result.return_value or {}
 
-    rows = certify_parallel(flat, {"trial": state}, "val", [int(i) for i in prep.val_indices[:cfg.certify.val_images]],
-                            settings.cert_shards, gpus_per_task=settings.gpus_per_worker)["trial"]
-    metrics = tracker.log_certification(run_id, rows, cfg.certify.radii, "validation")
+
+def _save_weights(settings: StudySettings, cfg: ExperimentConfig, method: str, trial_id: str,
+                  state: dict[str, torch.Tensor], channels: int) -> Path:
     weights = Path(settings.storage) / "denoisers" / f"{trial_id}.pt"
-    denoiser = build_denoiser(cfg.denoiser, prep.info.channels)
+    denoiser = build_denoiser(cfg.denoiser, channels)
     denoiser.load_state_dict(state)
-    save_checkpoint(weights, denoiser, {"kind": "denoiser", "method": "decrop", "arch": cfg.denoiser.arch,
+    save_checkpoint(weights, denoiser, {"kind": "denoiser", "method": method, "arch": cfg.denoiser.arch,
                                         "key": config_hash(cfg.denoiser), "dataset": cfg.data.dataset,
                                         "sigma": cfg.sigma, "trial_id": trial_id})
-    tracker.log_artifact(run_id, str(weights), "denoiser")
-    ray.tune.report({"objective": metrics["certify/acr"], **metrics,
-                     "val/agreement": result.return_value.get("val/agreement", float("nan"))})
+    return weights
+
+
+def run_trial(params: dict[str, Any], settings: StudySettings) -> None:
+    """The Tune function trainable (see module doc). Raises on failure so Tune marks the trial errored."""
+    point = trial_point(params, settings.base)
+    method, label = point["method"], point.get("label", point["method"])
+    flat = trial_config(settings, params)
+    cfg = from_flat(flat)
+    trial_id = ray.tune.get_context().get_trial_id()
+    tracker = StudyTracker(settings.tracking_uri, settings.experiment)
+    tags = {PRESET_TAG: settings.preset, FACTOR_TAG: settings.factor, LEVEL_TAG: point["level"],
+            METHOD_TAG: method, SEED_TAG: point["seed"], VARIANT_TAG: point.get("variant")}
+    run_id = tracker.trial_run(settings.parent_run_id, trial_id, point["name"], flat, tags)
+    tracker.log_text(run_id, to_yaml(cfg), "config.yaml")
+    prep = prepare(cfg, log=_quiet, evaluate=False)
+    tracker.log_params(run_id, {f"budget.{k}": v for k, v in prep.budget.items()})
+
+    state, last = None, {}
+    if method != NO_DENOISER:
+        state, last = _train(settings, flat, method, trial_id, point["name"], run_id, prep)
+        tracker.log_artifact(run_id, str(_save_weights(settings, cfg, method, trial_id, state,
+                                                       prep.info.channels)), "denoiser")
+    metrics: dict[str, float] = {}
+    if settings.validate:
+        val = [int(i) for i in prep.val_indices[:cfg.certify.val_images]]
+        rows = certify_parallel(flat, {label: state}, "val", val, settings.cert_shards,
+                                gpus_per_task=settings.gpus_per_worker)[label]
+        metrics.update(tracker.log_certification(run_id, rows, cfg.certify.radii, "validation"))
+        metrics["objective"] = metrics["certify/acr"]
+    if settings.test:
+        rows = certify_parallel(flat, {label: state}, "test", [int(i) for i in prep.test_indices],
+                                settings.cert_shards, gpus_per_task=settings.gpus_per_worker)[label]
+        metrics.update(tracker.log_certification(run_id, rows, cfg.certify.radii, f"test_{label}"))
+    ray.tune.report({**metrics, "val/agreement": last.get("val/agreement", float("nan"))})
 
 
 def tune_trainable(settings: StudySettings):
@@ -119,6 +165,5 @@ def tune_trainable(settings: StudySettings):
 
 
 def load_denoiser_state(path: Path) -> dict[str, torch.Tensor]:
-    """The weights a trial saved (for the final test certification of the best trial); a missing or corrupt
-    file raises `CheckpointError` naming it."""
+    """The weights a trial saved; a missing or corrupt file raises `CheckpointError` naming it."""
     return read_checkpoint(path)["state_dict"]

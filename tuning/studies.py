@@ -1,0 +1,208 @@
+"""The studies a sweep runs: the Optuna search with its confirmation on fresh seeds, and the paper's presets.
+
+Both drive `tuning.trainable.run_trial` through Ray Tune: the search with Optuna's TPE and ASHA on the
+validation objective, a preset (and the confirmation) as a grid of points (`tuning.presets`) that each train a
+method and certify the test subset. Every study has its own storage folder (Tune state, Train checkpoints,
+denoisers), its own MLflow experiment with a parent run, and resumes with ``--resume`` (`Tuner.restore`: no
+finished trial reruns, no MLflow run is duplicated).
+
+**Does tuning help?** The search's best trial is chosen on a noisy validation objective, so its validation score
+is biased upward (the winner's curse). `confirm` therefore retrains the best configuration and the profile's
+defaults (and the baseline, and certifies the reference) on seeds the search never used, certifies them on the
+test subset, and tests per image (`analysis.stats.image_level_test`, Holm over the radii) whether the tuned
+configuration beats the defaults. That answer, not the search's own score, is the study's result.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import ray
+import ray.tune
+from optuna.samplers import TPESampler
+from ray.tune.schedulers import ASHAScheduler
+
+from analysis.stats import holm, image_level_test
+from decrop.certify import CertRow
+from decrop.config import ExperimentConfig, from_flat
+from decrop.pipeline import NO_DENOISER, epochs_text, format_table, summarize
+
+from .presets import PRESETS, points
+from .space import FinalObjectiveOptunaSearch, default_point, define_space, total_epochs, trial_overrides
+from .tracking import TRIAL_TAG, MlflowStatusCallback, StudyTracker
+from .trainable import StudySettings, trial_config, tune_trainable
+
+
+@dataclass(frozen=True)
+class Study:
+    """Where one study lives and how it runs (built by `tuning.sweep` from its arguments)."""
+
+    name: str
+    storage: Path  # <storage>/<study>: Tune state, Train runs, denoisers, the report
+    tracker: StudyTracker
+    parent: str  # the study's parent MLflow run
+    settings: StudySettings
+    resume: bool
+    concurrent: int
+
+
+class Progress(ray.tune.Callback):
+    """One line per trial event: started, finished (with its numbers), stopped early or failed."""
+
+    def __init__(self, total: int, metric: str):
+        self.total, self.metric, self.done, self.started = total, metric, 0, {}
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.started[trial.trial_id] = time.perf_counter()
+        print(f"  start  {_name(trial)}", flush=True)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.done += 1
+        result = trial.last_result or {}
+        value = result.get(self.metric)
+        shown = f"{self.metric} {value:.4f}" if value is not None else (
+            f"stopped early by ASHA after {result.get('epoch', '?')} epochs")
+        took = time.perf_counter() - self.started.get(trial.trial_id, time.perf_counter())
+        print(f"  done   {_name(trial)}: {shown} ({took:.0f}s; {self.done}/{self.total} trials)", flush=True)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        print(f"  FAILED {_name(trial)} (see {trial.local_path or 'its trial folder'}/error.txt)", flush=True)
+
+
+def _name(trial: Any) -> str:
+    point = (trial.config or {}).get("point")
+    return point["name"] if point else f"search trial {trial.trial_id}"
+
+
+def _tuner(study: Study, trainable: Any, **tune_args: Any) -> ray.tune.Tuner:
+    """A new Tuner for the study, or the interrupted one restored when resuming."""
+    path = study.storage / tune_args.pop("name")
+    if study.resume and ray.tune.Tuner.can_restore(str(path)):
+        print(f"{study.name}: resuming {path}", flush=True)
+        return ray.tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, resume_errored=True)
+    callbacks = [MlflowStatusCallback(study.tracker, study.parent), tune_args.pop("progress")]
+    return ray.tune.Tuner(trainable, param_space=tune_args.pop("param_space", None),
+                          tune_config=ray.tune.TuneConfig(max_concurrent_trials=study.concurrent, **tune_args),
+                          run_config=ray.tune.RunConfig(name=path.name, storage_path=str(study.storage),
+                                                        callbacks=callbacks, verbose=0,
+                                                        failure_config=ray.tune.FailureConfig(max_failures=1)))
+
+
+def asha(epochs: int) -> ASHAScheduler:
+    """ASHA on the per-epoch validation agreement: rungs at a quarter of the budget and 3x that, keeping the top
+    third at each. Every rung lies before the last epoch (max_t = epochs - 1, no stop at max_t): a trial that
+    trained to the end is always certified, never discarded after paying for all its epochs."""
+    grace = max(1, epochs // 4)
+    return ASHAScheduler(metric="val/agreement", mode="max", max_t=max(grace, epochs - 1), grace_period=grace,
+                         reduction_factor=3, stop_last_trials=False)
+
+
+def run_grid(study: Study, grid: list[dict[str, Any]], name: str) -> ray.tune.ResultGrid:
+    """Run the points of `grid` as Tune trials (no search, no early stopping); every trial must succeed."""
+    print(f"{study.name}: {len(grid)} trials ({name})", flush=True)
+    tuner = _tuner(study, tune_trainable(study.settings), name=name,
+                   param_space={"point": ray.tune.grid_search(grid)},
+                   progress=Progress(len(grid), "certify_test/acr"))
+    results = tuner.fit()
+    failed = [r for r in results if r.error is not None]
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {len(grid)} trials of {study.name} failed (first: {failed[0].error}); "
+                           f"rerun with --resume to retry them")
+    return results
+
+
+def run_search(study: Study, num_trials: int, seed: int) -> dict[str, Any]:
+    """The Optuna search on the validation objective; returns the best trial's parameters."""
+    base = study.settings.base
+    default = default_point(base)  # the first trial: the method with the profile's own values
+    print(f"{study.name}: searching {num_trials} trials on the validation objective", flush=True)
+    tuner = _tuner(study, tune_trainable(study.settings), name="tune",
+                   search_alg=FinalObjectiveOptunaSearch(space=define_space, metric="objective", mode="max",
+                                                         sampler=TPESampler(seed=seed), points_to_evaluate=[default]),
+                   scheduler=asha(total_epochs(base)), num_samples=num_trials,
+                   progress=Progress(num_trials, "objective"))
+    results = tuner.fit()
+    best = results.get_best_result(metric="objective", mode="max", filter_nan_and_inf=True)
+    study.tracker.set_tag(study.parent, "decrop.best_trial_id", best.metrics["trial_id"])
+    print(f"{study.name}: best trial {best.metrics['trial_id']}: validation objective "
+          f"{best.metrics['objective']:.4f} with {dict(best.config)}", flush=True)
+    return dict(best.config)
+
+
+def confirmation_points(base: dict[str, Any], best: dict[str, Any], seeds: list[int]) -> list[dict[str, Any]]:
+    """The best configuration and the profile's defaults (once, if they are the same), the baseline and the
+    reference, on `seeds` (which the search never used)."""
+    variants = {"best": trial_overrides(best, base), "default": trial_overrides(default_point(base), base)}
+    if variants["best"] == variants["default"]:
+        variants.pop("best")
+    grid = []
+    for seed in seeds:
+        for variant, overrides in variants.items():
+            grid.append({"method": "decrop", "variant": variant, "label": f"decrop_{variant}", "seed": seed,
+                         "level": None, "overrides": overrides, "name": f"decrop {variant} seed={seed}"})
+        grid.append({"method": "baseline", "seed": seed, "level": None, "overrides": {},
+                     "name": f"baseline seed={seed}"})
+    grid.append({"method": NO_DENOISER, "seed": seeds[0], "level": None, "overrides": {},
+                 "name": f"none seed={seeds[0]}"})
+    return grid
+
+
+def confirm(study: Study, best: dict[str, Any], seeds: list[int], cfg: ExperimentConfig,
+            clean_accuracy: float) -> pd.DataFrame:
+    """Retrain and test-certify the best configuration and the defaults on fresh `seeds`; print and log the
+    table (mean certified accuracy over the seeds) and the paired per-image test of best against defaults."""
+    grid = confirmation_points(study.settings.base, best, seeds)
+    results = run_grid(study, grid, "confirm")
+    rows: dict[str, list[list[CertRow]]] = {}
+    for result in results:
+        point = result.config["point"]
+        label = point.get("label", point["method"])
+        run_id = study.tracker.find_child(study.parent, {TRIAL_TAG: result.metrics["trial_id"]})
+        rows.setdefault(label, []).append(study.tracker.rows(run_id, f"test_{label}"))
+    radii = cfg.certify.radii
+    table = summarize({label: [r for seed_rows in runs for r in seed_rows] for label, runs in rows.items()}, cfg,
+                      clean_accuracy, epochs={"decrop_best": epochs_text(from_flat(trial_config(
+                          study.settings, best)), "decrop")})
+    tests = paired_radii(rows.get("decrop_best"), rows["decrop_default"], radii) if "decrop_best" in rows else None
+    study.tracker.log_text(study.parent, table.to_csv(), "confirm/test_summary.csv")
+    print(f"\nConfirmation on fresh seeds {seeds} (test subset, {len(rows['none'][0])} images; certified accuracy (%) "
+          f"pooled over the seeds):")
+    print(format_table(table))
+    if tests is None:
+        print("\nThe search's best configuration is the profile's defaults: there is nothing to confirm.")
+    else:
+        study.tracker.log_text(study.parent, tests.to_csv(index=False), "confirm/best_vs_default.csv")
+        print("\nDoes tuning help? Best configuration against the defaults, per test image over the fresh seeds:")
+        print(tests.to_string(index=False))
+    return table
+
+
+def paired_radii(method: list[list[CertRow]], reference: list[list[CertRow]], radii: tuple[float, ...]
+                 ) -> pd.DataFrame:
+    """Image-level paired test of `method` against `reference` (rows per seed, same images) at each radius,
+    Holm-adjusted over the radii: difference in points with its 95% interval, p and adjusted p."""
+    def matrix(runs: list[list[CertRow]], r: float) -> np.ndarray:
+        return np.array([[row.correct == 1 and row.radius >= r for row in sorted(run, key=lambda x: x.idx)]
+                         for run in runs]).T
+    records = []
+    for r in radii:
+        test = image_level_test(matrix(method, r), matrix(reference, r))
+        records.append({"radius": r, "difference (points)": round(100 * test.difference, 1),
+                        "95% interval": f"[{100 * test.interval[0]:+.1f}, {100 * test.interval[1]:+.1f}]",
+                        "p": test.p_value})
+    frame = pd.DataFrame(records)
+    frame["p (Holm over radii)"] = holm(frame["p"].to_numpy())
+    frame["verdict"] = ["tuned better" if p < 0.05 and d > 0 else "defaults better" if p < 0.05 else
+                        "no difference shown" for p, d in zip(frame["p (Holm over radii)"],
+                                                              frame["difference (points)"])]
+    return frame
+
+
+def run_preset(study: Study, name: str, seeds: list[int], levels: tuple | None) -> ray.tune.ResultGrid:
+    """The paper's study `name` over `seeds` (and `levels`): every point trained and test-certified."""
+    return run_grid(study, points(PRESETS[name], seeds, levels), "tune")
