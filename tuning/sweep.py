@@ -17,7 +17,9 @@ an interrupted sweep: finished trials are not rerun and no MLflow run is duplica
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
+import secrets
 import sys
 import time
 from pathlib import Path
@@ -37,6 +39,16 @@ RAY_ENV = {
 }
 for _key, _value in RAY_ENV.items():
     os.environ.setdefault(_key, _value)
+# A Ray that this driver starts itself (see connect(); not under `ray job submit`, which sets RAY_ADDRESS) listens
+# on loopback only. Ray binds GCS, raylet, workers, agents and its Prometheus exporters to the node's address, and
+# picks that address when ray is imported: with this flag "0" (Ray's switch for single-machine clusters) it is
+# 127.0.0.1, otherwise the machine's network address (0.0.0.0/:: for most listeners). Token auth is stated
+# explicitly (Ray 2.60's default for new local clusters, without its warning). Both are read when ray is
+# imported: set after that, they would reach Ray's daemons but not this process, which then disagrees with them.
+LOCAL_RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token"}
+if not os.environ.get("RAY_ADDRESS") and "ray" not in sys.modules:
+    for _key, _value in LOCAL_RAY_ENV.items():
+        os.environ.setdefault(_key, _value)
 
 import ray  # noqa: E402
 import ray.tune  # noqa: E402
@@ -47,7 +59,7 @@ from decrop.config import ConfigError, load_config, to_flat  # noqa: E402
 from decrop.pipeline import format_table, prepare, summarize  # noqa: E402
 from tuning.certify_tasks import certify_parallel  # noqa: E402
 from tuning.space import FinalObjectiveOptunaSearch, default_point, define_space  # noqa: E402
-from tuning.tracking import MlflowStatusCallback, StudyTracker, resolve_tracking_uri  # noqa: E402
+from tuning.tracking import MlflowStatusCallback, StudyTracker, redact_uri, resolve_tracking_uri  # noqa: E402
 from tuning.trainable import StudySettings, load_denoiser_state, trial_config, tune_trainable  # noqa: E402
 from tuning.train_loop import train_loop_per_worker, trained_state  # noqa: E402
 
@@ -76,17 +88,49 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def connect() -> None:
-    """Join the cluster this runs on (under `ray job submit` RAY_ADDRESS is set), else start a local one."""
+    """Join the cluster this runs on (under `ray job submit` RAY_ADDRESS is set), else start a local one.
+
+    A local cluster gets token auth with the token file readable by this user only, and listens on 127.0.0.1
+    when LOCAL_RAY_ENV took effect (set before ray was imported); a line says where it listens."""
     if os.environ.get("RAY_ADDRESS"):
         ray.init()
         return
     try:
         ray.init(address="auto")
     except ConnectionError:
+        private_token_file()  # before Ray writes one world-readable
         # With the dashboard (on 127.0.0.1): Train's PlacementGroupCleaner queries the controller's state
         # through it, and without it never removes the placement group of a trial that ASHA stopped; two such
         # leaks held both CPUs of the 2-core machine and the next trials waited forever.
         ray.init(num_cpus=os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1")
+        address, auth = ray.util.get_node_ip_address(), os.environ.get("RAY_AUTH_MODE", "token")
+        if ipaddress.ip_address(address).is_loopback:
+            print(f"sweep: local Ray on {address} only (dashboard and metrics too), auth mode {auth}", flush=True)
+        else:
+            print(f"sweep: warning: the local Ray listens on {address}, not only on 127.0.0.1 (ray was imported "
+                  f"before tuning/sweep.py could set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0); auth mode {auth}",
+                  flush=True)
+
+
+def private_token_file() -> Path | None:
+    """Ray's token file (``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``), created if missing, mode 0600.
+
+    Ray 2.60 writes a new token file 0644, readable by every user of the machine, and anyone holding the token
+    may run code on the cluster. A token in ``RAY_AUTH_TOKEN`` needs no file: returns None then."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return None
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or "~/.ray/auth_token").expanduser()
+    if not path.exists():
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:  # created 0600 from the start; a concurrent creator wins and is chmod-ed below
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(32))  # what Ray's own generator writes: 256 random bits as hex
+        except FileExistsError:
+            pass
+    if path.stat().st_mode & 0o077:
+        path.chmod(0o600)
+    return path
 
 
 class Progress(ray.tune.Callback):
@@ -173,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"sweep {study}: storage {storage}, MLflow {uri} (experiment {tracker.experiment_id})", flush=True)
+    print(f"sweep {study}: storage {storage}, MLflow {redact_uri(uri)} (experiment {tracker.experiment_id})", flush=True)
 
     connect()
     tic = time.perf_counter()
@@ -228,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nTest-subset certified accuracy (%), best trial vs DE-CROP defaults and baseline, sigma={cfg.sigma}, "
           f"{cfg.data.percent}% of {cfg.data.dataset}, n={cfg.certify.n}:")
     print(format_table(table))
-    print(f"\nsweep wall time {time.perf_counter() - tic:.0f}s; MLflow UI: mlflow ui --backend-store-uri {uri}, "
+    print(f"\nsweep wall time {time.perf_counter() - tic:.0f}s; MLflow UI: mlflow ui --backend-store-uri {redact_uri(uri)}, "
           f"then open http://127.0.0.1:5000/#/experiments/{tracker.experiment_id}/runs?workflowType=machine_learning")
     return 0
 
