@@ -156,7 +156,8 @@ wait_for_free_ports() {  # $1: timeout in seconds
 }
 
 dashboard_alive() {  # the head's dashboard process (its command line names the head's temp dir)
-    ps -eo args= | grep -F -- "--temp-dir=$HEAD_DIR" | grep -q "dashboard/dashboard.py"
+    ps -eo args= | NEEDLE="$HEAD_DIR/" awk 'index($0, ENVIRON["NEEDLE"]) && /dashboard\/dashboard\.py/ { found = 1 }
+                                            END { exit !found }'
 }
 
 # Waits for the job server: GET /api/version with the token, what `ray job submit` asks first. Returns 0 when it
