@@ -217,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"sweep {study}: storage {storage}, MLflow {redact_uri(uri)} (experiment {tracker.experiment_id})", flush=True)
+    print(f"sweep {study}: storage {storage}, MLflow {redact_uri(uri)} (experiment {tracker.experiment_id})",
+          flush=True)
 
     connect()
     tic = time.perf_counter()
@@ -272,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nTest-subset certified accuracy (%), best trial vs DE-CROP defaults and baseline, sigma={cfg.sigma}, "
           f"{cfg.data.percent}% of {cfg.data.dataset}, n={cfg.certify.n}:")
     print(format_table(table))
-    print(f"\nsweep wall time {time.perf_counter() - tic:.0f}s; MLflow UI: mlflow ui --backend-store-uri {redact_uri(uri)}, "
+    print(f"\nsweep wall time {time.perf_counter() - tic:.0f}s; MLflow UI: mlflow ui --backend-store-uri "
+          f"{redact_uri(uri)}, "
           f"then open http://127.0.0.1:5000/#/experiments/{tracker.experiment_id}/runs?workflowType=machine_learning")
     return 0
 

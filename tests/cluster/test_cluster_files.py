@@ -312,7 +312,8 @@ def test_one_image_everywhere_with_this_ray_version():
 
 
 def _mlflow_deployment() -> dict:
-    (deployment,) = [d for d in _rayjob_docs() if d["kind"] == "Deployment" and d["metadata"]["name"] == "decrop-mlflow"]
+    (deployment,) = [d for d in _rayjob_docs()
+                     if d["kind"] == "Deployment" and d["metadata"]["name"] == "decrop-mlflow"]
     return deployment
 
 
@@ -449,7 +450,8 @@ def test_mlflow_servers_require_basic_auth():
 
 _SECRET_NAME = re.compile(r"PASSWORD|PASSWD|SECRET|TOKEN|CREDENTIAL|API_KEY", re.IGNORECASE)
 # key=value or key: value where the key names a secret and the value is a literal (not a $reference or empty).
-_SECRET_ASSIGNMENT = re.compile(r"(?i)\b[\w.-]*(password|passwd|secret_key|api_key)[\w.-]*\s*[=:]\s*(?P<value>[^\s$\"'][^\s]*)")
+_SECRET_ASSIGNMENT = re.compile(
+    r"(?i)\b[\w.-]*(password|passwd|secret_key|api_key)[\w.-]*\s*[=:]\s*(?P<value>[^\s$\"'][^\s]*)")
 _URI_PASSWORD = re.compile(r"://[^\s/:@]+:(?P<value>[^\s/@$]+)@")
 
 
