@@ -10,8 +10,12 @@ tests of DE-CROP against the baseline on the same test images, and an OLS regres
 on its hyperparameters. Writes into OUT (default ``reports/<experiment>``): ``report.html`` (self-contained,
 figures inlined), ``report.md`` with the PNG figures next to it, and CSV tables (``certified.csv``: one row per
 run x label x radius). Prints the headline table and logs the report files under ``report/`` of the study's
-parent run. Bad input (missing store, unknown or empty experiment, no certification) ends with ``error: ...``
-and exit code 2.
+parent run. Bad input (missing store, a file that is no MLflow store, unknown or empty experiment, no
+certification) ends with ``error: ...`` and exit code 2.
+
+A local file is only written to when it is an MLflow store of this platform (runs tagged ``decrop.role``): any
+other file is refused unchanged, another MLflow store is read from a copy. A study still running is reported with
+a warning that the report is partial. Passwords in the tracking URI never reach the output or the report files.
 """
 
 from __future__ import annotations
@@ -21,17 +25,15 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
-# `python analysis/report.py` puts analysis/ on sys.path, not the repo root that holds the packages; and
-# analysis/ on the path would let its modules shadow others of the same name (tables = PyTables).
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if not p or Path(p).resolve() != _HERE]
-sys.path.insert(0, str(_HERE.parent))
-
-# A server that is down should fail in seconds, not after MLflow's default ~2 minutes of retries.
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per downloaded table otherwise
+if __name__ == "__main__":
+    # `python analysis/report.py` puts analysis/ on sys.path, not the repo root that holds the packages; and
+    # analysis/ on the path would let its modules shadow others of the same name (tables = PyTables). Only
+    # when run as a script: `import analysis.report` leaves sys.path alone.
+    _HERE = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if not p or Path(p).resolve() != _HERE]
+    sys.path.insert(0, str(_HERE.parent))
 
 import pandas as pd  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
@@ -48,13 +50,19 @@ from analysis.runs import (  # noqa: E402
     load_histories,
     load_runs,
     missing_results,
-    open_store,
     pick_experiments,
-    store_uri,
+    running_studies,
     trials_frame,
 )
 from analysis.stats import Statistics, statistics  # noqa: E402
+from analysis.store import open_store, store_uri  # noqa: E402
 from analysis.tables import tables  # noqa: E402
+from tuning.tracking import redact_uri  # noqa: E402
+
+# While main() runs: a server that is down fails in seconds, not after MLflow's default ~2 minutes of retries,
+# and downloads print no progress bar per table. Values the caller set win.
+MLFLOW_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+              "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
 
 __all__ = ["Analysis", "ReportError", "build_report", "certification_frame", "figures", "load_runs", "main",
            "render_html", "render_markdown", "statistics", "tables", "write_report"]
@@ -91,21 +99,25 @@ class Analysis:
 
 def build_report(client: MlflowClient, uri: str, experiments: list, out: Path, progress=print) -> Analysis:
     """Read the runs, compute tables, statistics and figures (PNGs written into `out`). ReportError when there is
-    nothing to report."""
-    names = [e.name for e in experiments]
+    nothing to report. `uri` is shown in the progress lines and the report with any password redacted."""
+    names, uri = [e.name for e in experiments], redact_uri(uri)
     progress(f"report: loading the runs of {', '.join(names)} from {uri}")
     runs = load_runs(client, [e.experiment_id for e in experiments])
     if runs.empty:
         raise ReportError(f"experiment {' / '.join(repr(n) for n in names)} has no runs")
+    running = running_studies(runs)  # said first: everything below is partial
+    for note in running:
+        progress(f"report: warning: {note}")
     rows, notes = download_rows(client, runs, progress)
     missing = missing_results(runs, rows)
     if not rows:
         raise ReportError(f"no certification results in {' / '.join(repr(n) for n in names)}: "
                           + "; ".join(missing) + " — none has certify metrics with a certify/<label>.tsv table")
     cert = certification_frame(runs, rows)
-    notes += check_logged(cert)
+    notes = [redact_uri(note) for note in notes + check_logged(cert)]  # notes may quote server errors
     for note in notes:
         progress(f"report: warning: {note}")
+    notes = running + notes
     histories = load_histories(client, runs, "val/agreement", progress)
     trials = trials_frame(runs, histories)
     found = tables(cert, trials)
@@ -135,32 +147,44 @@ def write_report(analysis: Analysis, out: Path) -> list[Path]:
 
 
 def log_to_parents(client: MlflowClient, parent_run_ids: list[str], files: list[Path], progress=print) -> None:
-    """Every report file as an artifact under ``report/`` of each parent run."""
+    """Every report file as an artifact under ``report/`` of each parent run. A failure (a study still writing
+    the store: "database is locked") is a warning line: the report files are written already."""
     for run_id in parent_run_ids:
-        for path in files:
-            client.log_artifact(run_id, str(path), "report")
+        try:
+            for path in files:
+                client.log_artifact(run_id, str(path), "report")
+        except (MlflowException, OSError) as err:
+            progress(f"report: warning: could not log the report to run {run_id}: "
+                     f"{redact_uri(str(err).strip().splitlines()[0] if str(err).strip() else repr(err))}")
+            continue
         progress(f"report: logged {len(files)} files under report/ of run {run_id}")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    with mock.patch.dict(os.environ, {k: v for k, v in MLFLOW_ENV.items() if k not in os.environ}):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
-        uri = store_uri(args.mlflow_uri)
-        client = open_store(uri)
-        experiments = pick_experiments(client, args.experiment, uri)
+        store = open_store(store_uri(args.mlflow_uri))
+        experiments = pick_experiments(store.client, args.experiment, store.shown)
         out = args.out or Path("reports") / "+".join(e.name.replace("/", "_") for e in experiments)
-        analysis = build_report(client, uri, experiments, out)
+        analysis = build_report(store.client, store.shown, experiments, out)
         files = write_report(analysis, out)
-        if analysis.parent_run_ids:
-            log_to_parents(client, analysis.parent_run_ids, files)
+        if not store.writable:
+            print(f"report: not logged to the store ({store.note})")
+        elif analysis.parent_run_ids:
+            log_to_parents(store.client, analysis.parent_run_ids, files)
         else:
             print("report: no parent run (sweep or study) to log the report to")
     except ReportError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {redact_uri(str(err))}", file=sys.stderr)
         return 2
     except MlflowException as err:
-        print(f"error: reading the MLflow store failed: {str(err).splitlines()[0] if str(err) else err!r}",
-              file=sys.stderr)
+        print(f"error: reading the MLflow store failed: "
+              f"{redact_uri(str(err).splitlines()[0] if str(err) else repr(err))}", file=sys.stderr)
         return 2
     if analysis.tables:
         name, headline = next(iter(analysis.tables.items()))

@@ -16,7 +16,6 @@ import tempfile
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from urllib.parse import unquote, urlparse
 
 import numpy as np
 import pandas as pd
@@ -26,12 +25,10 @@ from mlflow.exceptions import MlflowException
 from statsmodels.stats.proportion import proportion_confint
 
 from decrop.certify import CertRow, average_certified_radius, certified_counts, read_rows
-from tuning.tracking import (PARENT_TAG, ROLE_TAG, STUDY_TAG, TRIAL_TAG, certification_prefix,
-                             resolve_tracking_uri)
+from tuning.tracking import PARENT_TAG, ROLE_TAG, STUDY_TAG, TRIAL_TAG, certification_prefix, redact_uri
 
 SETTING_TAG, BEST_TAG = "decrop.setting", "decrop.best_trial_id"
 PARENT_ROLES = ("sweep", "study")
-DEFAULT_STORAGE = Path("~/decrop-runs")  # the sweep's default --storage: stores are <storage>/<study>/mlflow.db
 # The searched hyperparameters (tuning/space.py) and their scale: "log" ones are analysed as log10.
 SEARCHED = {"decrop.mixing": "linear", "decrop.w_cs": "log", "decrop.w_mmd": "log", "decrop.n_interp": "category",
             "decrop.attack": "category", "stage2": "category", "decrop.beta_scale": "log",
@@ -53,54 +50,17 @@ class ReportError(Exception):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Store and experiments
-
-
-def _local_path(uri: str) -> Path | None:
-    """The file or folder behind a ``sqlite:///`` or ``file:`` URI; None for servers and other databases."""
-    if uri.startswith("sqlite:///"):
-        return Path(uri[len("sqlite:///"):])
-    if uri.startswith("file:"):
-        return Path(unquote(urlparse(uri).path))
-    return None
-
-
-def store_uri(uri: str | None, storage: Path = DEFAULT_STORAGE) -> str:
-    """The tracking URI to read: `uri` resolved like the sweep's ``--mlflow-uri``, or by default the most recently
-    modified ``<storage>/*/mlflow.db``. ReportError when a local store does not exist: opening a missing SQLite
-    path would create an empty store there."""
-    if not uri:
-        root = Path(storage).expanduser()
-        stores = sorted(root.glob("*/mlflow.db"), key=lambda p: p.stat().st_mtime)
-        if not stores:
-            raise ReportError(f"no MLflow store found: nothing matches {root}/*/mlflow.db; run a study first "
-                              f"(tuning/sweep.py) or pass --mlflow-uri")
-        return resolve_tracking_uri(str(stores[-1]), root)
-    resolved = resolve_tracking_uri(uri, Path.cwd())
-    path = _local_path(resolved)
-    if path is not None and not path.exists():
-        raise ReportError(f"no MLflow store at {path} (--mlflow-uri {uri})")
-    return resolved
+# Experiments (opening the store: analysis/store.py)
 
 
 def _first_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
-    return (text[0] if text else type(err).__name__)[:300]
-
-
-def open_store(uri: str) -> MlflowClient:
-    """A client of the store, checked by listing one experiment; ReportError if it cannot be read."""
-    try:
-        client = MlflowClient(uri)
-        client.search_experiments(max_results=1)
-    except Exception as err:  # MlflowException, connection errors, SQLAlchemy errors: all mean "cannot read"
-        raise ReportError(f"cannot read the MLflow store {uri}: {_first_line(err)}") from None
-    return client
+    return redact_uri(text[0] if text else type(err).__name__)[:300]
 
 
 def pick_experiments(client: MlflowClient, names: Sequence[str] | None, uri: str) -> list[Experiment]:
     """The named experiments, or the most recently created one other than Default; ReportError naming the
-    experiments that exist when a name is unknown."""
+    experiments that exist when a name is unknown. `uri` is only shown in messages (pass it redacted)."""
     experiments, token = [], None
     while True:
         page = client.search_experiments(view_type=ViewType.ACTIVE_ONLY, page_token=token)
@@ -357,6 +317,15 @@ def missing_results(runs: pd.DataFrame, rows: dict[tuple[str, str], object]) -> 
         share = (f"all {total}" if total > 1 else "the") if len(group) == total else f"{len(group)} of {total}"
         phrases.append(f"{share} {noun} ({why})")
     return phrases
+
+
+def running_studies(runs: pd.DataFrame) -> list[str]:
+    """A warning per parent run (a sweep or a method study) in status RUNNING: its study is still going on, or
+    was interrupted without ending its run, so a report of it shows only what has been logged so far."""
+    parents = runs[runs["role"].isin(PARENT_ROLES) & (runs["status"] == "RUNNING")]
+    return [f"study {run['study'] or run['run_name']!r} is still running (its {run['role']} run is RUNNING, or "
+            f"the study was interrupted): this report is partial, it shows what was logged until now"
+            for _, run in parents.iterrows()]
 
 
 def trials_frame(runs: pd.DataFrame, histories: pd.DataFrame) -> pd.DataFrame:

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # A Ray cluster on this machine for DE-CROP studies: a head node, optionally a second node and an MLflow
-# tracking server, all bound to 127.0.0.1 where Ray allows it and protected by Ray's token auth.
+# tracking server, all bound to 127.0.0.1 where Ray allows it and protected by Ray's token auth. Without
+# --with-worker every listener of the head (GCS, raylet, workers, agents, metrics exporters, dashboard) is on
+# loopback; a second node rules that out (see cluster/README.md, "Security stance").
 #
 #   cluster/local.sh up [--with-worker] [--with-mlflow]   start (prints what to export and how to submit)
 #   cluster/local.sh status                               what is running, and `ray status`
@@ -37,9 +39,11 @@ usage() {
     cat <<EOF
 usage: cluster/local.sh up [--with-worker] [--with-mlflow] | status | env | down
 
-  up             start a Ray head: dashboard and job server on 127.0.0.1:$DASHBOARD_PORT, token auth on
+  up             start a Ray head listening on 127.0.0.1 only (dashboard and job server on port
+                 $DASHBOARD_PORT), token auth on
   --with-worker  also start a second node on this machine (own temp dir and ports; it advertises the
-                 same CPUs again: it exercises multi-node scheduling, not extra compute)
+                 same CPUs again: it exercises multi-node scheduling, not extra compute). Both nodes then
+                 listen on the machine's address as well (Ray allows nothing else); token auth guards them
   --with-mlflow  also start an MLflow tracking server on 127.0.0.1:$MLFLOW_PORT
                  (store: $CLUSTER_DIR/mlflow.db, artifacts: $CLUSTER_DIR/mlartifacts)
   status         show what runs, and \`ray status\`
@@ -111,9 +115,10 @@ ensure_token() {
     [[ -n ${RAY_AUTH_TOKEN:-} || -n ${RAY_AUTH_TOKEN_PATH:-} ]] && return 0
     local token=$HOME/.ray/auth_token
     if [[ ! -s $token ]]; then
-        ray get-auth-token --generate >/dev/null
+        # Ray writes it world-readable (0644): a private umask makes it 0600 from the start.
+        (umask 077 && ray get-auth-token --generate >/dev/null)
     fi
-    chmod 600 "$token"  # Ray writes it world-readable (0644)
+    chmod 600 "$token"  # a token file made earlier by Ray itself
 }
 
 wait_for_url() {  # $1: url, $2: timeout in seconds, then curl options
@@ -125,30 +130,98 @@ wait_for_url() {  # $1: url, $2: timeout in seconds, then curl options
     done
 }
 
-start_head() {
-    [[ -z $(node_pgids "$HEAD_DIR") ]] && ! port_busy "$DASHBOARD_PORT" ||
-        die "a Ray head already runs (temp dir $HEAD_DIR or port $DASHBOARD_PORT in use); run: cluster/local.sh down"
-    for p in "$GCS_PORT" "$CLIENT_PORT"; do
-        port_busy "$p" && die "port $p is in use (a cluster stopped less than ~30 s ago frees its ports late)"
+# Fixed ports of a head (Ray's defaults where this script sets none): a study that ended seconds ago can still
+# hold them, and a dashboard that cannot bind them fails or serves nothing.
+HEAD_PORTS=("$GCS_PORT:GCS" "$DASHBOARD_PORT:dashboard and job server" "$CLIENT_PORT:Ray client server"
+            "52365:dashboard agent" "44217:autoscaler metrics" "44227:dashboard metrics")
+
+port_holder() {  # the process listening on port $1, as "pid N (command)", if ss can tell
+    ss -Hltnp "sport = :$1" 2>/dev/null | grep -o 'pid=[0-9]*' | head -1 | cut -d= -f2 |
+        xargs -r -I{} ps -o pid=,args= -p {} | awk '{ printf "pid %s (%s)", $1, substr($0, index($0, $2), 60) }'
+}
+
+wait_for_free_ports() {  # $1: timeout in seconds
+    local timeout=$1 t=0 entry busy
+    while :; do
+        busy=()
+        for entry in "${HEAD_PORTS[@]}"; do port_busy "${entry%%:*}" && busy+=("$entry"); done
+        [[ ${#busy[@]} -eq 0 ]] && return 0
+        if ((t >= timeout * 2)); then
+            for entry in "${busy[@]}"; do log "port ${entry%%:*} (${entry#*:}) is held by $(port_holder "${entry%%:*}")"; done
+            return 1
+        fi
+        ((t % 20 == 0)) && log "waiting for port ${busy[0]%%:*} (${busy[0]#*:}) to be free: held by $(port_holder "${busy[0]%%:*}")"
+        sleep 0.5; t=$((t + 1))
     done
-    log "starting Ray head ($HEAD_CPUS CPUs, temp dir $HEAD_DIR, log $CLUSTER_DIR/ray-head.log)"
-    # setsid: the daemons get a process group of their own, which `down` stops as a unit.
-    setsid -w ray start --head --num-cpus="$HEAD_CPUS" --port="$GCS_PORT" \
-        --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" --ray-client-server-port="$CLIENT_PORT" \
-        --disable-usage-stats --temp-dir="$HEAD_DIR" >"$CLUSTER_DIR/ray-head.log" 2>&1 ||
-        { tail -20 "$CLUSTER_DIR/ray-head.log" >&2; die "ray start --head failed"; }
-    # The job server is ready when it accepts the token (without it: 401).
+}
+
+dashboard_alive() {  # the head's dashboard process (its command line names the head's temp dir)
+    ps -eo args= | NEEDLE="$HEAD_DIR/" awk 'index($0, ENVIRON["NEEDLE"]) && /dashboard\/dashboard\.py/ { found = 1 }
+                                            END { exit !found }'
+}
+
+# Waits for the job server: GET /api/version with the token, what `ray job submit` asks first. Returns 0 when it
+# answers 200, 1 when the dashboard process died (transient: the caller retries), exits on a token mismatch.
+wait_for_job_server() {  # $1: timeout in seconds
+    local timeout=$1 t=0 code
     local token_file=${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}
     local token=${RAY_AUTH_TOKEN:-$(cat "$token_file")}
-    wait_for_url "http://127.0.0.1:$DASHBOARD_PORT/api/version" 60 -H @<(printf 'Authorization: Bearer %s\n' "$token") ||
-        die "the job server did not answer on 127.0.0.1:$DASHBOARD_PORT within 60 s (log: $HEAD_DIR/session_latest/logs)"
+    local url="http://127.0.0.1:$DASHBOARD_PORT/api/version" source=$token_file
+    [[ -n ${RAY_AUTH_TOKEN:-} ]] && source='$RAY_AUTH_TOKEN'
+    while :; do
+        code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 5 \
+                    -H @<(printf 'Authorization: Bearer %s\n' "$token") "$url" || true)
+        case $code in
+            200) return 0 ;;
+            401|403) die "the job server on 127.0.0.1:$DASHBOARD_PORT rejects the token of $source (HTTP $code): another cluster's token? run: cluster/local.sh down" ;;
+        esac
+        dashboard_alive || { log "the dashboard process of the head exited (log: $HEAD_DIR/session_latest/logs/dashboard.log)"; return 1; }
+        ((t >= timeout * 2)) && die "the job server did not answer GET /api/version on 127.0.0.1:$DASHBOARD_PORT within $timeout s although the dashboard process runs (last answer: ${code/#000/no connection}; log: $HEAD_DIR/session_latest/logs/dashboard.log); stop it with: cluster/local.sh down"
+        ((t % 20 == 0)) && log "waiting for the job server: GET $url answers ${code/#000/no connection} (need 200)"
+        sleep 0.5; t=$((t + 1))
+    done
+}
+
+start_head() {  # $1: 1 = loopback only, 0 = the machine's address (a second node must reach it)
+    local loopback=$1
+    [[ -z $(node_pgids "$HEAD_DIR") ]] ||
+        die "a Ray head already runs from $HEAD_DIR; run: cluster/local.sh down"
+    local attempt
+    for attempt in 1 2 3; do
+        # A cluster stopped moments ago frees its ports late (up to ~30 s seen): that is worth waiting for.
+        wait_for_free_ports 60 || die "ports of the head are in use (above): another Ray cluster or study runs here"
+        log "starting Ray head ($HEAD_CPUS CPUs, temp dir $HEAD_DIR, log $CLUSTER_DIR/ray-head.log), attempt $attempt of 3"
+        # setsid: the daemons get a process group of their own, which `down` stops as a unit.
+        # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0: the node's address is 127.0.0.1, so GCS, raylet, workers, agents and
+        # the metrics exporters listen on loopback (with 1: 0.0.0.0/:: or the machine's address). Ray resolves
+        # 127.0.0.1 given to a node or client to the machine's address unless the flag is 0, so a second node
+        # (which Ray refuses under 0) could not reach such a head: --with-worker keeps the machine's address.
+        # --include-dashboard=true: `ray start` waits for the dashboard to register in GCS (Ray's own readiness
+        # signal) and fails if it does not; by default a dead dashboard is only logged and `ray start` succeeds.
+        if RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=$((1 - loopback)) setsid -w ray start --head --num-cpus="$HEAD_CPUS" --port="$GCS_PORT" \
+               --include-dashboard=true --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" \
+               --ray-client-server-port="$CLIENT_PORT" --disable-usage-stats --temp-dir="$HEAD_DIR" \
+               >"$CLUSTER_DIR/ray-head.log" 2>&1; then
+            log "head started; waiting for the job server (GET /api/version with the token)"
+            wait_for_job_server 180 && return 0
+        else
+            tail -20 "$CLUSTER_DIR/ray-head.log" >&2
+            grep -q "AF_UNIX path length" "$CLUSTER_DIR/ray-head.log" &&
+                die "the state dir $CLUSTER_DIR is too long for Ray's socket paths: set DECROP_CLUSTER_DIR to a shorter one"
+            log "ray start --head failed (attempt $attempt)"
+        fi
+        stop_node "$HEAD_DIR" "head"  # what the failed attempt left running
+    done
+    die "the Ray head did not come up in 3 attempts (logs: $CLUSTER_DIR/ray-head.log, $HEAD_DIR/session_latest/logs)"
 }
 
 start_worker() {
     [[ -z $(node_pgids "$WORKER_DIR") ]] || die "a second node already runs from $WORKER_DIR"
     log "starting second node ($WORKER_CPUS CPUs, temp dir $WORKER_DIR, log $CLUSTER_DIR/ray-worker.log)"
     # Its own temp dir and its own fixed ports (the head keeps Ray's defaults: agent 52365, workers 10002-19999).
-    setsid -w ray start --address="127.0.0.1:$GCS_PORT" --num-cpus="$WORKER_CPUS" \
+    # Ray refuses a second node under RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0; with 1 it takes the machine's address
+    # and listens on all interfaces, like the head started for it (token auth guards both; cluster/README.md).
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1 setsid -w ray start --address="127.0.0.1:$GCS_PORT" --num-cpus="$WORKER_CPUS" \
         --disable-usage-stats --temp-dir="$WORKER_DIR" \
         --dashboard-agent-listen-port=52366 --min-worker-port=20002 --max-worker-port=20999 \
         >"$CLUSTER_DIR/ray-worker.log" 2>&1 ||
@@ -186,7 +259,9 @@ stop_mlflow() {
 }
 
 print_env() {
-    echo "export RAY_ADDRESS=http://127.0.0.1:$DASHBOARD_PORT RAY_AUTH_MODE=token"
+    # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0: `ray status` and `ray.init(address=...)` reach a loopback head at
+    # 127.0.0.1 (with 1 they resolve it to the machine's address, where it does not listen).
+    echo "export RAY_ADDRESS=http://127.0.0.1:$DASHBOARD_PORT RAY_AUTH_MODE=token RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0"
     [[ $REPO/.venv/bin/ray -ef $(command -v ray) ]] && echo "export PATH=$REPO/.venv/bin:\$PATH"
     return 0
 }
@@ -204,7 +279,10 @@ cmd_up() {
     command -v ray >/dev/null || die "ray not found (expected $REPO/.venv/bin/ray or on PATH)"
     mkdir -p "$CLUSTER_DIR"
     ensure_token
-    start_head
+    if ((with_worker)); then
+        log "--with-worker: the head listens on the machine's address, not only on 127.0.0.1 (token auth guards it)"
+    fi
+    start_head $((1 - with_worker))
     ((with_worker)) && start_worker
     ((with_mlflow)) && start_mlflow
     local token=${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}
@@ -236,7 +314,7 @@ cmd_status() {
         echo "mlflow: not running"
     fi
     if [[ -n $(node_pgids "$HEAD_DIR") ]]; then
-        ray status --address="127.0.0.1:$GCS_PORT" || rc=$?
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 ray status --address="127.0.0.1:$GCS_PORT" || rc=$?
     fi
     return $rc
 }

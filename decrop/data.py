@@ -7,16 +7,18 @@ and test images, and builds the augmentation policies 0-3 that apply one random 
 ``x_boundary`` and ``x_interp`` of a sample alike.
 
 Fashion-MNIST is the offline default (Debian's ``dataset-fashion-mnist``); CIFAR-10 is downloaded by torchvision
-where the internet is reachable, or read from an extracted ``cifar-10-python.tar.gz``.
+where the internet is reachable, or read from an extracted ``cifar-10-python.tar.gz``. Files are never trusted:
+CIFAR-10's pickles are read without running code and Fashion-MNIST's IDX files are checked against their headers
+(``decrop.datafiles``); a bad extracted copy is extracted again from its source.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import pickle
 import shutil
 import tempfile
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +31,9 @@ from torch.utils.data import Dataset
 from torchvision import datasets, transforms, tv_tensors
 from torchvision.datasets.utils import extract_archive
 from torchvision.transforms import v2
+
+from decrop.datafiles import (CIFAR10_MD5, BadDatasetFile, check_cifar_batch, check_cifar_meta, idx_count,
+                              idx_problem, md5sum, read_cifar_pickle)
 
 
 @dataclass(frozen=True)
@@ -97,58 +102,109 @@ def load_dataset(name: str, root: str | Path, train: bool, download: bool = Fals
 
 
 def _load_fashion_mnist(root: Path, train: bool, download: bool, to_tensor: Any) -> Dataset:
-    raw = root / "FashionMNIST" / "raw"
-    if not all((raw / f).is_file() for f in _FASHION_MNIST_FILES):
-        source = Path(os.environ.get(FASHION_MNIST_DIR_ENV, DEBIAN_FASHION_MNIST_DIR))
-        if all((source / f"{f}.gz").is_file() for f in _FASHION_MNIST_FILES):
-            _extract_gz_files(source, raw, _FASHION_MNIST_FILES)
-        elif not download:
-            raise DatasetNotFoundError(
-                f"Fashion-MNIST not found: neither {raw} nor {source} holds the IDX files "
-                f"({', '.join(_FASHION_MNIST_FILES)}). Either install Debian's package dataset-fashion-mnist "
-                f"(`sudo apt-get install dataset-fashion-mnist`, files go to {DEBIAN_FASHION_MNIST_DIR}), "
-                f"or set {FASHION_MNIST_DIR_ENV} to a folder holding the four *.gz files, or enable download "
-                f"(config key `data.download=true`) on a machine with internet."
-            )
+    _prepare_fashion_mnist(root / "FashionMNIST" / "raw",
+                           Path(os.environ.get(FASHION_MNIST_DIR_ENV, DEBIAN_FASHION_MNIST_DIR)), download)
     return datasets.FashionMNIST(str(root), train=train, transform=to_tensor, download=download)
 
 
-def _extract_gz_files(source: Path, dest: Path, names: Sequence[str]) -> None:
-    """Decompress ``source/<name>.gz`` to ``dest/<name>`` for each missing name.
+def _fashion_mnist_fix(source: Path) -> str:
+    if source == Path(DEBIAN_FASHION_MNIST_DIR):
+        return (f"reinstall Debian's package (`sudo apt-get install --reinstall dataset-fashion-mnist`, files go "
+                f"to {DEBIAN_FASHION_MNIST_DIR})")
+    return (f"put intact copies of the four original *.gz files into {source}, or unset {FASHION_MNIST_DIR_ENV} "
+            f"to use Debian's package dataset-fashion-mnist")
 
-    torchvision's FashionMNIST only checks that the raw files exist, so a file truncated by an interrupted
-    extraction would be trusted forever. Each file is therefore decompressed into a private temporary folder on
-    the same filesystem and moved into place with an atomic ``os.replace``; concurrent workers doing the same
-    each use their own folder and the last rename wins with identical content.
+
+def _prepare_fashion_mnist(raw: Path, source: Path, download: bool) -> None:
+    """Make ``raw`` hold the four uncompressed IDX files, each complete (:func:`decrop.datafiles.idx_problem`).
+
+    torchvision's FashionMNIST only checks that the raw files exist, so a bad copy would be trusted forever. A
+    copy that is missing, bad, or older than its ``<source>/<name>.gz`` is extracted again from the source; with
+    no source, a bad copy is deleted for torchvision to download (``download``), else it is an error naming it.
+    """
+    problems = {name: idx_problem(raw / name, _idx_kind(name)) for name in _FASHION_MNIST_FILES}
+    sources = {name: source / f"{name}.gz" for name in _FASHION_MNIST_FILES}
+    if not download and not any(p.is_file() for p in [*sources.values(), *(raw / n for n in _FASHION_MNIST_FILES)]):
+        raise DatasetNotFoundError(
+            f"Fashion-MNIST not found: neither {raw} nor {source} holds the IDX files "
+            f"({', '.join(_FASHION_MNIST_FILES)}). Either install Debian's package dataset-fashion-mnist "
+            f"(`sudo apt-get install dataset-fashion-mnist`, files go to {DEBIAN_FASHION_MNIST_DIR}), "
+            f"or set {FASHION_MNIST_DIR_ENV} to a folder holding the four *.gz files, or enable download "
+            f"(config key `data.download=true`) on a machine with internet."
+        )
+    for name in _FASHION_MNIST_FILES:
+        target, gz = raw / name, sources[name]
+        stale = gz.is_file() and target.is_file() and gz.stat().st_mtime > target.stat().st_mtime
+        if problems[name] is None and not stale:
+            continue
+        if gz.is_file():
+            _extract_gz_file(gz, raw, name, _fashion_mnist_fix(source))
+        elif download:
+            target.unlink(missing_ok=True)  # torchvision downloads what is missing, checking its md5
+        else:
+            raise DatasetNotFoundError(
+                f"Fashion-MNIST file {target} is unusable: {problems[name]}, and {gz} does not exist to extract "
+                f"it again. Delete {target}, then {_fashion_mnist_fix(source)}, or set {FASHION_MNIST_DIR_ENV} "
+                f"to a folder holding the four *.gz files, or enable download (`data.download=true`).")
+    for split in ("train", "t10k"):  # images and labels of one split must come from the same release
+        images, labels = raw / f"{split}-images-idx3-ubyte", raw / f"{split}-labels-idx1-ubyte"
+        if images.is_file() and labels.is_file() and idx_count(images) != idx_count(labels):
+            raise DatasetNotFoundError(
+                f"Fashion-MNIST files disagree: {images} has {idx_count(images)} images, {labels} "
+                f"{idx_count(labels)} labels. Delete {raw}, then {_fashion_mnist_fix(source)}.")
+
+
+def _idx_kind(name: str) -> str:
+    return "images" if "-images-" in name else "labels"
+
+
+def _extract_gz_file(gz: Path, dest: Path, name: str, fix: str) -> None:
+    """Decompress ``gz`` to ``dest/<name>``, validated before it replaces what was there.
+
+    The file is decompressed into a private temporary folder on the same filesystem, checked with
+    :func:`decrop.datafiles.idx_problem`, and moved into place with an atomic ``os.replace``: an interrupted
+    extraction leaves nothing behind, and concurrent workers doing the same each use their own folder (the last
+    rename wins with identical content). A corrupt or truncated source is a DatasetNotFoundError naming it.
     """
     dest.mkdir(parents=True, exist_ok=True)
-    for name in names:
-        if (dest / name).is_file():
-            continue
-        tmp = tempfile.mkdtemp(prefix=f".{name}.", dir=dest)
+    tmp = tempfile.mkdtemp(prefix=f".{name}.", dir=dest)
+    try:
         try:
-            extract_archive(str(source / f"{name}.gz"), tmp)
-            os.replace(os.path.join(tmp, name), dest / name)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            extract_archive(str(gz), tmp)
+        except (EOFError, OSError, zlib.error) as err:  # truncated gzip, bad CRC, garbage
+            raise DatasetNotFoundError(f"Fashion-MNIST source {gz} is corrupt ({err}); {fix}.") from None
+        problem = idx_problem(Path(tmp) / name, _idx_kind(name))
+        if problem is not None:
+            raise DatasetNotFoundError(f"Fashion-MNIST source {gz} is bad: decompressed, {problem}; {fix}.")
+        os.replace(os.path.join(tmp, name), dest / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 class _LocalCIFAR10(datasets.CIFAR10):
-    """CIFAR-10 read from an existing ``cifar-10-batches-py`` folder without md5 verification.
+    """CIFAR-10 read from an existing ``cifar-10-batches-py`` folder through :mod:`decrop.datafiles`.
 
-    torchvision verifies the md5 sum of every batch file. That rejects any file but the official ones, e.g. the
-    small synthetic batches the tests write in CIFAR's own format, so offline we only check that the files exist;
-    an unreadable pickle still fails when the batch is loaded (load_dataset turns that into an error naming the
-    folder). With ``download=True`` the stock, md5-checking class is used instead.
+    torchvision verifies each file's md5 before ``pickle.load``, which rejects any file but the official ones
+    (e.g. the small synthetic batches the tests write in CIFAR's own format). Here no file is unpickled with code
+    execution: :func:`decrop.datafiles.read_cifar_pickle` resolves only numpy's array reconstruction, and the
+    batches are checked for shape, type and labels. ``official`` says whether every file read also matches
+    torchvision's published md5. BadDatasetFile for a file that is not a CIFAR-10 file.
     """
 
-    def _check_integrity(self) -> bool:
-        folder = Path(self.root) / self.base_folder
-        return all((folder / name).is_file() for name in _CIFAR10_FILES)
-
-    def _load_meta(self) -> None:
-        with open(Path(self.root) / self.base_folder / self.meta["filename"], "rb") as f:
-            self.classes = pickle.load(f, encoding="latin1")[self.meta["key"]]
+    def __init__(self, root: str, train: bool, transform: Any) -> None:
+        super(datasets.CIFAR10, self).__init__(root, transform=transform)  # VisionDataset: CIFAR10's loads pickles
+        self.train = train
+        folder = Path(root) / self.base_folder
+        names = [name for name, _ in (self.train_list if train else self.test_list)]
+        self.official = all(md5sum(folder / n) == CIFAR10_MD5[n] for n in [*names, self.meta["filename"]])
+        data, self.targets = [], []
+        for name in names:
+            images, labels = check_cifar_batch(folder / name, read_cifar_pickle(folder / name))
+            data.append(images)
+            self.targets.extend(labels)
+        self.data = np.vstack(data).reshape(-1, 3, 32, 32).transpose((0, 2, 3, 1))  # HWC, as torchvision's
+        meta = folder / self.meta["filename"]
+        self.classes = check_cifar_meta(meta, read_cifar_pickle(meta))
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
 
 
@@ -165,11 +221,13 @@ def _load_cifar10(root: Path, train: bool, download: bool, to_tensor: Any) -> Da
         )
     try:
         return _LocalCIFAR10(str(root), train=train, transform=to_tensor)
-    except (pickle.UnpicklingError, EOFError, KeyError, ValueError) as err:
+    except BadDatasetFile as err:
         raise DatasetNotFoundError(
-            f"CIFAR-10 files in {folder} are unreadable or corrupted ({err!r}); extract cifar-10-python.tar.gz "
-            f"into {root} again, or enable download (`data.download=true`) on a machine with internet."
-        ) from err
+            f"CIFAR-10 files in {folder} are unreadable or corrupted, or not CIFAR-10's: {err} (nothing in the "
+            f"file was run). Delete {folder} and extract the official cifar-10-python.tar.gz (md5 "
+            f"{datasets.CIFAR10.tgz_md5}) into {root} again, or enable download (`data.download=true`) on a "
+            f"machine with internet."
+        ) from None
 
 
 def as_tensors(dataset: Dataset, indices: Sequence[int] | np.ndarray | None = None) -> tuple[Tensor, Tensor]:

@@ -22,7 +22,9 @@ Bad arguments stop the sweep with one line naming the problem and the fix, befor
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
+import secrets
 import sys
 import time
 from pathlib import Path
@@ -42,6 +44,16 @@ RAY_ENV = {
 }
 for _key, _value in RAY_ENV.items():
     os.environ.setdefault(_key, _value)
+# A Ray that this driver starts itself (see connect(); not under `ray job submit`, which sets RAY_ADDRESS) listens
+# on loopback only. Ray binds GCS, raylet, workers, agents and its Prometheus exporters to the node's address, and
+# picks that address when ray is imported: with this flag "0" (Ray's switch for single-machine clusters) it is
+# 127.0.0.1, otherwise the machine's network address (0.0.0.0/:: for most listeners). Token auth is stated
+# explicitly (Ray 2.60's default for new local clusters, without its warning). Both are read when ray is
+# imported: set after that, they would reach Ray's daemons but not this process, which then disagrees with them.
+LOCAL_RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token"}
+if not os.environ.get("RAY_ADDRESS") and "ray" not in sys.modules:
+    for _key, _value in LOCAL_RAY_ENV.items():
+        os.environ.setdefault(_key, _value)
 
 import ray  # noqa: E402
 import ray.tune  # noqa: E402
@@ -50,7 +62,7 @@ from decrop.config import ConfigError, load_config, to_flat  # noqa: E402
 from decrop.pipeline import prepare  # noqa: E402
 from tuning.presets import ALL, PRESETS, SEARCH, preset_names, resolve  # noqa: E402
 from tuning.studies import Study, confirm, run_preset, run_search  # noqa: E402
-from tuning.tracking import StudyTracker, resolve_tracking_uri  # noqa: E402
+from tuning.tracking import StudyTracker, redact_uri, resolve_tracking_uri  # noqa: E402
 from tuning.trainable import StudySettings  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,17 +97,49 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def connect() -> None:
-    """Join the cluster this runs on (under `ray job submit` RAY_ADDRESS is set), else start a local one."""
+    """Join the cluster this runs on (under `ray job submit` RAY_ADDRESS is set), else start a local one.
+
+    A local cluster gets token auth with the token file readable by this user only, and listens on 127.0.0.1
+    when LOCAL_RAY_ENV took effect (set before ray was imported); a line says where it listens."""
     if os.environ.get("RAY_ADDRESS"):
         ray.init()
         return
     try:
         ray.init(address="auto")
     except ConnectionError:
+        private_token_file()  # before Ray writes one world-readable
         # With the dashboard (on 127.0.0.1): Train's PlacementGroupCleaner queries the controller's state
         # through it, and without it never removes the placement group of a trial that ASHA stopped; two such
         # leaks held both CPUs of the 2-core machine and the next trials waited forever.
         ray.init(num_cpus=os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1")
+        address, auth = ray.util.get_node_ip_address(), os.environ.get("RAY_AUTH_MODE", "token")
+        if ipaddress.ip_address(address).is_loopback:
+            print(f"sweep: local Ray on {address} only (dashboard and metrics too), auth mode {auth}", flush=True)
+        else:
+            print(f"sweep: warning: the local Ray listens on {address}, not only on 127.0.0.1 (ray was imported "
+                  f"before tuning/sweep.py could set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0); auth mode {auth}",
+                  flush=True)
+
+
+def private_token_file() -> Path | None:
+    """Ray's token file (``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``), created if missing, mode 0600.
+
+    Ray 2.60 writes a new token file 0644, readable by every user of the machine, and anyone holding the token
+    may run code on the cluster. A token in ``RAY_AUTH_TOKEN`` needs no file: returns None then."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return None
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or "~/.ray/auth_token").expanduser()
+    if not path.exists():
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:  # created 0600 from the start; a concurrent creator wins and is chmod-ed below
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(32))  # what Ray's own generator writes: 256 random bits as hex
+        except FileExistsError:
+            pass
+    if path.stat().st_mode & 0o077:
+        path.chmod(0o600)
+    return path
 
 
 
@@ -166,7 +210,7 @@ def open_study(name: str, args: argparse.Namespace, base: dict, concurrent: int)
                              gpus_per_worker=args.gpus_per_worker, cert_shards=args.cert_shards, preset=name,
                              factor=None if preset is None else preset.key, validate=preset is None,
                              test=preset is not None)
-    print(f"{study}: storage {storage}, MLflow {uri} (experiment {tracker.experiment_id})", flush=True)
+    print(f"{study}: storage {storage}, MLflow {redact_uri(uri)} (experiment {tracker.experiment_id})", flush=True)
     return Study(study, storage, tracker, parent, settings, args.resume, concurrent)
 
 
@@ -214,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         report(study)
         uri, experiment_id = study.settings.tracking_uri, study.tracker.experiment_id
         print(f"\n{study.name} done in {time.perf_counter() - tic:.0f}s; report in {study.storage / 'report'}; "
-              f"MLflow UI: mlflow ui --backend-store-uri {uri}, then open "
+              f"MLflow UI: mlflow ui --backend-store-uri {redact_uri(uri)}, then open "
               f"http://127.0.0.1:5000/#/experiments/{experiment_id}/runs?workflowType=machine_learning", flush=True)
     return 0
 

@@ -82,6 +82,21 @@ def resolve_tracking_uri(uri: str | None, root: Path) -> str:
     return f"sqlite:///{path.as_posix()}" if path.suffix == ".db" else path.as_uri()
 
 
+# The password of `scheme://user:password@host` anywhere in a text (a URI, or an error message quoting one), and
+# the values of query parameters that carry secrets (`?token=...`). Like urllib, the user part ends at the last
+# '@' before the path, so an unencoded '@' in a password is hidden too.
+_URI_PASSWORD = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.\-]*://[^\s:/@]*):[^\s/]*@")
+_SECRET_QUERY = re.compile(r"(?P<head>[?&](?:password|passwd|pwd|token|access_token|secret|api_key)=)[^&#\s]*",
+                           re.IGNORECASE)
+
+
+def redact_uri(text: str) -> str:
+    """`text` (a tracking URI, or any message that may quote one) with every URI password and secret query value
+    replaced by ``***``: ``http://user:pw@host:5000`` -> ``http://user:***@host:5000``. Use it wherever a URI is
+    printed, written into a report or put into an error message; connect with the original."""
+    return _SECRET_QUERY.sub(r"\g<head>***", _URI_PASSWORD.sub(r"\g<head>:***@", str(text)))
+
+
 def git_commit(repo: Path | None = None) -> str:
     """``git rev-parse HEAD`` of `repo` (default: the checkout holding this code), with ``-dirty`` when tracked files
     have uncommitted changes; ``"unknown"`` outside a git checkout or without git. Never raises."""

@@ -1,9 +1,10 @@
 """The cluster definitions in cluster/ parse, validate offline and agree with the code and with each other.
 
 Nothing here starts Ray or talks to a cloud: the launcher YAML goes through Ray's own config preparation and
-JSON schema, the KubeRay RayJob through a small strict schema of the fields we use.
+JSON schema, the KubeRay RayJob and the NetworkPolicy through small strict schemas of the fields we use.
 """
 
+import os
 import re
 import shlex
 import subprocess
@@ -20,6 +21,9 @@ LAUNCHER = CLUSTER / "gpu-cluster.yaml"
 RAYJOB = CLUSTER / "rayjob.yaml"
 RUNTIME_ENV = CLUSTER / "runtime_env.yaml"
 LOCAL_SH = CLUSTER / "local.sh"
+CREDENTIALS_SH = CLUSTER / "mlflow-credentials.sh"
+MLFLOW_SECRET = "decrop-mlflow-auth"  # the Kubernetes Secret the user creates (rayjob.yaml, step 0)
+CREDENTIAL_KEYS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")  # what mlflow-credentials.sh writes
 
 # The flags of tuning/sweep.py (value-taking unless listed in SWEEP_SWITCHES).
 SWEEP_FLAGS = {
@@ -307,11 +311,197 @@ def test_one_image_everywhere_with_this_ray_version():
     assert match["version"] == ray.__version__
 
 
+def _mlflow_deployment() -> dict:
+    (deployment,) = [d for d in _rayjob_docs()
+                     if d["kind"] == "Deployment" and d["metadata"]["name"] == "decrop-mlflow"]
+    return deployment
+
+
+def _mlflow_container() -> dict:
+    (container,) = _mlflow_deployment()["spec"]["template"]["spec"]["containers"]
+    return container
+
+
 @pytest.mark.parametrize("path", [LAUNCHER, RAYJOB, RUNTIME_ENV], ids=lambda p: p.name)
 def test_no_service_listens_on_every_interface(path):
-    for text in _strings(list(yaml.safe_load_all(path.read_text()))):
+    docs = list(yaml.safe_load_all(path.read_text()))
+    if path == RAYJOB:
+        # The one exception: MLflow binds every interface *of its pod* (its address and its loopback, which
+        # `kubectl port-forward` needs), with no host network, behind the NetworkPolicy and basic auth
+        # (test_rayjob_mlflow_is_admitted_only_to_the_ray_pods, test_mlflow_servers_require_basic_auth).
+        command = _mlflow_container()["command"]
+        assert command[command.index("--host") + 1] == "0.0.0.0"
+        for doc in docs:
+            if doc and doc["kind"] == "Deployment":
+                doc["spec"]["template"]["spec"]["containers"][0]["command"] = []
+    for text in _strings(docs):
         assert "0.0.0.0" not in text, text
         assert "LoadBalancer" not in text and "NodePort" not in text, text
+    assert not any("hostNetwork" in text or "hostPort" in text for text in _strings(docs))
+
+
+# --------------------------------------------------------------------------- MLflow: who may reach it
+
+
+_LABEL_SELECTOR = _obj({
+    "matchLabels": {"type": "object", "additionalProperties": {"type": "string"}},
+    "matchExpressions": {"type": "array", "items": _obj(
+        {"key": _STR, "operator": {"enum": ["In", "NotIn", "Exists", "DoesNotExist"]},
+         "values": {"type": "array", "items": _STR}}, required=("key", "operator"))},
+})
+_PEER = _obj({"podSelector": _LABEL_SELECTOR, "namespaceSelector": _LABEL_SELECTOR,
+              "ipBlock": _obj({"cidr": _STR, "except": {"type": "array", "items": _STR}}, required=("cidr",))})
+_NP_PORT = _obj({"protocol": {"enum": ["TCP", "UDP", "SCTP"]},
+                 "port": {"anyOf": [{"type": "integer", "minimum": 1, "maximum": 65535}, _STR]},
+                 "endPort": {"type": "integer", "minimum": 1, "maximum": 65535}})
+# networking.k8s.io/v1 NetworkPolicy as the Kubernetes API reference defines it (every field of the spec; metadata
+# reduced to what a manifest sets). Strict, as for the RayJob: a misspelt field would be dropped by the API server
+# and leave the policy wider than it reads.
+NETWORK_POLICY_SCHEMA = _obj(
+    {
+        "apiVersion": {"const": "networking.k8s.io/v1"},
+        "kind": {"const": "NetworkPolicy"},
+        "metadata": _obj({"name": _STR, "namespace": _STR, "labels": {"type": "object"},
+                          "annotations": {"type": "object"}}, required=("name",)),
+        "spec": _obj(
+            {
+                "podSelector": _LABEL_SELECTOR,
+                "policyTypes": {"type": "array", "items": {"enum": ["Ingress", "Egress"]}},
+                "ingress": {"type": "array", "items": _obj({"from": {"type": "array", "items": _PEER},
+                                                            "ports": {"type": "array", "items": _NP_PORT}})},
+                "egress": {"type": "array", "items": _obj({"to": {"type": "array", "items": _PEER},
+                                                           "ports": {"type": "array", "items": _NP_PORT}})},
+            },
+            required=("podSelector",),
+        ),
+    },
+    required=("apiVersion", "kind", "metadata", "spec"),
+)
+
+
+def _network_policy() -> dict:
+    (policy,) = [d for d in _rayjob_docs() if d["kind"] == "NetworkPolicy"]
+    return policy
+
+
+def test_rayjob_network_policy_matches_schema():
+    jsonschema.validate(_network_policy(), NETWORK_POLICY_SCHEMA)
+    policy = _network_policy()
+    policy["spec"]["ingress"][0]["from"][0]["podSelecter"] = {}  # typo
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(policy, NETWORK_POLICY_SCHEMA)
+
+
+def _selected(selector: dict, labels: dict) -> bool:
+    assert set(selector) == {"matchLabels"}, "only matchLabels selectors are checked here"
+    return selector["matchLabels"].items() <= labels.items()
+
+
+def test_rayjob_mlflow_is_admitted_only_to_the_ray_pods():
+    spec = _network_policy()["spec"]
+    assert _selected(spec["podSelector"], _mlflow_deployment()["spec"]["template"]["metadata"]["labels"])
+    assert "Ingress" in spec["policyTypes"]
+    (rule,) = spec["ingress"]  # one rule: no other way in
+    (peer,) = rule["from"]
+    assert set(peer) == {"podSelector"}, "no namespaceSelector or ipBlock: only pods of this namespace"
+    ports = {p["containerPort"] for p in _mlflow_container()["ports"]}
+    assert [(p["protocol"], p["port"]) for p in rule["ports"]] == [("TCP", port) for port in sorted(ports)]
+    cluster = _rayjob()["spec"]["rayClusterSpec"]
+    for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        labels = group["template"].get("metadata", {}).get("labels", {})
+        assert _selected(peer["podSelector"], labels), "every Ray pod may log to MLflow"
+    assert not _selected(peer["podSelector"], _mlflow_deployment()["spec"]["template"]["metadata"]["labels"])
+
+
+def _secret_env(container: dict) -> dict[str, tuple[str, str]]:
+    """env name -> (secret, key) of the container's variables that come from a Secret."""
+    return {e["name"]: (e["valueFrom"]["secretKeyRef"]["name"], e["valueFrom"]["secretKeyRef"]["key"])
+            for e in container.get("env", []) if "secretKeyRef" in e.get("valueFrom", {})}
+
+
+def test_mlflow_servers_require_basic_auth():
+    # Kubernetes: the server's admin user and the Ray pods' client credentials come from one Secret.
+    command = _mlflow_container()["command"]
+    assert command[command.index("--app-name") + 1] == "basic-auth"
+    assert _mlflow_container()["image"].endswith("-full"), "the plain MLflow image lacks Flask-WTF (basic auth)"
+    server = _secret_env(_mlflow_container())
+    assert server["MLFLOW_AUTH_ADMIN_USERNAME"] == (MLFLOW_SECRET, "MLFLOW_TRACKING_USERNAME")
+    assert server["MLFLOW_AUTH_ADMIN_PASSWORD"] == (MLFLOW_SECRET, "MLFLOW_TRACKING_PASSWORD")
+    assert server["MLFLOW_FLASK_SERVER_SECRET_KEY"][0] == MLFLOW_SECRET
+    cluster = _rayjob()["spec"]["rayClusterSpec"]
+    for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        for container in group["template"]["spec"]["containers"]:
+            assert {k: _secret_env(container).get(k) for k in CREDENTIAL_KEYS} == {
+                k: (MLFLOW_SECRET, k) for k in CREDENTIAL_KEYS}, container["name"]
+
+    # Launcher: the same credentials from a file in the user's home, copied to every node and exported there.
+    config = _load(LAUNCHER)
+    env_file = "~/.decrop/mlflow-auth.env"
+    assert config["file_mounts"][env_file] == env_file, "from the home directory, not from the repository"
+    mlflow = " ".join(c for c in config["head_setup_commands"] if "mlflow server" in c)
+    assert "--app-name basic-auth" in mlflow and f". {env_file}" in mlflow
+    assert 'MLFLOW_AUTH_ADMIN_PASSWORD="$MLFLOW_TRACKING_PASSWORD"' in mlflow
+    assert any("mlflow[auth]" in c for c in config["head_setup_commands"])
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        (start,) = [c for c in config[key] if "ray start" in c]
+        assert start.startswith(f"set -a && . {env_file} && set +a &&"), key
+    assert any(env_file in c and "chmod 600" in c for c in config["setup_commands"])
+
+
+_SECRET_NAME = re.compile(r"PASSWORD|PASSWD|SECRET|TOKEN|CREDENTIAL|API_KEY", re.IGNORECASE)
+# key=value or key: value where the key names a secret and the value is a literal (not a $reference or empty).
+_SECRET_ASSIGNMENT = re.compile(
+    r"(?i)\b[\w.-]*(password|passwd|secret_key|api_key)[\w.-]*\s*[=:]\s*(?P<value>[^\s$\"'][^\s]*)")
+_URI_PASSWORD = re.compile(r"://[^\s/:@]+:(?P<value>[^\s/@$]+)@")
+
+
+def _env_lists(node):
+    """Every Kubernetes-style `env` list in a parsed YAML tree."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "env" and isinstance(value, list):
+                yield value
+            yield from _env_lists(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _env_lists(value)
+
+
+@pytest.mark.parametrize("path", sorted(CLUSTER.glob("*.yaml")), ids=lambda p: p.name)
+def test_no_manifest_holds_a_literal_secret(path):
+    docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
+    assert not any(d.get("kind") == "Secret" for d in docs), "Secrets are created by the user, not shipped"
+    for env in _env_lists(docs):
+        for entry in env:
+            if _SECRET_NAME.search(entry["name"]):
+                assert "value" not in entry and "secretKeyRef" in entry.get("valueFrom", {}), entry
+    for text in _strings(docs):
+        for pattern in (_SECRET_ASSIGNMENT, _URI_PASSWORD):
+            match = pattern.search(text)
+            assert match is None, f"{path.name}: literal secret {match.group(0)!r}"
+
+
+def test_secret_patterns_catch_literals():
+    assert _SECRET_ASSIGNMENT.search("MLFLOW_TRACKING_PASSWORD=hunter2")
+    assert _SECRET_ASSIGNMENT.search("admin_password: hunter2")
+    assert not _SECRET_ASSIGNMENT.search('MLFLOW_AUTH_ADMIN_PASSWORD="$MLFLOW_TRACKING_PASSWORD"')
+    assert _URI_PASSWORD.search("--mlflow-uri http://decrop:hunter2@decrop-mlflow:5000")
+    assert not _URI_PASSWORD.search("--mlflow-uri http://decrop-mlflow:5000")
+
+
+def test_mlflow_credentials_script_writes_a_private_env_file(tmp_path):
+    env = {**os.environ, "HOME": str(tmp_path)}
+    out = subprocess.run(["bash", str(CREDENTIALS_SH)], env=env, capture_output=True, text=True, check=True)
+    path = tmp_path / ".decrop" / "mlflow-auth.env"
+    assert path.stat().st_mode & 0o777 == 0o600 and path.parent.stat().st_mode & 0o777 == 0o700
+    values = dict(line.split("=", 1) for line in path.read_text().splitlines())
+    assert tuple(values) == CREDENTIAL_KEYS  # the keys rayjob.yaml's secretKeyRefs and gpu-cluster.yaml use
+    assert re.fullmatch(r"[0-9a-f]{48}", values["MLFLOW_TRACKING_PASSWORD"])
+    assert values["MLFLOW_TRACKING_PASSWORD"] not in out.stdout + out.stderr, "the password is never printed"
+    path.chmod(0o644)
+    again = subprocess.run(["bash", str(CREDENTIALS_SH)], env=env, capture_output=True, text=True, check=True)
+    assert "kept" in again.stderr and dict(line.split("=", 1) for line in path.read_text().splitlines()) == values
+    assert path.stat().st_mode & 0o777 == 0o600
 
 
 def test_runtime_env_keeps_the_upload_small():
@@ -348,6 +538,12 @@ def test_local_sh_binds_localhost_and_separates_nodes():
     head_dir, worker_dir = (re.search(rf"^{v}=(\S+)$", code, re.M)[1] for v in ("HEAD_DIR", "WORKER_DIR"))
     assert head_dir != worker_dir
     assert "ray stop" not in code, "`ray stop` would kill every Ray cluster on the machine"
+    # Loopback head by default: the node address is 127.0.0.1 unless --with-worker asks for a second node.
+    (head_start,) = [line for line in code.splitlines() if "setsid -w ray start --head" in line]
+    assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=$((1 - loopback))" in head_start
+    assert "start_head $((1 - with_worker))" in code
+    assert "--include-dashboard=true" in code, "ray start itself waits for the dashboard"
+    assert "umask 077 && ray get-auth-token --generate" in code, "the token file is private from the start"
 
 
 def test_local_sh_usage(tmp_path):

@@ -7,12 +7,15 @@ import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 import uuid
 from pathlib import Path
 
 import mlflow
 import pytest
+import ray  # noqa: F401  (puts Ray's bundled psutil on sys.path)
+import psutil  # noqa: E402
 from conftest import TINY_SWEEP as TINY  # tests/conftest.py: the tiny sweep's overrides
 
 REPO = Path(__file__).resolve().parents[2]
@@ -27,6 +30,25 @@ def _port_busy(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
+def _exposed_listeners(cluster_dir: str) -> list[str]:
+    """Listening sockets beyond loopback of every process whose command line names `cluster_dir` (the head's
+    daemons, the MLflow server) and of their descendants (agents, workers)."""
+    roots = []
+    for proc in psutil.process_iter(["cmdline"]):
+        if any(cluster_dir in arg for arg in proc.info["cmdline"] or []):
+            roots.append(proc)
+    exposed = set()
+    for proc in {p for root in roots for p in [root, *root.children(recursive=True)]}:
+        try:
+            for conn in proc.net_connections(kind="inet"):
+                addr = conn.laddr.ip.removeprefix("::ffff:")
+                if conn.status == psutil.CONN_LISTEN and addr not in ("127.0.0.1", "::1"):
+                    exposed.add(f"{conn.laddr.ip}:{conn.laddr.port} ({' '.join(proc.cmdline())[:60]})")
+        except psutil.Error:
+            continue
+    return sorted(exposed)
+
+
 def _run(args, env, timeout=300, check=True, cwd=REPO):
     out = subprocess.run(args, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
     if check and out.returncode != 0:
@@ -39,8 +61,9 @@ def local_cluster():
     busy = [p for p in (6379, 8265, 10001, 5000) if _port_busy(p)]
     if busy:
         pytest.skip(f"ports {busy} are taken: another Ray cluster runs on this machine")
-    # Short, unique state dir inside the repo (git-ignored .cluster/); Ray's socket paths must stay < 108 chars.
-    cluster_dir = REPO / ".cluster" / f"t-{uuid.uuid4().hex[:8]}"
+    # Short, unique state dir: Ray's socket paths under it must stay < 108 chars, which a checkout's own .cluster/
+    # exceeds when the checkout lies a few folders deep.
+    cluster_dir = Path(tempfile.mkdtemp(prefix="dc-", dir="/tmp"))
     env = {**os.environ, "DECROP_CLUSTER_DIR": str(cluster_dir), "DECROP_HEAD_CPUS": "2",
            "RAY_ADDRESS": "http://127.0.0.1:8265", "RAY_AUTH_MODE": "token"}
     if VENV_BIN.is_dir():
@@ -73,6 +96,10 @@ def test_local_cluster_runs_a_job(local_cluster, tmp_path):
     assert anon.stdout == "401"
     sockets = _run(["ss", "-Hltn", "sport = :8265"], env).stdout.splitlines()
     assert [line.split()[3] for line in sockets] == ["127.0.0.1:8265"]  # local address column
+    # Nothing of the head (GCS, raylet, agents, metrics exporters) or of MLflow listens beyond loopback.
+    assert _exposed_listeners(env["DECROP_CLUSTER_DIR"]) == []
+    token = Path(env.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    assert token.stat().st_mode & 0o077 == 0, "the token file is readable by this user only"
 
     (tmp_path / "script.py").write_text(
         "import ray\n"

@@ -1,0 +1,138 @@
+"""Opening the tracking store for the report without harming what it points at.
+
+``store_uri`` finds the store (``--mlflow-uri``, or the newest ``~/decrop-runs/*/mlflow.db``); ``open_store``
+checks a local file before MLflow sees it: MLflow turns any SQLite file it opens into a store (a 0-byte file
+becomes one, another application's database gains MLflow's tables). So a local file is opened for writing only
+when it is an MLflow store of this platform; another MLflow store is read from a snapshot; anything else is
+refused with a ReportError, unchanged. The URI is shown with its password redacted.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+from mlflow import MlflowClient
+
+from analysis.runs import ReportError, _first_line
+from tuning.tracking import ROLE_TAG, redact_uri, resolve_tracking_uri
+
+DEFAULT_STORAGE = Path("~/decrop-runs")  # the sweep's default --storage: stores are <storage>/<study>/mlflow.db
+SQLITE_HEADER = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite database file
+MLFLOW_TABLES = ("alembic_version", "experiments", "runs")  # what makes a SQLite file an MLflow store
+
+
+def _local_path(uri: str) -> Path | None:
+    """The file or folder behind a ``sqlite:///`` or ``file:`` URI; None for servers and other databases."""
+    if uri.startswith("sqlite:///"):
+        return Path(uri[len("sqlite:///"):])
+    if uri.startswith("file:"):
+        return Path(unquote(urlparse(uri).path))
+    return None
+
+
+def store_uri(uri: str | None, storage: Path = DEFAULT_STORAGE) -> str:
+    """The tracking URI to read: `uri` resolved like the sweep's ``--mlflow-uri``, or by default the most recently
+    modified ``<storage>/*/mlflow.db``. ReportError when a local store does not exist: opening a missing SQLite
+    path would create an empty store there."""
+    if not uri:
+        root = Path(storage).expanduser()
+        stores = sorted(root.glob("*/mlflow.db"), key=lambda p: p.stat().st_mtime)
+        if not stores:
+            raise ReportError(f"no MLflow store found: nothing matches {root}/*/mlflow.db; run a study first "
+                              f"(tuning/sweep.py) or pass --mlflow-uri")
+        return resolve_tracking_uri(str(stores[-1]), root)
+    resolved = resolve_tracking_uri(uri, Path.cwd())
+    path = _local_path(resolved)
+    if path is not None and not path.exists():
+        raise ReportError(f"no MLflow store at {path} (--mlflow-uri {redact_uri(uri)})")
+    return resolved
+
+
+@dataclass
+class Store:
+    """A tracking store opened for the report.
+
+    ``shown`` is the URI as messages and the report show it (any password replaced by ``***``); ``writable``
+    says whether the report may log itself under the store's parent runs, and ``note`` why not when it may not.
+    """
+
+    client: MlflowClient
+    shown: str
+    writable: bool
+    note: str = ""
+    snapshot: tempfile.TemporaryDirectory | None = None  # holds the read-only copy while the client reads it
+
+
+def _mlflow_sqlite(path: Path) -> bool:
+    """Whether the SQLite file at `path` holds runs of this platform (a ``decrop.role`` tag), after checking,
+    read-only, that it is an MLflow store at all: the SQLite header, then MLflow's ``alembic_version``,
+    ``experiments`` and ``runs`` tables. ReportError for anything else: MLflow would turn it into a store (a
+    0-byte file becomes one; another application's database gains MLflow's tables)."""
+    fix = ("the report reads only MLflow stores (the mlflow.db of a study: tuning/sweep.py, "
+           "scripts/method_study.py); pass one with --mlflow-uri. The file was not changed")
+    if not path.is_file():
+        raise ReportError(f"{path} is not a file, so not an MLflow store; {fix}")
+    with open(path, "rb") as f:
+        header = f.read(len(SQLITE_HEADER))
+    if header != SQLITE_HEADER:
+        what = "an empty file (0 bytes)" if not header else "not a SQLite database"
+        raise ReportError(f"{path} is {what}, not an MLflow store; {fix}")
+    try:
+        con = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)  # mode=ro: SQLite never writes
+        try:
+            tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            missing = [t for t in MLFLOW_TABLES if t not in tables]
+            if missing:
+                raise ReportError(f"{path} is a SQLite database but not an MLflow store (no "
+                                  f"{', '.join(missing)} table); {fix}")
+            ours = "tags" in tables and con.execute("SELECT 1 FROM tags WHERE key = ? LIMIT 1",
+                                                    (ROLE_TAG,)).fetchone() is not None
+        finally:
+            con.close()
+    except sqlite3.Error as err:
+        raise ReportError(f"cannot read {path} as a SQLite database ({err}); {fix}") from None
+    return ours
+
+
+def _snapshot(path: Path) -> tuple[str, tempfile.TemporaryDirectory]:
+    """A consistent copy of the SQLite store at `path` in a temporary folder (SQLite's backup API over a
+    read-only connection: the original is never written), as a tracking URI, and the folder to keep alive."""
+    folder = tempfile.TemporaryDirectory(prefix="decrop-report-")
+    copy = Path(folder.name) / "mlflow.db"
+    src = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    dst = sqlite3.connect(copy)
+    try:
+        src.backup(dst)
+    finally:
+        src.close()
+        dst.close()
+    return f"sqlite:///{copy.as_posix()}", folder
+
+
+def open_store(uri: str) -> Store:
+    """The store behind `uri`, checked by listing one experiment; ReportError if it cannot be read.
+
+    A local SQLite file is checked first (`_mlflow_sqlite`) and never modified unless it is an MLflow store of
+    this platform: another MLflow store is read from a snapshot and the report is not logged to it; anything
+    else is refused. Servers are opened as they are (the report is logged to this platform's parent runs only).
+    """
+    shown, snapshot, writable, note, target = redact_uri(uri), None, True, "", uri
+    path = _local_path(uri)
+    if path is not None and uri.startswith("sqlite:///"):
+        if not _mlflow_sqlite(path):
+            try:
+                target, snapshot = _snapshot(path)
+            except sqlite3.Error as err:
+                raise ReportError(f"cannot read the MLflow store {shown}: {err}") from None
+            writable = False
+            note = f"{path} is an MLflow store without runs of this platform: read from a copy, left unchanged"
+    try:
+        client = MlflowClient(target)
+        client.search_experiments(max_results=1)
+    except Exception as err:  # MlflowException, connection errors, SQLAlchemy errors: all mean "cannot read"
+        raise ReportError(f"cannot read the MLflow store {shown}: {_first_line(err)}") from None
+    return Store(client, shown, writable, note, snapshot)
