@@ -131,8 +131,9 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         if not self.training or self.shard.world == 1:
             return super().forward(x)
         dims = [0, *range(2, x.dim())]
-        count = torch.tensor(float(x.numel() // x.shape[1]), device=x.device, dtype=x.dtype)
-        stats = self.shard.total(torch.cat([x.sum(dims), (x * x).sum(dims), count.view(1)]))
+        xf = x.float()  # statistics in fp32 also under bf16 autocast
+        count = torch.tensor(float(x.numel() // x.shape[1]), device=x.device)
+        stats = self.shard.total(torch.cat([xf.sum(dims), (xf * xf).sum(dims), count.view(1)]))
         channels = x.shape[1]
         n = stats[-1]
         mean = stats[:channels] / n
@@ -144,10 +145,10 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
                 self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
                 self.running_var.mul_(1 - m).add_(var.detach() * n / (n - 1).clamp_min(1), alpha=m)
         shape = (1, channels) + (1,) * (x.dim() - 2)
-        y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
         if self.affine:
             y = y * self.weight.view(shape) + self.bias.view(shape)
-        return y
+        return y.to(x.dtype)
 
 
 def convert_global_batchnorm(module: nn.Module, shard: Shard) -> nn.Module:

@@ -86,8 +86,8 @@ class StabilityObjective(BaseObjective):
         x_all = images[0]
         x, delta = self.shard.local(x_all), self.noise(x_all)
         with torch.no_grad():
-            clean_logits = classifier(x)
-        lc = label_consistency_loss(classifier(denoiser(x + delta)), clean_logits, reduction="sum")
+            clean_logits = classifier(x).float()
+        lc = label_consistency_loss(classifier(denoiser(x + delta)).float(), clean_logits, reduction="sum")
         loss, value = self.shard.mean(lc, len(x_all))
         return loss, {"loss": value, "loss_lc": value}
 
@@ -100,7 +100,7 @@ class MSEObjective(BaseObjective):
     def __call__(self, denoiser, classifier, images, labels):
         x_all = images[0]
         x, delta = self.shard.local(x_all), self.noise(x_all)
-        per_image = (denoiser(x + delta) - x).pow(2).flatten(1).mean(1)
+        per_image = (denoiser(x + delta).float() - x).pow(2).flatten(1).mean(1)
         loss, value = self.shard.mean(per_image.sum(), len(x_all))
         return loss, {"loss": value, "loss_mse": value}
 
@@ -114,9 +114,10 @@ def baseline_objective(kind: str, sigma: float, shard: Shard | None = None) -> O
 
 
 def _unit_features(classifier: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
-    """(L2-normalised penultimate features, logits) of `x` with one pass through the classifier."""
-    features = classifier.features(x)
-    return F.normalize(features, dim=1), classifier.head(features)
+    """(L2-normalised penultimate features, logits) of `x` with one pass through the classifier, in fp32 (under
+    bf16 autocast the passes run in bf16, the losses on their outputs in fp32)."""
+    features = classifier.features(x).float()
+    return F.normalize(features, dim=1), classifier.head(features).float()
 
 
 class DecropObjective(BaseObjective):

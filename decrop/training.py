@@ -133,7 +133,8 @@ def train_denoiser(denoiser: nn.Module, classifier: nn.Module, loader: DataLoade
                 objective.set_progress((epoch * steps + step) / (epochs * steps))
                 images = tuple(im.to(device, non_blocking=True) for im in images)
                 labels = labels.to(device, non_blocking=True)
-                loss, parts = objective(denoiser, classifier, images, labels)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+                    loss, parts = objective(denoiser, classifier, images, labels)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 objective.after_backward()

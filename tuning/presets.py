@@ -49,8 +49,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
     Preset("data", "fig 2", "DE-CROP boosts certified accuracy most when the limited data is small (k = 1, 5, "
            "10, 20%); the benefit is limited when k is large (100%).", "data.percent", (0.2, 1, 5, 10, 20, 100)),
     Preset("mixing", "fig 3", "DE-CROP's certified accuracy is stable across the mixing coefficient alpha in "
-           "{0.25, 0.5, 0.75}.", "decrop.mixing", (0.25, 0.5, 0.75), affects_baseline=False,
-           names={0.25: "alpha=0.25", 0.5: "alpha=0.5", 0.75: "alpha=0.75"}),
+           "{0.25, 0.5, 0.75}.", "decrop.mixing", (0.25, 0.5, 0.75), affects_baseline=False),
     Preset("denoiser", "fig 5", "DE-CROP beats the baseline with either denoiser architecture, DnCNN and "
            "MemNet.", "denoiser.arch", ("dncnn", "memnet")),
     Preset("n_interp", "fig 6", "More interpolated samples per image (1, 2, 5) do not improve DE-CROP "

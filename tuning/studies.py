@@ -15,6 +15,7 @@ configuration beats the defaults. That answer, not the search's own score, is th
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,10 +53,17 @@ class Study:
 
 
 class Progress(ray.tune.Callback):
-    """One line per trial event: started, finished (with its numbers), stopped early or failed."""
+    """One line per trial event: started, finished (with its numbers), stopped early or failed. `metric` is the
+    result key shown (a prefix such as ``certify_test_`` shows the first ``<prefix>*/acr``)."""
 
     def __init__(self, total: int, metric: str):
         self.total, self.metric, self.done, self.started = total, metric, 0, {}
+
+    def _value(self, result: dict) -> tuple[str, float] | None:
+        if self.metric in result:
+            return self.metric, result[self.metric]
+        keys = [k for k in result if k.startswith(self.metric) and k.endswith("/acr")]
+        return (keys[0], result[keys[0]]) if keys else None
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self.started[trial.trial_id] = time.perf_counter()
@@ -64,8 +72,8 @@ class Progress(ray.tune.Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.done += 1
         result = trial.last_result or {}
-        value = result.get(self.metric)
-        shown = f"{self.metric} {value:.4f}" if value is not None else (
+        value = self._value(result)
+        shown = f"{value[0]} {value[1]:.4f}" if value is not None else (
             f"stopped early by ASHA after {result.get('epoch', '?')} epochs")
         took = time.perf_counter() - self.started.get(trial.trial_id, time.perf_counter())
         print(f"  done   {_name(trial)}: {shown} ({took:.0f}s; {self.done}/{self.total} trials)", flush=True)
@@ -107,7 +115,7 @@ def run_grid(study: Study, grid: list[dict[str, Any]], name: str) -> ray.tune.Re
     print(f"{study.name}: {len(grid)} trials ({name})", flush=True)
     tuner = _tuner(study, tune_trainable(study.settings), name=name,
                    param_space={"point": ray.tune.grid_search(grid)},
-                   progress=Progress(len(grid), "certify_test/acr"))
+                   progress=Progress(len(grid), "certify_test_"))
     results = tuner.fit()
     failed = [r for r in results if r.error is not None]
     if failed:
@@ -157,7 +165,8 @@ def confirm(study: Study, best: dict[str, Any], seeds: list[int], cfg: Experimen
     """Retrain and test-certify the best configuration and the defaults on fresh `seeds`; print and log the
     table (mean certified accuracy over the seeds) and the paired per-image test of best against defaults."""
     grid = confirmation_points(study.settings.base, best, seeds)
-    results = run_grid(study, grid, "confirm")
+    tested = dataclasses.replace(study, settings=dataclasses.replace(study.settings, validate=False, test=True))
+    results = run_grid(tested, grid, "confirm")
     rows: dict[str, list[list[CertRow]]] = {}
     for result in results:
         point = result.config["point"]

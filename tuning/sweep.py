@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import logging
 import os
 import secrets
 import sys
@@ -41,6 +42,10 @@ RAY_ENV = {
     # A trial's Train workers may wait minutes for CPUs/GPUs that other trials' certification tasks hold;
     # Train's default start-up timeout (60 s) would fail the trial instead.
     "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "1800",
+    # One line per event on the console (tuning.studies.Progress): no progress bar per downloaded certification
+    # table, and Tune's legacy reporter, which verbose=0 silences (the new one prints its tables regardless).
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    "RAY_AIR_NEW_OUTPUT": "0",
 }
 for _key, _value in RAY_ENV.items():
     os.environ.setdefault(_key, _value)
@@ -51,10 +56,11 @@ for _key, _value in RAY_ENV.items():
 # explicitly (Ray 2.60's default for new local clusters, without its warning). Both are read when ray is
 # imported: set after that, they would reach Ray's daemons but not this process, which then disagrees with them.
 LOCAL_RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token"}
-if not os.environ.get("RAY_ADDRESS") and "ray" not in sys.modules:
+if os.environ.get("RAY_ADDRESS", "local") == "local" and "ray" not in sys.modules:
     for _key, _value in LOCAL_RAY_ENV.items():
         os.environ.setdefault(_key, _value)
 
+import optuna  # noqa: E402
 import ray  # noqa: E402
 import ray.tune  # noqa: E402
 
@@ -101,17 +107,23 @@ def connect() -> None:
 
     A local cluster gets token auth with the token file readable by this user only, and listens on 127.0.0.1
     when LOCAL_RAY_ENV took effect (set before ray was imported); a line says where it listens."""
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()
+    # The workers' own output (every epoch of every trial, Ray Train's internals) stays in Ray's session logs;
+    # the driver prints one line per event (tuning.studies.Progress) and the tables.
+    quiet = {"log_to_driver": False, "logging_level": "ERROR"}
+    address = os.environ.get("RAY_ADDRESS", "")
+    if address and address != "local":  # RAY_ADDRESS=local: start a local cluster, never join a running one
+        ray.init(**quiet)
         return
     try:
-        ray.init(address="auto")
+        if address == "local":
+            raise ConnectionError
+        ray.init(address="auto", **quiet)
     except ConnectionError:
         private_token_file()  # before Ray writes one world-readable
         # With the dashboard (on 127.0.0.1): Train's PlacementGroupCleaner queries the controller's state
         # through it, and without it never removes the placement group of a trial that ASHA stopped; two such
         # leaks held both CPUs of the 2-core machine and the next trials waited forever.
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1")
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1", **quiet)
         address, auth = ray.util.get_node_ip_address(), os.environ.get("RAY_AUTH_MODE", "token")
         if ipaddress.ip_address(address).is_loopback:
             print(f"sweep: local Ray on {address} only (dashboard and metrics too), auth mode {auth}", flush=True)
@@ -239,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     base = to_flat(cfg)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # no line per Optuna study created in memory
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # nor per store opened
     tic = time.perf_counter()
     connect()
     prep = prepare(cfg)  # trains and caches the classifier once, before trials could race to do it

@@ -19,6 +19,7 @@ reports them (presets, confirmation), after training: nothing is selected on the
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from decrop.checkpoint import read_checkpoint, save_checkpoint
 from decrop.classifier import classifier_key
 from decrop.config import ExperimentConfig, config_hash, from_flat, to_flat, to_yaml
-from decrop.pipeline import NO_DENOISER, Prepared, build_denoiser, prepare, samples_for
+from decrop.pipeline import NO_DENOISER, build_denoiser, prepare, samples_for
 
 from .certify_tasks import certify_parallel
 from .space import trial_overrides
@@ -85,11 +86,9 @@ def _quiet(_: str) -> None:
     pass
 
 
-def _train(settings: StudySettings, flat: dict, method: str, trial_id: str, name: str, run_id: str,
-           prep: Prepared) -> tuple[dict[str, torch.Tensor], dict]:
+def _train(settings: StudySettings, flat: dict, method: str, trial_id: str, name: str, run_id: str
+           ) -> tuple[dict[str, torch.Tensor], dict]:
     """The trial's denoiser, trained by a Ray Train run of `train_loop_per_worker`; (weights, last metrics)."""
-    if method in ("decrop",):  # generated (and cached) once here, so the DDP workers read the cache
-        samples_for(prep, prep.classifier, classifier_key(prep.cfg), log=_quiet)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": flat, "method": method, "label": name,
@@ -129,6 +128,7 @@ def run_trial(params: dict[str, Any], settings: StudySettings) -> None:
     flat = trial_config(settings, params)
     cfg = from_flat(flat)
     trial_id = ray.tune.get_context().get_trial_id()
+    clock = PhaseClock()
     tracker = StudyTracker(settings.tracking_uri, settings.experiment)
     tags = {PRESET_TAG: settings.preset, FACTOR_TAG: settings.factor, LEVEL_TAG: point["level"],
             METHOD_TAG: method, SEED_TAG: point["seed"], VARIANT_TAG: point.get("variant")}
@@ -136,10 +136,15 @@ def run_trial(params: dict[str, Any], settings: StudySettings) -> None:
     tracker.log_text(run_id, to_yaml(cfg), "config.yaml")
     prep = prepare(cfg, log=_quiet, evaluate=False)
     tracker.log_params(run_id, {f"budget.{k}": v for k, v in prep.budget.items()})
+    clock.lap("prepare")
 
     state, last = None, {}
     if method != NO_DENOISER:
-        state, last = _train(settings, flat, method, trial_id, point["name"], run_id, prep)
+        if method == "decrop":  # generated (and cached) once here, so the DDP workers read the cache
+            samples_for(prep, prep.classifier, classifier_key(prep.cfg), log=_quiet)
+            clock.lap("samples")
+        state, last = _train(settings, flat, method, trial_id, point["name"], run_id)
+        clock.lap("train")
         tracker.log_artifact(run_id, str(_save_weights(settings, cfg, method, trial_id, state,
                                                        prep.info.channels)), "denoiser")
     metrics: dict[str, float] = {}
@@ -149,11 +154,27 @@ def run_trial(params: dict[str, Any], settings: StudySettings) -> None:
                                 gpus_per_task=settings.gpus_per_worker)[label]
         metrics.update(tracker.log_certification(run_id, rows, cfg.certify.radii, "validation"))
         metrics["objective"] = metrics["certify/acr"]
+        clock.lap("certify_validation")
     if settings.test:
         rows = certify_parallel(flat, {label: state}, "test", [int(i) for i in prep.test_indices],
                                 settings.cert_shards, gpus_per_task=settings.gpus_per_worker)[label]
         metrics.update(tracker.log_certification(run_id, rows, cfg.certify.radii, f"test_{label}"))
-    ray.tune.report({**metrics, "val/agreement": last.get("val/agreement", float("nan"))})
+        clock.lap("certify_test")
+    tracker.log_metrics(run_id, clock.times, step=0)
+    ray.tune.report({**metrics, **clock.times, "val/agreement": last.get("val/agreement", float("nan"))})
+
+
+class PhaseClock:
+    """Wall seconds of a trial's phases (``time/<phase>``), logged with the trial: where a study's time goes."""
+
+    def __init__(self) -> None:
+        self.times: dict[str, float] = {}
+        self.last = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.times[f"time/{phase}"] = now - self.last
+        self.last = now
 
 
 def tune_trainable(settings: StudySettings):
