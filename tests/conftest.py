@@ -7,7 +7,7 @@ import torch
 # Overrides that shrink the quick profile's sweep to seconds per trial (tests/tuning, tests/cluster).
 TINY_SWEEP = ["train.epochs=2", "decrop.stage2_epochs=1", "decrop.attack_steps=2", "decrop.interp_steps=2",
               "certify.val_images=8", "certify.n=100", "certify.n0=20", "data.test_every=1000", "denoiser.depth=3",
-              "denoiser.width=8"]
+              "denoiser.width=8", "classifier.epochs=1"]
 
 
 @pytest.fixture(autouse=True)

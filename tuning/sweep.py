@@ -64,7 +64,8 @@ import optuna  # noqa: E402
 import ray  # noqa: E402
 import ray.tune  # noqa: E402
 
-from decrop.config import ConfigError, load_config, to_flat  # noqa: E402
+from decrop.config import ConfigError, expand_path, load_config, to_flat  # noqa: E402
+from decrop.data import DatasetNotFoundError, load_dataset  # noqa: E402
 from decrop.pipeline import prepare  # noqa: E402
 from tuning.presets import ALL, PRESETS, SEARCH, preset_names, resolve  # noqa: E402
 from tuning.studies import Study, confirm, run_preset, run_search  # noqa: E402
@@ -113,6 +114,8 @@ def connect() -> None:
     address = os.environ.get("RAY_ADDRESS", "")
     if address and address != "local":  # RAY_ADDRESS=local: start a local cluster, never join a running one
         ray.init(**quiet)
+        return
+    if ray.is_initialized():  # a caller (a test, a notebook) started Ray already
         return
     try:
         if address == "local":
@@ -200,15 +203,51 @@ def study_names(preset: str) -> list[str]:
     return [*PRESETS, SEARCH] if preset == ALL else [preset]
 
 
-def open_study(name: str, args: argparse.Namespace, base: dict, concurrent: int) -> Study:
-    """The storage, MLflow parent run and settings of study `name` (a preset or the search)."""
+def study_place(name: str, args: argparse.Namespace) -> tuple[str, Path, str, str]:
+    """(study name, storage folder, tracking URI, MLflow experiment) of study `name`; creates nothing."""
     study = args.study or (f"{args.profile}-study" if name == SEARCH else f"{args.profile}-{name}")
     if args.study and len(study_names(args.preset)) > 1:
         study = f"{args.study}-{name}"
     storage = args.storage.expanduser().resolve() / study
+    return study, storage, resolve_tracking_uri(args.mlflow_uri, storage), args.experiment or study
+
+
+def preflight(name: str, args: argparse.Namespace) -> None:
+    """Before Ray starts: the tracking server answers, and a study that exists is only continued with --resume
+    (ValueError naming the fix). Reads, never writes: a local store that does not exist yet is not created."""
+    study, storage, uri, experiment = study_place(name, args)
+    if uri.startswith(("http://", "https://")):
+        check_server(uri)
+    elif uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+        uri = None
+    role = "sweep" if name == SEARCH else "preset"
+    if uri is not None and StudyTracker(uri, experiment).existing_parent(study, role) and not args.resume:
+        raise ValueError(f"study {study!r} already exists in MLflow experiment {experiment!r} ({redact_uri(uri)}); "
+                         f"pass --resume to continue it, or choose another --study name")
+    if (storage / "tune").exists() and not args.resume:
+        raise ValueError(f"study {study!r} already has trials in {storage}; pass --resume to continue it, or "
+                         f"choose another --study name (nothing there is overwritten)")
+
+
+def check_server(uri: str, timeout: float = 10.0) -> None:
+    """ValueError unless the MLflow server at `uri` answers within `timeout` seconds (instead of MLflow's
+    minutes of silent retries)."""
+    import urllib.error
+    import urllib.request
+    from urllib.parse import urlsplit
+    parts = urlsplit(uri)
+    health = f"{parts.scheme}://{parts.hostname}{f':{parts.port}' if parts.port else ''}/health"
+    try:
+        urllib.request.urlopen(health, timeout=timeout).close()
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        raise ValueError(f"--mlflow-uri {redact_uri(uri)}: the tracking server does not answer ({err}); start it "
+                         f"(cluster/local.sh up --with-mlflow) or fix the address") from None
+
+
+def open_study(name: str, args: argparse.Namespace, base: dict, concurrent: int) -> Study:
+    """The storage, MLflow parent run and settings of study `name` (a preset or the search)."""
+    study, storage, uri, experiment = study_place(name, args)
     storage.mkdir(parents=True, exist_ok=True)
-    uri = resolve_tracking_uri(args.mlflow_uri, storage)
-    experiment = args.experiment or study
     tracker = StudyTracker(uri, experiment)
     preset = PRESETS.get(name)
     params = {"preset": name, "profile": args.profile, "workers_per_trial": args.workers_per_trial,
@@ -247,8 +286,11 @@ def main(argv: list[str] | None = None) -> int:
         preset = resolve(args.preset)
         cfg = load_config(REPO / "configs" / f"{args.profile}.yaml", args.overrides)
         levels = check_args(args, cfg, preset)
-    except (ConfigError, ValueError) as err:  # before Ray starts or any trial runs
-        print(f"error: {err}", file=sys.stderr)
+        load_dataset(cfg.data.dataset, expand_path(cfg.data.root), train=True, download=cfg.data.download)
+        for name in study_names(preset):
+            preflight(name, args)
+    except (ConfigError, ValueError, DatasetNotFoundError) as err:  # before Ray starts or any trial runs
+        print(f"error: {redact_uri(str(err))}", file=sys.stderr)
         return 2
     base = to_flat(cfg)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # no line per Optuna study created in memory
@@ -263,11 +305,17 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
-        if name == SEARCH:
-            best = run_search(study, args.num_trials, args.seed)
-            confirm(study, best, args.confirm_seeds, cfg, prep.clean_accuracy)
-        else:
-            run_preset(study, name, args.seeds, levels)
+        try:
+            if name == SEARCH:
+                best = run_search(study, args.num_trials, args.seed)
+                confirm(study, best, args.confirm_seeds, cfg, prep.clean_accuracy)
+            else:
+                run_preset(study, name, args.seeds, levels)
+        except (RuntimeError, KeyboardInterrupt) as err:
+            study.tracker.finish(study.parent, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+            print(f"error: {study.name} stopped: {err or 'interrupted'}; what finished is kept: rerun the same "
+                  f"command with --resume to continue", file=sys.stderr)
+            return 1
         study.tracker.finish(study.parent, "FINISHED")
         report(study)
         uri, experiment_id = study.settings.tracking_uri, study.tracker.experiment_id

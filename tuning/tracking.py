@@ -207,7 +207,8 @@ class StudyTracker:
     def start_sweep(self, study: str, params: Mapping[str, Any], resume: bool, role: str = "sweep") -> str:
         """The parent run id of `study`: created (and `params` logged), or with ``resume`` the existing one set back
         to RUNNING (a missing one is created). ValueError when it exists and ``resume`` is False. `role` is
-        ``sweep`` for a Tune sweep, ``study`` for a method study (scripts/method_study.py)."""
+        ``sweep`` for the search, ``preset`` for one of the paper's studies (``study`` in stores of the former
+        method-study script)."""
         existing = self._search(f"tags.`{STUDY_TAG}` = {_quote(study)} and tags.`{ROLE_TAG}` = {_quote(role)}")
         if existing and not resume:
             raise ValueError(f"study {study!r} already has a {role} run ({existing[0].info.run_id}) in MLflow "
@@ -221,6 +222,16 @@ class StudyTracker:
                 STUDY_TAG: study, ROLE_TAG: role, COMMIT_TAG: self.commit})
         self._log_new_params(run, params)
         return run.info.run_id
+
+    def existing_parent(self, study: str, role: str) -> str | None:
+        """The id of `study`'s parent run, if the experiment and the run exist; creates nothing (a check before
+        any work starts)."""
+        experiment = self.client.get_experiment_by_name(self.experiment)
+        if experiment is None or experiment.lifecycle_stage == "deleted":
+            return None
+        self._experiment_id = experiment.experiment_id
+        existing = self._search(f"tags.`{STUDY_TAG}` = {_quote(study)} and tags.`{ROLE_TAG}` = {_quote(role)}")
+        return existing[0].info.run_id if existing else None
 
     def find_trial_run(self, parent_run_id: str, trial_id: str) -> str | None:
         """The id of Tune trial `trial_id`'s child run under the parent run, or None."""

@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from conftest import TINY_SWEEP as TINY  # noqa: E402  tests/conftest.py
-from tuning import sweep  # noqa: E402
+from tuning import studies, sweep  # noqa: E402
 from tuning.space import default_point, define_space, trial_overrides  # noqa: E402
 from tuning.tracking import StudyTracker, default_tracking_uri  # noqa: E402
 
@@ -53,7 +53,7 @@ def test_search_space_samples_every_knob_and_maps_stage2():
 
 @pytest.mark.parametrize("epochs", [2, 3, 20, 600])
 def test_asha_never_stops_a_trial_at_or_after_its_last_epoch(epochs):
-    scheduler = sweep.asha(epochs)
+    scheduler = studies.asha(epochs)
     rungs = [milestone for bracket in scheduler._brackets for milestone, _ in bracket._rungs]
     assert rungs and all(rung < epochs for rung in rungs)
     assert not scheduler._stop_last_trials  # reaching max_t is no reason to stop
@@ -77,41 +77,93 @@ def test_default_point_is_in_the_space_and_reproduces_the_profile():
     assert on["train.epochs"] + on["decrop.stage2_epochs"] == base["train.epochs"]
 
 
-@pytest.mark.slow
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray for the module's sweeps (connect() joins a running one); a 1-epoch classifier, cached."""
+    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False,
+             logging_level="ERROR")
+    yield
+    ray.shutdown()
+
+
+def _children(uri: str, experiment: str) -> tuple[object, list]:
+    client = mlflow.MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1
+    return parents[0], [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+
+
 @pytest.mark.ray
-def test_tiny_sweep_logs_every_trial_and_resume_duplicates_nothing(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("RAY_ADDRESS", "local")
-    args = ["--num-trials", "2", "--study", "tiny", "--storage", str(tmp_path), "--cert-shards", "2"]
+def test_tiny_search_confirms_on_fresh_seeds_and_resume_duplicates_nothing(local_ray, tmp_path, capsys):
+    args = ["--num-trials", "2", "--study", "tiny", "--storage", str(tmp_path), "--cert-shards", "2",
+            "--confirm-seeds", "1"]
     for item in TINY:
         args += ["--set", item]
     assert sweep.main(args) == 0
-    ray.shutdown()
     out = capsys.readouterr().out
-    assert "decrop_best" in out and "baseline" in out and "objective (val ACR)" in out
+    assert "Confirmation on fresh seeds [1]" in out and "baseline" in out
+    assert "Reporting training result" not in out  # workers' chatter stays in Ray's logs
 
-    client = mlflow.MlflowClient(default_tracking_uri(tmp_path / "tiny"))
-    experiment = client.get_experiment_by_name("tiny")
-    runs = client.search_runs([experiment.experiment_id])
-    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
-    assert len(parents) == 1 and len(children) == 2
-    for child in children:
-        assert child.info.status == "FINISHED"
-        assert child.data.params["decrop.attack"] in {"pgd", "autoattack", "apgd_ce", "deepfool", "none"}
-        assert "train/loss" in child.data.metrics
+    uri = default_tracking_uri(tmp_path / "tiny")
+    client = mlflow.MlflowClient(uri)
+    parent, children = _children(uri, "tiny")
+    search = [c for c in children if "decrop.variant" not in c.data.tags and c.data.tags["decrop.method"] == "decrop"
+              and c.data.tags["decrop.seed"] == "0"]
+    confirmation = [c for c in children if c not in search]
+    assert len(search) == 2
+    for child in search:
+        assert child.info.status == "FINISHED" and child.data.tags["decrop.preset"] == "search"
+        assert child.data.params["decrop.attack"] in {"pgd", "autoattack", "deepfool", "none"}
+        assert child.info.run_name.startswith("decrop search ")  # named for a human
+        assert "train/loss" in child.data.metrics and "time/prepare" in child.data.metrics
         if "certify/acr" in child.data.metrics:  # trials ASHA stopped early have no certification
             paths = {a.path for a in client.list_artifacts(child.info.run_id, "certify")}
             assert {"certify/validation.tsv", "certify/validation_curve.png"} <= paths
-    parent = parents[0]
-    for label in ("none", "baseline", "decrop_default", "decrop_best"):
-        assert f"certify_test_{label}/acr" in parent.data.metrics
-    assert parent.data.tags["decrop.best_trial_id"] in {c.data.tags["decrop.trial_id"] for c in children}
-    # one trial ran the profile's own values (the search's first point): the defaults are always measured
+            assert client.get_metric_history(child.info.run_id, "certify/curve")  # overlaid in the chart view
+    # the confirmation: defaults (and the best, unless it is the defaults), baseline, reference on seed 1
+    labels = {c.data.tags.get("decrop.variant") or c.data.tags["decrop.method"] for c in confirmation}
+    assert {"default", "baseline", "none"} <= labels <= {"default", "best", "baseline", "none"}
+    for child in confirmation:
+        assert child.data.tags["decrop.seed"] == "1"  # a seed the search never used
+        assert any(k.startswith("certify_test_") and k.endswith("/acr") for k in child.data.metrics)
+        assert not any(k.startswith("certify/") for k in child.data.metrics)  # no validation: nothing selected
+    assert parent.data.tags["decrop.best_trial_id"] in {c.data.tags["decrop.trial_id"] for c in search}
     assert any(all(c.data.params[k] == parent.data.params[f"base.{k}"] for k in ("decrop.mixing", "decrop.w_cs",
                                                                                "decrop.attack"))
-               for c in children)
-
-    # --resume of a finished sweep reruns no trial and creates no MLflow run
+               for c in search)  # the profile's own values are always measured
+    # --resume of a finished study reruns no trial and creates no MLflow run
+    before = len(client.search_runs([parent.info.experiment_id]))
     assert sweep.main(args + ["--resume"]) == 0
-    ray.shutdown()
-    assert len(client.search_runs([experiment.experiment_id])) == len(runs)
+    assert len(client.search_runs([parent.info.experiment_id])) == before
+    # ... and without --resume an existing study is refused before anything runs
+    assert sweep.main(args) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+def _smoke_levels(name: str) -> list[str]:
+    from tuning.presets import PRESETS
+    return [str(level) for level in PRESETS[name].levels[:2]]
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("preset", ["sigma", "data", "mixing", "denoiser", "n_interp", "attack", "boundary",
+                                    "augment", "blackbox"])
+def test_every_preset_runs_in_a_smoke_setting(local_ray, tmp_path, preset, capsys):
+    """Each paper study through the platform: its first two levels, one seed, tiny settings."""
+    from tuning.presets import PRESETS, points
+    args = ["--preset", preset, "--seeds", "0", "--levels", *_smoke_levels(preset), "--storage", str(tmp_path)]
+    for item in [*TINY, "data.test_every=2000", "data.percent=0.2", "blackbox.epochs=1", "denoiser.num_memblocks=1",
+                 "denoiser.num_resblocks=1"]:
+        args += ["--set", item]
+    assert sweep.main(args) == 0, capsys.readouterr().err
+    parent, children = _children(default_tracking_uri(tmp_path / f"quick-{preset}"), f"quick-{preset}")
+    levels = tuple(PRESETS[preset].levels[:2])
+    assert len(children) == len(points(PRESETS[preset], [0], levels))
+    assert all(c.info.status == "FINISHED" for c in children)
+    assert parent.data.tags["decrop.role"] == "preset" and parent.data.params["factor"] == PRESETS[preset].key
+    for child in children:
+        method = child.data.tags["decrop.method"]
+        assert f"certify_test_{method}/acr" in child.data.metrics  # every point certified the test subset
+        assert child.info.run_name.startswith(method) and "seed=0" in child.info.run_name
+    assert (tmp_path / f"quick-{preset}" / "report" / "report.html").exists()

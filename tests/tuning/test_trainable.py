@@ -18,6 +18,7 @@ sys.path.insert(0, str(REPO))
 from conftest import TINY_SWEEP  # noqa: E402  tests/conftest.py
 from decrop.certify import read_rows  # noqa: E402
 from decrop.config import load_config, to_flat  # noqa: E402
+from decrop.pipeline import prepare  # noqa: E402
 from tuning.space import default_point  # noqa: E402
 from tuning.tracking import StudyTracker, default_tracking_uri  # noqa: E402
 from tuning.trainable import StudySettings, load_denoiser_state, tune_trainable  # noqa: E402
@@ -37,7 +38,7 @@ def local_ray(monkeypatch):
 def test_trainable_trains_certifies_validation_images_and_logs_one_run(local_ray, tmp_path):
     # its own cache: the classifier (1 epoch) and the samples are made inside the trial, as on a fresh machine
     cfg = load_config(REPO / "configs" / "quick.yaml",
-                      [*TINY_SWEEP, "classifier.epochs=1", f"cache_dir={tmp_path / 'cache'}"])
+                      [*TINY_SWEEP, f"cache_dir={tmp_path / 'cache'}"])
     uri = default_tracking_uri(tmp_path)
     tracker = StudyTracker(uri, "direct")
     parent = tracker.start_sweep("direct", {}, resume=False)
@@ -56,11 +57,17 @@ def test_trainable_trains_certifies_validation_images_and_logs_one_run(local_ray
     assert result.metrics["objective"] == pytest.approx(run.data.metrics["certify/acr"])
     table = Path(mlflow.MlflowClient(uri).download_artifacts(run_id, "certify/validation.tsv", str(tmp_path)))
     rows = read_rows(table)
-    assert [r.idx for r in rows] == list(range(cfg.certify.val_images))  # validation images, not test ones
+    # validation images by their dataset index: training-split images outside the limited subset, not test ones
+    prep = prepare(cfg, log=lambda _: None, evaluate=False)
+    assert [r.idx for r in rows] == [int(i) for i in prep.val_indices[:cfg.certify.val_images]]
+    assert not {r.idx for r in rows} & set(prep.train_indices.tolist())
+    targets = dict(zip(prep.val_indices.tolist(), prep.val_targets.tolist()))
+    assert all(r.label == targets[r.idx] for r in rows)  # the classifier's own prediction, no label read
     assert sum(r.radius for r in rows if r.correct) / len(rows) == pytest.approx(result.metrics["objective"],
                                                                                  abs=1e-4)
     history = mlflow.MlflowClient(uri).get_metric_history(run_id, "val/agreement")
-    assert [m.step for m in history] == list(range(1, cfg.train.epochs + 1))  # one value per epoch
+    epochs = cfg.train.epochs + cfg.decrop.stage2_epochs
+    assert [m.step for m in history] == list(range(1, epochs + 1))  # one value per epoch, both stages
     assert run.data.params["decrop.mixing"] == str(cfg.decrop.mixing)
 
     # the weights the trial saved load into the profile's denoiser
