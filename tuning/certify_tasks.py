@@ -15,13 +15,26 @@ import ray
 import torch
 
 from decrop.certify import CertRow, certify_indices, merge_rows
-from decrop.config import from_flat
-from decrop.pipeline import build_denoiser, prepare, smoothed_model
+from decrop.config import ExperimentConfig, config_hash, from_flat
+from decrop.pipeline import Prepared, build_denoiser, prepare, smoothed_model
 from decrop.runtime import tune_allocator
 
 
 def _quiet(_: str) -> None:
     pass
+
+
+_PREPARED: dict[str, Prepared] = {}  # per worker process: Ray reuses a task's process for the next task
+
+
+def _prepared(cfg: ExperimentConfig) -> Prepared:
+    """`prepare(cfg)`, kept for the process's next task of the same data, classifier and seed: the dataset and
+    the classifier are loaded once per worker process rather than once per shard (~2 s each on a CPU)."""
+    key = config_hash(cfg.data, cfg.classifier, cfg.seed, cfg.cache_dir, cfg.device)
+    if key not in _PREPARED:
+        _PREPARED.clear()  # one setting at a time: a dataset's tensors are hundreds of MB
+        _PREPARED[key] = prepare(cfg, log=_quiet, evaluate=False)
+    return _PREPARED[key]
 
 
 @ray.remote(num_cpus=1)
@@ -33,7 +46,7 @@ def certify_shard(flat_config: Mapping[str, Any], denoiser_state: Mapping[str, t
     cfg = from_flat(flat_config)
     tune_allocator()
     torch.set_num_threads(1)  # one CPU per task: parallelism comes from the shards
-    prep = prepare(cfg, log=_quiet, evaluate=False)
+    prep = _prepared(cfg)
     denoiser = None
     if denoiser_state is not None:
         denoiser = build_denoiser(cfg.denoiser, prep.info.channels).to(prep.device)
