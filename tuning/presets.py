@@ -105,3 +105,12 @@ def _point(preset: Preset, method: str, seed: int, level: Any) -> dict[str, Any]
     return {"method": method, "seed": seed, "level": level, "overrides": overrides,
             "name": " ".join([method, preset.level_name(level) if level is not None else "(all levels)",
                               f"seed={seed}"])}
+
+
+def cluster_command(name: str, seeds: tuple[int, ...] = (0, 1, 2)) -> str:
+    """The command that runs study `name` on the paper's CIFAR-10 profile on a GPU cluster (cluster/README.md:
+    a Ray head with the job server and an MLflow server; one GPU per trial's training worker)."""
+    seeds_flag = f" --seeds {' '.join(map(str, seeds))}" if name != SEARCH else ""
+    return ("ray job submit --address http://127.0.0.1:8265 --working-dir . --runtime-env cluster/runtime_env.yaml "
+            f"-- python tuning/sweep.py --profile paper --preset {name}{seeds_flag} --gpus-per-worker 1 "
+            "--mlflow-uri http://127.0.0.1:5000 --resume")
