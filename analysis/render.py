@@ -26,10 +26,12 @@ TABLE_CAPTIONS = {
               "hyperparameters, and why a trial has no objective.",
 }
 READING = ("Certified accuracy at r is the fraction of images that the smoothed classifier gets right with a "
-           "certified l2 radius of at least r. Intervals are exact 95% Clopper-Pearson intervals over the images of "
-           "one run: they cover the uncertainty of a finite test set, not the variation between training seeds "
-           "(the ± columns show that). The paired tests use the same test images for both methods, which makes "
-           "them far more sensitive than comparing two intervals.")
+           "certified l2 radius of at least r. Intervals of one run are exact 95% Clopper-Pearson intervals over its "
+           "images: they cover the uncertainty of a finite test set, not the variation between training seeds "
+           "(the ± columns show that). A study's table averages the seeds image by image and resamples images, so "
+           "its interval covers the finite test set for the seed-averaged method (still not other seeds; the ± "
+           "shows their spread). The paired tests use the same test images for both arms, which makes them far "
+           "more sensitive than comparing two intervals.")
 
 PAIRED_TESTS = (
     "The unit of every paired test is the test image: DE-CROP and the baseline certify the same test images "

@@ -64,14 +64,17 @@ def _slug(text: str) -> str:
 # Tests
 
 
-def _pairs(study: StudyArms) -> list[tuple[str, Arm, Arm]]:
-    """(family, arm, reference) of every test the study's claims call for."""
+def _pairs(study: StudyArms, notes: list[str]) -> list[tuple[str, Arm, Arm]]:
+    """(family, arm, reference) of every test the study's claims call for; a note for an arm without baseline."""
     pairs = []
     for level in study.levels:
         for arm in study.decrop_arms(level):
             base = study.reference(level, "baseline")
             if base is not None:
                 pairs.append((VS_BASELINE, arm, base))
+            else:
+                notes.append(f"{_arm_text(study, arm)}: no baseline certified at this level (nor one shared by "
+                             f"the levels); not tested against it")
     if study.kind == PRESET and study.preset in LEVEL_CLAIMS and len(study.levels) > 1:
         first = study.levels[0]
         firsts = study.decrop_arms(first)
@@ -92,7 +95,7 @@ def study_tests(study: StudyArms) -> tuple[pd.DataFrame, list[str]]:
     radius, n_seeds, n_images, favour_method, favour_reference, difference_pp, ci_low_pp, ci_high_pp, p_value,
     p_holm (Holm within the family), n_tests, sentence; and notes on arms that could not be paired."""
     frames, notes = [], []
-    for family, arm, ref in _pairs(study):
+    for family, arm, ref in _pairs(study, notes):
         radii = study.profile_radii if family == BEST_VS_DEFAULT else study.radii
         try:
             frame = paired_outcomes(arm.seeds, ref.seeds, radii)
@@ -102,6 +105,10 @@ def study_tests(study: StudyArms) -> tuple[pd.DataFrame, list[str]]:
         if set(arm.seeds) != set(ref.seeds):
             notes.append(f"{_arm_text(study, arm)} (seeds {sorted(arm.seeds)}) against {_arm_text(study, ref)} "
                          f"(seeds {sorted(ref.seeds)}): only the seeds both have are paired")
+        most = max(len(arm.images()), len(ref.images()))
+        if frame["n_images"].iloc[0] < most:
+            notes.append(f"{_arm_text(study, arm)} against {_arm_text(study, ref)}: {frame['n_images'].iloc[0]} of "
+                         f"{most} test images are certified in every paired run; only those are paired")
         frames.append(frame.assign(family=family, level=arm.level, level_name=study.level_name(arm.level),
                                    method=arm.method, reference_level=ref.level,
                                    reference_level_name=study.level_name(ref.level), reference=ref.method))
