@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -20,6 +21,9 @@ from decrop.certify import CertRow, certified_accuracy
 
 from .runs import SEARCHED, level_text
 from .tables import method_name, method_rank
+
+if TYPE_CHECKING:
+    from .arms import Arm, StudyArms
 
 Rows = dict[tuple[str, str], Sequence[CertRow]]
 # The studied factors of the paper's figures, in the order shown; the mixing coefficient (the paper's
@@ -269,6 +273,46 @@ def agreement_figure(trials: pd.DataFrame, histories: pd.DataFrame, out: Path) -
     ax.grid(alpha=0.3)
     result.path = _save(fig, out / f"{result.name}.png")
     return result
+
+
+def _arm_curves(ax, arm: Arm, grid: np.ndarray, colour: str, label: str) -> None:
+    """The arm's mean curve over seeds (bold) and the range of its seeds' curves (band)."""
+    curves = np.array([_curve(rows, grid) for rows in arm.tables()])
+    if len(curves) > 1:
+        ax.fill_between(grid, curves.min(axis=0), curves.max(axis=0), step="post", color=colour, alpha=0.18, lw=0)
+    seeds = f" ({len(curves)} seeds)" if len(curves) > 1 else " (1 seed)"
+    ax.step(grid, curves.mean(axis=0), where="post", color=colour, lw=1.8, label=label + seeds)
+
+
+def arms_figure(study: StudyArms, out: Path, name: str) -> FigureOut:
+    """The paper's figure of a study: certified accuracy against radius, one panel per level (one for a
+    confirmation), each DE-CROP arm with the baseline and the no-denoiser reference it is compared with: the
+    mean curve over seeds and, as a band, the range of the seeds' curves."""
+    arms = list(study.arms.values())
+    grid = _grid({(str(i), str(s)): rows for i, a in enumerate(arms) for s, rows in a.seeds.items()})
+    fig, axes = _canvas(len(study.levels), width=4.2, height=3.4, columns=3)
+    colours = {m: f"C{i}" for i, m in enumerate(sorted({a.method for a in arms}, key=method_rank))}
+    for ax, level in zip(axes, study.levels):
+        for method in ("none", "baseline"):
+            ref = study.reference(level, method)
+            if ref is not None:
+                shared = " (all levels)" if ref.level is None and level is not None else ""
+                _arm_curves(ax, ref, grid, colours[method], method_name(method) + shared)
+        for arm in study.decrop_arms(level):
+            _arm_curves(ax, arm, grid, colours[arm.method], method_name(arm.method))
+        images = max(len(a.images()) for a in arms)
+        _style(ax, grid, f"{study.level_name(level) or study.study}: {images} test images")
+        ax.legend(fontsize=7)
+    path = _save(fig, out / f"{name}.png")
+    what = f"per level of {study.factor}" if study.levels != [None] else "of the confirmation on fresh seeds"
+    shared = any(lv is None for lv, _ in study.arms) and study.levels != [None]
+    return FigureOut(name, f"Certified accuracy {what} ({study.study})",
+                     "Certified accuracy (%) on the test images against the l2 radius: each line is the mean over "
+                     "seeds of the seeds' curves (every seed certifies the same images), the band the range of the "
+                     "seeds' curves; DE-CROP with the baseline (Salman et al.) and the classifier without denoiser "
+                     "that it is compared with"
+                     + (" ('all levels': one run per seed, shared by every level, since the baseline does not read "
+                        "the factor)." if shared else "."), path)
 
 
 def figures(cert: pd.DataFrame, rows: Rows, trials: pd.DataFrame, histories: pd.DataFrame,

@@ -11,6 +11,8 @@ import pandas as pd
 
 from .figures import FigureOut
 from .stats import IMAGE_LEVEL, PER_SEED, Statistics, format_p
+from .studies import StudySection
+from .timing import time_display
 
 TABLE_CAPTIONS = {
     "test_accuracy_seeds": "Certified accuracy (%) on the test images at each l2 radius r, mean ± standard deviation "
@@ -24,10 +26,12 @@ TABLE_CAPTIONS = {
               "hyperparameters, and why a trial has no objective.",
 }
 READING = ("Certified accuracy at r is the fraction of images that the smoothed classifier gets right with a "
-           "certified l2 radius of at least r. Intervals are exact 95% Clopper-Pearson intervals over the images of "
-           "one run: they cover the uncertainty of a finite test set, not the variation between training seeds "
-           "(the ± columns show that). The paired tests use the same test images for both methods, which makes "
-           "them far more sensitive than comparing two intervals.")
+           "certified l2 radius of at least r. Intervals of one run are exact 95% Clopper-Pearson intervals over its "
+           "images: they cover the uncertainty of a finite test set, not the variation between training seeds "
+           "(the ± columns show that). A study's table averages the seeds image by image and resamples images, so "
+           "its interval covers the finite test set for the seed-averaged method (still not other seeds; the ± "
+           "shows their spread). The paired tests use the same test images for both arms, which makes them far "
+           "more sensitive than comparing two intervals.")
 
 PAIRED_TESTS = (
     "The unit of every paired test is the test image: DE-CROP and the baseline certify the same test images "
@@ -50,6 +54,14 @@ PER_SEED_CAPTION = ("Exact McNemar test per seed ({n} tests, one Holm family): o
                     "(only_method - only_baseline) / images in percentage points.")
 
 
+IMPORTANCE_CAPTION = ("Hyperparameter importance by Optuna's own evaluators on the search trials (relative: each "
+                      "column sums to 100% over the parameters it assesses).")
+REGRESSION_CAPTION = ("OLS regression of the validation ACR on the searched hyperparameters (HC3 standard "
+                      "errors): the effect of each, with its 95% interval.")
+TIME_CAPTION = ("Seconds of each phase summed over the study's trials, per part (durations as text); 'all trials' "
+                "adds the study's wall time, from its parent run's start to its end.")
+
+
 @dataclass
 class Report:
     """Everything the renderers show."""
@@ -61,6 +73,10 @@ class Report:
     figures: list[FigureOut]
     statistics: Statistics
     notes: list[str] = field(default_factory=list)  # warnings: runs left out, metric mismatches
+    studies: list[StudySection] = field(default_factory=list)  # presets and confirmations: before the rest
+    times: pd.DataFrame = field(default_factory=pd.DataFrame)  # analysis.timing.time_table
+    time_notes: list[str] = field(default_factory=list)
+    search: bool = True  # the runs hold search trials (the objective's sections apply)
 
 
 def paired_display(frame: pd.DataFrame, scope: str) -> pd.DataFrame:
@@ -93,8 +109,29 @@ def regression_display(frame: pd.DataFrame) -> pd.DataFrame:
                          "p": frame["p_value"].map(format_p), "in words": frame["sentence"]})
 
 
-def _sections(report: Report) -> list[tuple[str, list[tuple[str, object]]]]:
-    """(heading, [(kind, content)]) in report order; kinds: text, list, table, figure."""
+def importance_display(frame: pd.DataFrame) -> pd.DataFrame:
+    if frame.empty:
+        return frame
+    return pd.DataFrame({"parameter": frame["parameter"],
+                         "PED-ANOVA": frame["ped_anova"].map(lambda v: f"{100 * v:.1f}%"),
+                         "fANOVA": frame["fanova"].map(lambda v: "" if pd.isna(v) else f"{100 * v:.1f}%"),
+                         "in words": frame["sentence"]})
+
+
+def _objective(stats: Statistics) -> list[tuple[str, object]]:
+    """Optuna's importance next to the OLS regression, each with its notes."""
+    items: list[tuple[str, object]] = []
+    if not stats.importance.empty:
+        items += [("text", IMPORTANCE_CAPTION), ("table", importance_display(stats.importance))]
+    items += [("list", stats.importance_notes)] if stats.importance_notes else []
+    if not stats.regression.empty:
+        items += [("text", REGRESSION_CAPTION), ("table", regression_display(stats.regression))]
+    return items + [("list", stats.regression_notes)]
+
+
+def sections(report: Report) -> list[tuple[str, list[tuple[str, object]]]]:
+    """(heading, [(kind, content)]) in report order; kinds: text, list, table, figure. With study sections
+    (presets, confirmations) they come first and carry the headline; the generic sections follow."""
     names = list(report.tables)
     head = [("text", TABLE_CAPTIONS.get(names[0], "")), ("table", report.tables[names[0]])] if names else [
         ("text", "No table: no certification results.")]
@@ -107,18 +144,22 @@ def _sections(report: Report) -> list[tuple[str, list[tuple[str, object]]]]:
         if not shown.empty:
             paired += [("text", caption.format(n=len(shown))), ("table", shown)]
     paired += [("list", stats.paired_notes)] if stats.paired_notes else []
-    regression = ([("table", regression_display(stats.regression))] if not stats.regression.empty else [])
-    return [
-        ("Summary", [("list", report.summary)]),
-        ("Headline", head),
-        ("Figures", [("figure", f) for f in report.figures]),
-        ("Tables", [item for name in names[1:] for item in
-                    (("text", TABLE_CAPTIONS.get(name, name)), ("table", report.tables[name]))]),
-        ("Paired tests against the baseline", paired),
-        ("What drives the objective", regression + [("list", stats.regression_notes)]),
-        ("Notes", [("list", report.notes or ["none"])]),
-        ("How to read this report", [("text", READING)]),
-    ]
+    studies = [(s.heading, s.items) for s in report.studies]
+    rest = names if studies else names[1:]
+    out = [("Summary", [("list", report.summary)]), *(studies or [("Headline", head)])]
+    if report.figures or not studies:
+        out.append(("Figures", [("figure", f) for f in report.figures]))
+    if rest or not studies:
+        out.append(("Tables", [item for name in rest for item in
+                               (("text", TABLE_CAPTIONS.get(name, name)), ("table", report.tables[name]))]))
+    if not stats.paired.empty or not studies:
+        out.append(("Paired tests against the baseline", paired))
+    if report.search or not studies:
+        out.append(("What drives the objective", _objective(stats)))
+    if not report.times.empty:
+        out.append(("Where the time went", [("list", report.time_notes), ("text", TIME_CAPTION),
+                                             ("table", time_display(report.times))]))
+    return out + [("Notes", [("list", report.notes or ["none"])]), ("How to read this report", [("text", READING)])]
 
 
 def render_html(report: Report) -> str:
@@ -131,7 +172,7 @@ def render_html(report: Report) -> str:
              "td:last-child{text-align:left}img{max-width:100%}p.caption{color:#555;font-size:0.9em}</style>",
              "</head><body>", f"<h1>{esc(report.title)}</h1>",
              f"<p>MLflow store: <code>{esc(report.source)}</code></p>"]
-    for heading, items in _sections(report):
+    for heading, items in sections(report):
         parts.append(f"<h2>{esc(heading)}</h2>")
         for kind, content in items:
             if kind == "text" and content:
@@ -168,7 +209,7 @@ def markdown_table(frame: pd.DataFrame) -> str:
 def render_markdown(report: Report) -> str:
     """The report as Markdown; figures are ``![title](<name>.png)`` files in the same folder."""
     lines = [f"# {report.title}", "", f"MLflow store: `{report.source}`", ""]
-    for heading, items in _sections(report):
+    for heading, items in sections(report):
         lines += [f"## {heading}", ""]
         for kind, content in items:
             if kind == "text" and content:

@@ -3,15 +3,21 @@
     python analysis/report.py                                  # newest ~/decrop-runs/*/mlflow.db, newest experiment
     python analysis/report.py --experiment quick-study --mlflow-uri http://127.0.0.1:5000 --out reports/quick
 
-Reads every run of the experiment(s) (a sweep: its parent and trials; a method study: its parent and one run per
-setting x seed), downloads their certification tables (``certify/<label>.tsv``) and recomputes every number from
-the rows: certified accuracy with 95% Clopper-Pearson intervals over images, means over seeds, exact McNemar
-tests of DE-CROP against the baseline on the same test images, and an OLS regression of the sweep's objective
-on its hyperparameters. Writes into OUT (default ``reports/<experiment>``): ``report.html`` (self-contained,
-figures inlined), ``report.md`` with the PNG figures next to it, and CSV tables (``certified.csv``: one row per
-run x label x radius). Prints the headline table and logs the report files under ``report/`` of the study's
-parent run. Bad input (missing store, a file that is no MLflow store, unknown or empty experiment, no
-certification) ends with ``error: ...`` and exit code 2.
+Reads every run of the experiment(s) (the search: its parent, trials and confirmation; a paper's study from
+``tuning/sweep.py --preset``: its parent and trials; a method study: its parent and one run per setting x seed),
+downloads their certification tables (``certify/<label>.tsv``) and recomputes every number from the rows. Each
+paper's study and each search's confirmation gets a section (`analysis.studies`): the paper's figure (one panel
+per level, mean over seeds with the seeds' range), the table at the paper's radii and the profile's (mean and
+spread over seeds, 95% interval with the test image as the unit), paired image-level tests (against the
+baseline; levels against the first level; the search's best configuration against the defaults), Holm-adjusted
+per family, and the epochs and data budget of every arm. Then: certified accuracy per run with 95%
+Clopper-Pearson intervals, exact McNemar tests of runs that hold both DE-CROP and the baseline (method studies),
+the search's trials with Optuna's hyperparameter importance and an OLS regression of the objective, and where
+the time went (`analysis.timing`). Writes into OUT (default ``reports/<experiment>``): ``report.html``
+(self-contained, figures inlined), ``report.md`` with the PNG figures next to it, and CSV tables
+(``certified.csv``: one row per run x label x radius). Prints the headline table (a study's table when there is
+one) and logs the report files under ``report/`` of the study's parent run. Bad input (missing store, a file
+that is no MLflow store, unknown or empty experiment, no certification) ends with ``error: ...`` and exit code 2.
 
 A local file is only written to when it is an MLflow store of this platform (runs tagged ``decrop.role``): any
 other file is refused unchanged, another MLflow store is read from a copy. A study still running is reported with
@@ -39,10 +45,12 @@ import pandas as pd  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 
+from analysis.arms import find_studies  # noqa: E402
 from analysis.figures import FigureOut, figures  # noqa: E402
-from analysis.render import Report, markdown_table, render_html, render_markdown  # noqa: E402
+from analysis.render import Report, markdown_table, render_html, render_markdown, sections  # noqa: E402
 from analysis.runs import (  # noqa: E402
     PARENT_ROLES,
+    STUDY_KINDS,
     ReportError,
     certification_frame,
     check_logged,
@@ -56,7 +64,9 @@ from analysis.runs import (  # noqa: E402
 )
 from analysis.stats import Statistics, statistics  # noqa: E402
 from analysis.store import open_store, store_uri  # noqa: E402
-from analysis.tables import tables  # noqa: E402
+from analysis.studies import StudySection, study_section  # noqa: E402
+from analysis.tables import tables, test_table  # noqa: E402
+from analysis.timing import time_table  # noqa: E402
 from tuning.tracking import redact_uri  # noqa: E402
 
 # While main() runs: a server that is down fails in seconds, not after MLflow's default ~2 minutes of retries,
@@ -78,12 +88,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _summary(names: list[str], runs: pd.DataFrame, cert: pd.DataFrame, missing: list[str]) -> list[str]:
+def _summary(names: list[str], runs: pd.DataFrame, cert: pd.DataFrame, missing: list[str],
+             studies: list[StudySection]) -> list[str]:
     counts = runs["role"].value_counts()
     lines = [f"Experiment(s) {', '.join(names)}: {len(runs)} runs ("
              + ", ".join(f"{n} {role}" for role, n in counts.items()) + ").",
              f"{cert.groupby(['run_id', 'label']).ngroups} certification tables read; every number below is "
              f"recomputed from their rows."]
+    if studies:
+        lines.append("Studies with a section of their own: " + "; ".join(s.heading for s in studies) + ".")
     if missing:
         lines.append("Without certification: " + "; ".join(missing) + ".")
     return lines
@@ -92,9 +105,22 @@ def _summary(names: list[str], runs: pd.DataFrame, cert: pd.DataFrame, missing: 
 @dataclass
 class Analysis:
     report: Report
-    tables: dict[str, pd.DataFrame]  # by file stem, headline first
+    tables: dict[str, pd.DataFrame]  # by file stem, headline first (a study's table when there is one)
     cert: pd.DataFrame  # the tidy frame (certified.csv)
-    parent_run_ids: list[str]  # the sweep / study parent runs, where the report is logged
+    parent_run_ids: list[str]  # the sweep / preset / study parent runs, where the report is logged
+    csvs: dict[str, pd.DataFrame]  # the studies' numeric frames and the time table, by file stem
+
+
+def _generic_figures(figs: list[FigureOut], generic: pd.DataFrame, trials: pd.DataFrame,
+                     studies: list[StudySection]) -> list[FigureOut]:
+    """The generic figures, without the placeholders whose subject the study sections cover: the test curves
+    and factor panels when only studies certified test images, the search's figures when there is no search."""
+    if not studies:
+        return figs
+    covered = {"certified_accuracy", "factors"} if not (generic["split"] == "test").any() else set()
+    if trials.empty:
+        covered |= {"search_history", "hyperparameter_effects", "validation_agreement"}
+    return [f for f in figs if f.path is not None or f.name not in covered]
 
 
 def build_report(client: MlflowClient, uri: str, experiments: list, out: Path, progress=print) -> Analysis:
@@ -120,22 +146,37 @@ def build_report(client: MlflowClient, uri: str, experiments: list, out: Path, p
     notes = running + notes
     histories = load_histories(client, runs, "val/agreement", progress)
     trials = trials_frame(runs, histories)
-    found = tables(cert, trials)
-    stats: Statistics = statistics(cert, rows, trials)
+    # Trials of a preset or a confirmation are reported by their study's section; the generic tables, figures
+    # and tests keep what they showed before (method studies, older sweeps) and the per-run intervals.
+    generic = cert[~cert["kind"].isin(STUDY_KINDS)]
+    found = tables(generic, trials)
+    if len(generic) < len(cert):  # every run's own intervals, the studies' runs too
+        found = {**{k: v for k, v in found.items() if k != "test_accuracy"}, "test_accuracy": test_table(cert)}
+    stats: Statistics = statistics(generic, rows, trials)
     progress(f"report: writing figures into {out}")
-    figs: list[FigureOut] = figures(cert, rows, trials, histories, out)
+    out.mkdir(parents=True, exist_ok=True)
+    studies = [study_section(study, out) for study in find_studies(runs, rows)]
+    figs = _generic_figures(figures(generic, rows, trials, histories, out), generic, trials, studies)
+    times, time_notes = time_table(runs)
     title = f"DE-CROP study report: {', '.join(names)}"
-    report = Report(title, uri, _summary(names, runs, cert, missing), found, figs, stats, notes)
-    return Analysis(report, found, cert, list(runs.index[runs["role"].isin(PARENT_ROLES)]))
+    report = Report(title, uri, _summary(names, runs, cert, missing, studies), found, figs, stats, notes, studies,
+                    times, time_notes, search=not trials.empty)
+    headline = {name: table for s in studies for name, table in s.tables.items()}
+    csvs = {name: frame for s in studies for name, frame in s.csvs.items()}
+    if not times.empty:
+        csvs["time"] = times
+    return Analysis(report, {**headline, **found}, cert, list(runs.index[runs["role"].isin(PARENT_ROLES)]), csvs)
 
 
 def write_report(analysis: Analysis, out: Path) -> list[Path]:
     """report.html, report.md and the CSV tables into `out` (figures are already there); returns every file
     of the report, figures included."""
     report, found, cert = analysis.report, analysis.tables, analysis.cert
-    files = [f.path for f in report.figures if f.path is not None]
+    files = [figure.path for _, items in sections(report) for kind, figure in items
+             if kind == "figure" and figure.path is not None]
     csvs = {"certified": cert, **found, "paired_tests": report.statistics.paired,
-            "regression": report.statistics.regression}
+            "regression": report.statistics.regression, "importance": report.statistics.importance,
+            **analysis.csvs}
     for name, frame in csvs.items():
         if not frame.empty:
             frame.to_csv(out / f"{name}.csv", index=False)

@@ -1,11 +1,15 @@
 """MLflow store -> runs frame -> certification rows -> the tidy certified-accuracy frame.
 
-What is read (the schema of ``tuning/tracking.py``): runs tagged ``decrop.role`` = ``sweep`` (a Tune sweep's
-parent; its params are ``base.<key>``), ``trial`` (one Tune trial, child of a sweep), ``study`` (a method
-study's parent) and ``method_run`` (one setting x seed of a method study, tag ``decrop.setting``); children
-carry the flat config as string params. Certification of label L is the metrics ``certify/...`` (L =
-validation) or ``certify_L/...`` and the artifact ``certify/L.tsv`` (Cohen's rows), from which every number of
-the report is recomputed; the logged metrics are only a cross-check.
+What is read (the schema of ``tuning/tracking.py``): runs tagged ``decrop.role`` = ``sweep`` (the search's
+parent; its params are ``base.<key>``), ``preset`` (the parent of one of the paper's studies, `tuning.presets`),
+``trial`` (one Tune trial, child of either), ``study`` (a method study's parent) and ``method_run`` (one setting
+x seed of a method study, tag ``decrop.setting``); children carry the flat config as string params. Trials say
+what they are with the tags ``decrop.preset``, ``decrop.factor``, ``decrop.level`` (absent on the baseline and
+reference a preset shares across its levels), ``decrop.method``, ``decrop.seed`` and ``decrop.variant`` (the
+confirmation's ``best``/``default``), from which `load_runs` derives each run's ``kind``. Certification of
+label L is the metrics ``certify/...`` (L = validation) or ``certify_L/...`` and the artifact ``certify/L.tsv``
+(Cohen's rows), from which every number of the report is recomputed; the logged metrics are only a
+cross-check.
 """
 
 from __future__ import annotations
@@ -25,10 +29,16 @@ from mlflow.exceptions import MlflowException
 from statsmodels.stats.proportion import proportion_confint
 
 from decrop.certify import CertRow, average_certified_radius, certified_counts, read_rows
-from tuning.tracking import PARENT_TAG, ROLE_TAG, STUDY_TAG, TRIAL_TAG, certification_prefix, redact_uri
+from tuning.presets import PRESETS, SEARCH
+from tuning.tracking import (FACTOR_TAG, LEVEL_TAG, METHOD_TAG, PARENT_TAG, PRESET_TAG, ROLE_TAG, STUDY_TAG,
+                             TRIAL_TAG, VARIANT_TAG, certification_prefix, redact_uri)
 
 SETTING_TAG, BEST_TAG = "decrop.setting", "decrop.best_trial_id"
-PARENT_ROLES = ("sweep", "study")
+PARENT_ROLES = ("sweep", "study", "preset")
+# What a run is (the ``kind`` column): the parents, a search trial (validation objective), a trial of the
+# search's confirmation (fresh seeds, test images), a trial of a paper's study, a method study's run.
+SEARCH_TRIAL, CONFIRM_TRIAL, PRESET_TRIAL = "search_trial", "confirm_trial", "preset_trial"
+STUDY_KINDS = (CONFIRM_TRIAL, PRESET_TRIAL)  # trials that the study sections (analysis/studies.py) report
 # The searched hyperparameters (tuning/space.py) and their scale: "log" ones are analysed as log10.
 SEARCHED = {"decrop.mixing": "linear", "decrop.w_cs": "log", "decrop.w_mmd": "log", "decrop.n_interp": "category",
             "decrop.attack": "category", "stage2": "category", "decrop.beta_scale": "log",
@@ -115,12 +125,17 @@ def _factors(params: dict[str, str], prefix: str) -> dict[str, object]:
 def _run_record(run: Run, experiment: str) -> dict[str, object]:
     tags, params = run.data.tags, run.data.params
     role = tags.get(ROLE_TAG, "other")
+    parent = role in PARENT_ROLES  # a parent names its preset and factor in its params
     record = {"run_id": run.info.run_id, "run_name": run.info.run_name, "experiment": experiment, "role": role,
               "parent_run_id": tags.get(PARENT_TAG), "study": tags.get(STUDY_TAG), "trial_id": tags.get(TRIAL_TAG),
-              "setting": tags.get(SETTING_TAG), "best_trial_id": tags.get(BEST_TAG), "status": run.info.status,
+              "setting": tags.get(SETTING_TAG), "best_trial_id": tags.get(BEST_TAG),
+              "preset": tags.get(PRESET_TAG, params.get("preset") if parent else None),
+              "factor": tags.get(FACTOR_TAG, params.get("factor") if parent else None),
+              "level": tags.get(LEVEL_TAG), "trial_method": tags.get(METHOD_TAG), "variant": tags.get(VARIANT_TAG),
+              "status": run.info.status,
               "start_time": pd.to_datetime(run.info.start_time, unit="ms"),
               "end_time": pd.to_datetime(run.info.end_time, unit="ms") if run.info.end_time else pd.NaT}
-    record.update(_factors(params, "base." if role == "sweep" else ""))
+    record.update(_factors(params, "base." if role in ("sweep", "preset") else ""))
     record.update({f"params.{k}": v for k, v in params.items()})
     record.update({f"metrics.{k}": v for k, v in run.data.metrics.items()})
     return record
@@ -128,9 +143,11 @@ def _run_record(run: Run, experiment: str) -> dict[str, object]:
 
 def load_runs(client: MlflowClient, experiment_ids: Sequence[str]) -> pd.DataFrame:
     """One row per active run of the experiments, oldest first, indexed by run_id: run_id, run_name, experiment,
-    role, parent_run_id, study, trial_id, setting, best_trial_id, status, start_time, end_time, the typed factor
-    columns (`FACTORS`; NaN where a run lacks them), then ``params.<key>`` (strings) and ``metrics.<key>``
-    (latest values). ``setting`` is the method-study tag, else the study (trials: their parent's)."""
+    role, parent_run_id, study, trial_id, setting, best_trial_id, preset, factor, level, trial_method, variant
+    (the trial tags), status, start_time, end_time, the typed factor columns (`FACTORS`; NaN where a run lacks
+    them), then ``params.<key>`` (strings) and ``metrics.<key>`` (latest values), and ``kind`` (`run_kinds`).
+    ``setting`` is the method-study tag, else the study (trials: their parent's; a preset's trials add their
+    level, the confirmation's ``confirmation``)."""
     names = {i: client.get_experiment(i).name for i in experiment_ids}
     runs, token = [], None
     while True:  # search_runs pages at 1000 runs
@@ -148,15 +165,46 @@ def load_runs(client: MlflowClient, experiment_ids: Sequence[str]) -> pd.DataFra
     parent = frame["parent_run_id"].map(own)  # trials share their sweep's setting
     frame["setting"] = frame["setting"].fillna(parent).fillna(own)
     frame["study"] = frame["study"].fillna(frame["parent_run_id"].map(frame["study"]))
+    frame["kind"] = run_kinds(frame)
+    for run_id in frame.index[frame["kind"].isin(STUDY_KINDS)]:
+        run = frame.loc[run_id]
+        where = ("confirmation" if run["kind"] == CONFIRM_TRIAL else
+                 level_name(run["preset"], run["factor"], run["level"]))
+        frame.at[run_id, "setting"] = f"{run['setting']} {where}"
     return frame
 
 
+def run_kinds(runs: pd.DataFrame) -> pd.Series:
+    """What each run is: its role for parents and method-study runs; a trial is a `PRESET_TRIAL` (under a preset
+    parent, or tagged with a preset other than the search), a `CONFIRM_TRIAL` (the search's confirmation: a
+    ``decrop.variant``, or the baseline or the reference) or a `SEARCH_TRIAL` (older sweeps: every trial)."""
+    parent_role = runs["parent_run_id"].map(runs["role"])
+    preset = runs["preset"].notna() & (runs["preset"] != SEARCH)
+    confirm = runs["variant"].notna() | runs["trial_method"].isin(["baseline", "none"])
+    trial = np.where(preset | (parent_role == "preset"), PRESET_TRIAL, np.where(confirm, CONFIRM_TRIAL,
+                                                                                  SEARCH_TRIAL))
+    return pd.Series(np.where(runs["role"] == "trial", trial, runs["role"]), index=runs.index)
+
+
+def level_name(preset: object, factor: object, level: object) -> str:
+    """How a preset's level reads (``mixing=0.25``, ``with boundary samples``; `tuning.presets.Preset.level_name`);
+    ``(all levels)`` for a baseline or reference that the levels share (no level)."""
+    if level is None or (isinstance(level, float) and np.isnan(level)):
+        return "(all levels)"
+    known = PRESETS.get(preset) if isinstance(preset, str) else None
+    if known is not None:
+        value = next((v for v in known.levels if str(v) == str(level)), None)
+        if value is not None:
+            return known.level_name(value)
+    return f"{str(factor).split('.')[-1]}={level}" if isinstance(factor, str) else str(level)
+
+
 def load_histories(client: MlflowClient, runs: pd.DataFrame, key: str, progress: Progress) -> pd.DataFrame:
-    """Per-step values of metric `key` of the trial runs that logged it: columns run_id, step, value."""
+    """Per-step values of metric `key` of the search trials that logged it: columns run_id, step, value."""
     column = f"metrics.{key}"
     if column not in runs:
         return pd.DataFrame(columns=["run_id", "step", "value"])
-    ids = runs.index[(runs["role"] == "trial") & runs[column].notna()]
+    ids = runs.index[(runs["kind"] == SEARCH_TRIAL) & runs[column].notna()]
     progress(f"report: reading the {key} history of {len(ids)} trials")
     records = [{"run_id": run_id, "step": m.step, "value": m.value}
                for run_id in ids for m in client.get_metric_history(run_id, key)]
@@ -253,7 +301,8 @@ def certification_frame(runs: pd.DataFrame, rows: dict[tuple[str, str], Sequence
     (validation | test), method, radius, n_images, n_certified, accuracy, the 95% Clopper-Pearson interval
     (ci_low, ci_high) over images, the label's acr, and the logged metric (logged_accuracy, NaN if none).
     Radii: the run's ``certify.radii`` param, those in its metric names, and 0."""
-    keep = ["run_id", "run_name", "experiment", "role", "parent_run_id", "setting", "trial_id", "status", *FACTORS]
+    keep = ["run_id", "run_name", "experiment", "role", "kind", "parent_run_id", "setting", "trial_id", "status",
+            *FACTORS]
     records = []
     for (run_id, label), label_rows in rows.items():
         run = runs.loc[run_id]
@@ -295,19 +344,20 @@ def _why(run: pd.Series) -> str:
         return "killed"
     if run["status"] in ("RUNNING", "SCHEDULED"):
         return "still running or interrupted"
-    if run["role"] == "trial" and pd.notna(run.get("metrics.val/agreement")):
+    if run["kind"] == SEARCH_TRIAL and pd.notna(run.get("metrics.val/agreement")):
         return "stopped early by ASHA"
     return "finished without certifying"
 
 
 def missing_results(runs: pd.DataFrame, rows: dict[tuple[str, str], object]) -> list[str]:
     """One phrase per role of the runs that have no certification table, with why (from status and metrics),
-    e.g. "all 3 trials (2 stopped early by ASHA, 1 failed)". A method study's parent run certifies nothing
-    itself (its runs do): it is named only when nothing at all was certified."""
+    e.g. "all 3 trials (2 stopped early by ASHA, 1 failed)". A parent run certifies nothing itself (its runs
+    do; only older sweeps certified the test images on the parent): it is named only when nothing at all was
+    certified."""
     certified = {run_id for run_id, _ in rows}
     without = runs[~runs.index.isin(certified)]
     if certified:
-        without = without[without["role"] != "study"]
+        without = without[~without["role"].isin(PARENT_ROLES)]
     phrases = []
     for role, group in without.groupby("role", sort=False):
         total = int((runs["role"] == role).sum())
@@ -320,7 +370,7 @@ def missing_results(runs: pd.DataFrame, rows: dict[tuple[str, str], object]) -> 
 
 
 def running_studies(runs: pd.DataFrame) -> list[str]:
-    """A warning per parent run (a sweep or a method study) in status RUNNING: its study is still going on, or
+    """A warning per parent run (a sweep, a preset or a method study) in status RUNNING: its study is still going on, or
     was interrupted without ending its run, so a report of it shows only what has been logged so far."""
     parents = runs[runs["role"].isin(PARENT_ROLES) & (runs["status"] == "RUNNING")]
     return [f"study {run['study'] or run['run_name']!r} is still running (its {run['role']} run is RUNNING, or "
@@ -329,10 +379,11 @@ def running_studies(runs: pd.DataFrame) -> list[str]:
 
 
 def trials_frame(runs: pd.DataFrame, histories: pd.DataFrame) -> pd.DataFrame:
-    """One row per sweep trial in completion order (end time): run_id, run_name, trial_id, status, end_time,
-    epochs (last step of the per-epoch history), objective (validation ACR, NaN if never certified), why
-    (for trials without objective) and the searched hyperparameters."""
-    trials = runs[runs["role"] == "trial"].copy()
+    """One row per search trial (`SEARCH_TRIAL`: not the confirmation's or a preset's) in completion order (end
+    time): run_id, run_name, trial_id, status, end_time, epochs (last step of the per-epoch history), objective
+    (validation ACR, NaN if never certified), why (for trials without objective) and the searched
+    hyperparameters."""
+    trials = runs[runs["kind"] == SEARCH_TRIAL].copy()
     if trials.empty:
         return pd.DataFrame(columns=["run_id", "run_name", "trial_id", "status", "end_time", "epochs",
                                      "objective", "why", *SEARCHED])

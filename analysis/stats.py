@@ -1,4 +1,5 @@
-"""Paired tests of DE-CROP against the baseline, and a regression of the sweep's objective on its hyperparameters.
+"""Paired tests on the test images: DE-CROP against the baseline, one configuration against another, and the
+interval of one arm's certified accuracy with the image as its unit.
 
 Paired tests: both methods certify the SAME test images (matched on ``idx``), and every seed of a setting
 certifies those same images again, so the unit of every test is the image. Per seed (one run): the exact
@@ -6,28 +7,29 @@ McNemar test, a sign test on the images that one method certifies at r and the o
 seeds of a setting: the image-level test, the exact sign-flip permutation test of the per-image differences
 d_i = (1/S) sum_s (c^M_is - c^B_is) (c = certified at r); summing discordant pairs over seeds instead would
 count one hard image S times as if it were S independent images, and gives p-values far too small. Each family
-of tests shown together (the image-level tests; the per-seed tests) is Holm-adjusted. OLS: validation ACR on
-the searched hyperparameters (log10 for log-scaled ones, categorical for attack, n_interp, stage2) with HC3
-standard errors, which do not assume equal noise.
+of tests shown together (the image-level tests; the per-seed tests) is Holm-adjusted. `paired_outcomes` runs
+the image-level test of two arms given as seed -> rows (a preset's levels, the confirmation's configurations),
+`paired_radii` adds the Holm adjustment over the radii and the sweep's wording. `accuracy_interval`: the 95%
+interval of an arm's seed-averaged accuracy, resampling images. The regression of the search's objective and
+the hyperparameter importance live in `analysis.objective`.
 """
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
-import statsmodels.formula.api as smf
 from scipy.stats import binom, bootstrap
 from statsmodels.stats.contingency_tables import mcnemar
 from statsmodels.stats.multitest import multipletests
+from statsmodels.stats.proportion import proportion_confint
 
 from decrop.certify import CertRow
 
-from .runs import SEARCHED, level_text
+from .objective import importance, regression
 from .tables import method_name, method_rank
 
 IMAGE_LEVEL, PER_SEED = "image-level", "per seed"  # the two families of paired tests (the ``scope`` column)
@@ -35,13 +37,16 @@ IMAGE_LEVEL, PER_SEED = "image-level", "per seed"  # the two families of paired 
 
 @dataclass
 class Statistics:
-    """Paired tests (image-level over seeds, and per seed) and the regression table, each row with a plain-words
-    ``sentence``; the notes say what could not be computed and why (and, for the regression, its fit)."""
+    """Paired tests (image-level over seeds, and per seed), the regression table and Optuna's importance of the
+    search's parameters, each row with a plain-words ``sentence``; the notes say what could not be computed and
+    why (for the regression its fit, for the importance how many trials it rests on)."""
 
     paired: pd.DataFrame
     regression: pd.DataFrame
     paired_notes: list[str] = field(default_factory=list)
     regression_notes: list[str] = field(default_factory=list)
+    importance: pd.DataFrame = field(default_factory=pd.DataFrame)
+    importance_notes: list[str] = field(default_factory=list)
 
 
 def format_p(p: float) -> str:
@@ -155,10 +160,85 @@ def certified_matrix(tables: Sequence[Sequence[CertRow]], images: Sequence[int],
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Two arms over seeds: a preset's levels and methods, the confirmation's configurations
+
+SeedRows = Mapping[int, Sequence[CertRow]] | Sequence[Sequence[CertRow]]
+
+
+def _by_seed(runs: SeedRows) -> dict:
+    return dict(runs) if isinstance(runs, Mapping) else dict(enumerate(runs))
+
+
+def paired_outcomes(method: SeedRows, reference: SeedRows, radii: Sequence[float]) -> pd.DataFrame:
+    """`image_level_test` of `method` against `reference` at each radius. An arm maps seed -> its certification
+    rows (a sequence pairs by position: give both in the same seed order); the seeds both have are paired, on
+    the images that all their tables hold. Columns: radius, n_seeds, n_images, favour_method /
+    favour_reference (images with d > 0 / d < 0), difference (mean of d, in [-1, 1]), ci_low, ci_high (95%
+    paired bootstrap over images), p_value (exact sign-flip; with one seed the exact McNemar test).
+    ValueError when the arms share no seed or no image."""
+    m, r = _by_seed(method), _by_seed(reference)
+    seeds = [s for s in m if s in r]
+    if not seeds:
+        raise ValueError(f"paired_outcomes: the arms share no seed (method {sorted(m)}, reference {sorted(r)})")
+    images = shared_images([*(m[s] for s in seeds), *(r[s] for s in seeds)])
+    if not images:
+        raise ValueError("paired_outcomes: no image is certified in every table of both arms")
+    records = []
+    for radius in radii:
+        a = certified_matrix([m[s] for s in seeds], images, radius)
+        b = certified_matrix([r[s] for s in seeds], images, radius)
+        test = image_level_test(a, b)
+        d = a.sum(axis=1).astype(int) - b.sum(axis=1).astype(int)
+        records.append({"radius": float(radius), "n_seeds": len(seeds), "n_images": len(images),
+                        "favour_method": int((d > 0).sum()), "favour_reference": int((d < 0).sum()),
+                        "difference": test.difference, "ci_low": test.interval[0], "ci_high": test.interval[1],
+                        "p_value": test.p_value})
+    return pd.DataFrame(records)
+
+
+def paired_radii(method: SeedRows, reference: SeedRows, radii: Sequence[float],
+                 names: tuple[str, str] = ("tuned", "defaults")) -> pd.DataFrame:
+    """`paired_outcomes` Holm-adjusted over the radii, as the sweep prints and logs the search's best
+    configuration against the profile's defaults on the confirmation's fresh seeds (``confirm/
+    best_vs_default.csv``): radius, difference (points) with its 95% interval, p, p (Holm over radii) and a
+    verdict ("tuned better", "defaults better" or "no difference shown" at the 5% level; `names` words it)."""
+    tests = paired_outcomes(method, reference, radii)
+    frame = pd.DataFrame({"radius": tests["radius"],
+                          "difference (points)": [round(100 * d, 1) for d in tests["difference"]],
+                          "95% interval": [f"[{100 * lo:+.1f}, {100 * hi:+.1f}]" for lo, hi in
+                                           zip(tests["ci_low"], tests["ci_high"])],
+                          "p": tests["p_value"]})
+    frame["p (Holm over radii)"] = holm(frame["p"].to_numpy())
+    frame["verdict"] = [f"{names[0]} better" if p < 0.05 and d > 0 else f"{names[1]} better" if p < 0.05 else
+                        "no difference shown" for p, d in zip(frame["p (Holm over radii)"],
+                                                              frame["difference (points)"])]
+    return frame
+
+
+def accuracy_interval(outcomes: np.ndarray, *, n_resamples: int = 10_000, seed: int = 0
+                      ) -> tuple[float, float, str]:
+    """95% interval of one arm's certified accuracy with the test image as the unit. `outcomes`: (images,
+    seeds) 0/1, certified at r by seed s; a_i = its mean over seeds, the accuracy = mean(a). When every image
+    has the same outcome in every seed (one seed, or seeds that agree), the a_i are 0/1 and the interval is
+    the exact Clopper-Pearson interval of k of n images; otherwise a percentile bootstrap of mean(a) over
+    images (`n_resamples`, generator seeded with `seed`). Returns (low, high, "Clopper-Pearson" | "bootstrap")."""
+    o = np.asarray(outcomes)
+    if o.ndim != 2 or 0 in o.shape or not np.isin(o, (0, 1)).all():
+        raise ValueError(f"accuracy_interval needs an (images, seeds) array of 0/1 outcomes, got {o.shape}")
+    a = o.mean(axis=1)
+    if np.isin(a, (0.0, 1.0)).all():
+        lo, hi = proportion_confint(int(a.sum()), len(a), alpha=0.05, method="beta")
+        return float(lo), float(hi), "Clopper-Pearson"
+    ci = bootstrap((a,), np.mean, n_resamples=n_resamples, method="percentile", batch=1000,
+                   rng=np.random.default_rng(seed)).confidence_interval
+    return float(ci.low), float(ci.high), "bootstrap"
+
+
+# ---------------------------------------------------------------------------------------------------------
 # The report's paired tests
 
 
-def _verdict(p_holm: float, n_tests: int, tie: str | None) -> str:
+def holm_verdict(p_holm: float, n_tests: int, tie: str | None) -> str:
     adjusted = f"Holm-adjusted over {n_tests} tests p={format_p(p_holm)}"
     if tie:
         return f"{adjusted}: {tie}"
@@ -183,7 +263,7 @@ def _sentence(row: dict) -> str:
                 f"{row['only_baseline']} the baseline")
         tie = "no image favours either method"
     tie = tie if row["only_method"] + row["only_baseline"] == 0 else None
-    return f"{head}; p={format_p(row['p_value'])}, {_verdict(row['p_holm'], row['n_tests'], tie)}."
+    return f"{head}; p={format_p(row['p_value'])}, {holm_verdict(row['p_holm'], row['n_tests'], tie)}."
 
 
 def _per_seed(cert: pd.DataFrame, rows: dict[tuple[str, str], Sequence[CertRow]]
@@ -272,98 +352,11 @@ def paired_tests(cert: pd.DataFrame, rows: dict[tuple[str, str], Sequence[CertRo
     return frame.reindex(columns=columns).reset_index(drop=True), notes
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Regression of the objective
-
-
-def _design(trials: pd.DataFrame) -> tuple[pd.DataFrame, list[str], dict[str, str], list[str]]:
-    """The regression data (objective + one column per varying hyperparameter), formula terms, column ->
-    searched key, and notes on hyperparameters left out."""
-    data = pd.DataFrame({"objective": trials["objective"].astype(float)})
-    terms, keys, notes = [], {}, []
-    for key, scale in SEARCHED.items():
-        values = trials[key]
-        present = values.dropna()
-        if present.empty:
-            continue
-        name = key.removeprefix("decrop.")
-        if present.map(level_text).nunique() < 2:
-            notes.append(f"{name} did not vary over the trials with an objective ({present.iloc[0]}); left out of "
-                         f"the regression")
-            continue
-        if scale == "category":
-            data[name] = values.map(level_text)
-            terms.append(f"C({name})")
-        else:
-            column = np.log10(values.astype(float)) if scale == "log" else values.astype(float)
-            name = f"log10_{name}" if scale == "log" else name
-            # beta_* exist only with stage 2: the others get the mean, so the coefficient is the effect among
-            # stage-2 trials and the stage2 term compares the two groups at the average schedule.
-            data[name] = column.fillna(column.mean())
-            terms.append(name)
-        keys[name] = key
-    return data, terms, keys, notes
-
-
-def _coefficient_sentence(term: str, key: str, coef: float, lo: float, hi: float, level: str, ref: str) -> str:
-    if np.isnan(lo) or np.isnan(hi):
-        verdict = "no interval (a trial has leverage 1, so HC3 errors are undefined)"
-    elif lo > 0 or hi < 0:
-        verdict = "the interval excludes 0: a clear effect in these trials"
-    else:
-        verdict = "the interval includes 0: no clear effect"
-    name = key.removeprefix("decrop.")
-    scale = 0.1 if SEARCHED[key] == "linear" else 1.0
-    what = {"log": f"{name} 10 times larger", "linear": f"{name} larger by 0.1",
-            "category": f"{name} = {level} instead of {ref}"}[SEARCHED[key]]
-    where = " (among trials with stage 2)" if key in ("decrop.beta_scale", "decrop.beta_gamma") else ""
-    direction = "higher" if coef >= 0 else "lower"
-    return (f"{what} goes with a validation ACR {direction} by {abs(scale * coef):.3f}{where} (95% CI "
-            f"{scale * lo:+.3f} to {scale * hi:+.3f}); {verdict}.")
-
-
-def regression(trials: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
-    """OLS of the objective on the varying searched hyperparameters with HC3 errors: one row per coefficient
-    (term, parameter, coef, ci_low, ci_high, p_value, sentence); empty with a note when there are fewer trials
-    than coefficients + 2."""
-    if trials.empty:
-        return pd.DataFrame(), ["these runs contain no sweep trials: no regression of the objective"]
-    scored = trials[trials["objective"].notna()]
-    if scored.empty:
-        return pd.DataFrame(), [f"none of the {len(trials)} trials has an objective (validation ACR): no regression"]
-    data, terms, keys, notes = _design(scored)
-    n_coef = sum(data[t[2:-1]].nunique() - 1 if t.startswith("C(") else 1 for t in terms)
-    if not terms:
-        return pd.DataFrame(), notes + ["no searched hyperparameter varies: no regression"]
-    if len(data) < n_coef + 2:
-        return pd.DataFrame(), notes + [
-            f"{len(data)} trials have an objective, but a regression on the {len(terms)} varying hyperparameters "
-            f"has {n_coef} coefficients plus an intercept and needs at least {n_coef + 2} trials: not fitted"]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # small-sample warnings; the notes say how many trials there are
-        fit = smf.ols("objective ~ " + " + ".join(terms), data=data).fit(cov_type="HC3")
-        ci = fit.conf_int(0.05)
-    records = []
-    for term in fit.params.index:
-        if term == "Intercept":
-            continue
-        name = term[2:term.index(")")] if term.startswith("C(") else term
-        level = term.split("[T.")[1].rstrip("]") if "[T." in term else ""
-        ref = sorted(data[name].unique())[0] if term.startswith("C(") else ""
-        lo, hi = float(ci.loc[term, 0]), float(ci.loc[term, 1])
-        records.append({"term": term, "parameter": keys[name], "coef": float(fit.params[term]), "ci_low": lo,
-                        "ci_high": hi, "p_value": float(fit.pvalues[term]),
-                        "sentence": _coefficient_sentence(term, keys[name], float(fit.params[term]), lo, hi,
-                                                          level, ref)})
-    notes.append(f"OLS of the validation ACR on {len(terms)} hyperparameters over {len(data)} trials, R² "
-                 f"{fit.rsquared:.2f}, HC3 standard errors. Exploratory: TPE chose these points adaptively, so the "
-                 f"coefficients describe these trials, not a designed experiment.")
-    return pd.DataFrame(records), notes
-
-
 def statistics(cert: pd.DataFrame, rows: dict[tuple[str, str], Sequence[CertRow]],
                trials: pd.DataFrame) -> Statistics:
-    """Paired tests of each DE-CROP label against the baseline (`paired_tests`) and the objective's regression."""
+    """Paired tests of each DE-CROP label against the baseline of the same run (`paired_tests`), the
+    objective's regression and Optuna's importance (`analysis.objective`)."""
     tests, notes = paired_tests(cert, rows)
     table, regression_notes = regression(trials)
-    return Statistics(tests, table, notes, regression_notes)
+    weights, importance_notes = importance(trials)
+    return Statistics(tests, table, notes, regression_notes, weights, importance_notes)

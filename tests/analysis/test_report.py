@@ -343,3 +343,22 @@ def test_bad_stores(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     err = bad(["--mlflow-uri", "http://127.0.0.1:9"], capsys)
     assert "cannot read the MLflow store http://127.0.0.1:9" in err
+
+
+GOLDEN = Path(__file__).resolve().parent / "golden"
+
+
+@pytest.mark.parametrize("kind", ["sweep", "study"])
+def test_old_stores_give_the_same_tables_as_before(kind, sweep_report, study_report):
+    """An older sweep (test labels on its parent) and a method study: every table the report wrote before the
+    study sections existed (tests/analysis/golden, from that version on this store) comes out the same; the tidy
+    frame only gains the ``kind`` column (run ids differ from store to store)."""
+    out = {"sweep": sweep_report, "study": study_report}[kind]
+    for golden in sorted((GOLDEN / kind).glob("*.csv")):
+        expected, found = pd.read_csv(golden), pd.read_csv(out / golden.name)
+        if golden.name == "certified.csv":
+            assert set(found["kind"]) <= {"sweep", "search_trial", "method_run"}
+            found = found.drop(columns=["run_id", "parent_run_id", "kind"])
+        pd.testing.assert_frame_equal(found, expected, check_exact=False, rtol=1e-12)
+    markdown = (out / "report.md").read_text()
+    assert "## Headline" in markdown and "## Where the time went" in markdown and "## Study" not in markdown

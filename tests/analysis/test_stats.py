@@ -1,6 +1,7 @@
 """analysis/stats.py's paired tests on small hand-built outcomes: the exact sign-flip distribution against brute
 force, the image-level test against exact McNemar (one seed) and scipy's permutation test, the defect it fixes
-(seeds of the same images are not independent pairs), Holm against its definition, and the report's frame."""
+(seeds of the same images are not independent pairs), Holm against its definition, the report's frame, two arms
+paired by seed and image (the sweep's best-against-defaults table) and one arm's interval over images."""
 
 import itertools
 import sys
@@ -9,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from scipy.stats import binomtest, permutation_test
+from scipy.stats import binomtest, bootstrap, permutation_test
 from statsmodels.stats.contingency_tables import mcnemar
+from statsmodels.stats.proportion import proportion_confint
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
@@ -18,8 +20,11 @@ from analysis.runs import certification_frame  # noqa: E402
 from analysis.stats import (  # noqa: E402
     IMAGE_LEVEL,
     PER_SEED,
+    accuracy_interval,
     holm,
     image_level_test,
+    paired_outcomes,
+    paired_radii,
     paired_tests,
     sign_flip_distribution,
     sign_flip_p,
@@ -213,3 +218,67 @@ def test_identical_methods_in_the_report_read_as_a_tie():
     assert image.str.endswith("Holm-adjusted over 2 tests p=1: no image favours either method.").all()
     per_seed = frame[frame["scope"] == PER_SEED]["sentence"]
     assert per_seed.str.endswith("Holm-adjusted over 4 tests p=1: the two certify exactly the same images.").all()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Two arms over seeds (presets, the confirmation) and one arm's interval
+
+
+def seed_tables(outcomes: np.ndarray, images: list[int]) -> dict[int, list[CertRow]]:
+    """seed -> rows, from an (images, seeds) outcome array (`rows_of`)."""
+    return {s: rows_of(outcomes[:, s], images) for s in range(outcomes.shape[1])}
+
+
+def test_paired_outcomes_pairs_seeds_by_key_and_images_by_idx():
+    rng = np.random.default_rng(9)
+    method, reference = outcomes(rng, 25, 3, 0.7, 0.4)
+    images = list(range(0, 250, 10))
+    m, r = seed_tables(method, images), seed_tables(reference, images)
+    shuffled = {s: list(reversed(m[s])) for s in (2, 0, 1)}  # key order and row order do not matter
+    r[3] = r[0]  # a seed only the reference has is not paired
+    frame = paired_outcomes(shuffled, r, [0.0, 0.5])
+    expected = image_level_test(method, reference)
+    d = method.sum(axis=1).astype(int) - reference.sum(axis=1)
+    for row in frame.itertuples():  # every certified row has radius 0.6
+        assert (row.n_seeds, row.n_images) == (3, 25)
+        assert (row.favour_method, row.favour_reference) == ((d > 0).sum(), (d < 0).sum())
+        assert (row.p_value, row.difference) == pytest.approx((expected.p_value, expected.difference))
+        assert (row.ci_low, row.ci_high) == pytest.approx(expected.interval)
+    with pytest.raises(ValueError, match="share no seed"):
+        paired_outcomes({5: m[0]}, r, [0.0])
+
+
+def test_paired_radii_is_the_sweeps_best_against_defaults_table():
+    rng = np.random.default_rng(10)
+    best, default = outcomes(rng, 40, 2, 0.8, 0.4)
+    images = list(range(40))
+    b, d = seed_tables(best, images), seed_tables(default, images)
+    frame = paired_radii([b[0], b[1]], [d[0], d[1]], (0.0, 0.5, 0.75))
+    assert list(frame.columns) == ["radius", "difference (points)", "95% interval", "p", "p (Holm over radii)",
+                                   "verdict"]
+    p = image_level_test(best, default).p_value  # radius 0 and 0.5: every certified row has radius 0.6
+    assert list(frame["p"]) == pytest.approx([p, p, 1.0])
+    assert list(frame["p (Holm over radii)"]) == pytest.approx(list(holm([p, p, 1.0])))
+    assert list(frame["verdict"]) == ["tuned better", "tuned better", "no difference shown"]
+    studies = pytest.importorskip("tuning.studies")
+    if studies.paired_radii is not paired_radii:  # until tuning/studies.py calls this one
+        pd.testing.assert_frame_equal(frame, studies.paired_radii([b[0], b[1]], [d[0], d[1]], (0.0, 0.5, 0.75)))
+
+
+def test_accuracy_interval_is_clopper_pearson_when_the_seeds_agree_else_a_bootstrap_over_images():
+    rng = np.random.default_rng(11)
+    agree = np.repeat(rng.random((30, 1)) < 0.6, 3, axis=1)  # every image the same in all 3 seeds
+    lo, hi, how = accuracy_interval(agree)
+    k = int(agree[:, 0].sum())
+    assert how == "Clopper-Pearson" and (lo, hi) == pytest.approx(proportion_confint(k, 30, 0.05, "beta"))
+    differ = rng.random((30, 3)) < 0.6
+    lo, hi, how = accuracy_interval(differ)
+    a = differ.mean(axis=1)
+    expected = bootstrap((a,), np.mean, n_resamples=10_000, method="percentile", batch=1000,
+                         rng=np.random.default_rng(0)).confidence_interval
+    assert how == "bootstrap" and (lo, hi) == pytest.approx((expected.low, expected.high))
+    assert lo < a.mean() < hi
+    assert accuracy_interval(np.zeros((10, 2)))[:2] == pytest.approx((0.0, proportion_confint(0, 10, 0.05,
+                                                                                              "beta")[1]))
+    with pytest.raises(ValueError, match="0/1 outcomes"):
+        accuracy_interval(np.full((3, 2), 0.5))

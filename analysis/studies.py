@@ -1,0 +1,261 @@
+"""The report's section of each study on the test images: a paper's study (a preset) or the search's confirmation.
+
+Each section shows what the paper (or the sweep) claims, the study's table (`arms.accuracy_values`: per arm the
+mean certified accuracy over seeds, its spread, and a 95% interval whose unit is the test image), its figure
+(one panel per level), the paired image-level tests (`stats.paired_outcomes`) with a sentence each, and the
+epochs and data each arm used. Families of tests, each Holm-adjusted on its own:
+
+- *against the baseline*: every DE-CROP arm against the baseline of its level (or the shared one), per radius;
+- *against the first level*: for the studies whose claim compares levels (`LEVEL_CLAIMS`), every level's
+  DE-CROP against the first level's, per radius (same seeds, same images);
+- *best against defaults* (the confirmation): `stats.paired_radii` over the profile's radii, as the sweep
+  computes it (``confirm/best_vs_default.csv``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from tuning.presets import PRESETS
+
+from .arms import CONFIRMATION, PRESET, Arm, StudyArms, accuracy_values, budget_frame
+from .figures import FigureOut, arms_figure
+from .stats import format_p, holm, holm_verdict, paired_outcomes, paired_radii
+from .tables import method_name, radius_column
+
+# The studies whose claim compares the levels with each other (the others compare DE-CROP with the baseline at
+# each level: sigma changes what is certified, data the budget, denoiser the architecture).
+LEVEL_CLAIMS = ("mixing", "n_interp", "attack", "boundary", "augment", "blackbox")
+VS_BASELINE, VS_FIRST, BEST_VS_DEFAULT = "against the baseline", "against the first level", "best against defaults"
+TESTS_CAPTION = (
+    "Paired tests on the test images ({family}; {n} tests, one Holm family). The unit is the image: for each "
+    "image, d = the fraction of seeds in which the first arm certifies it at r minus the same fraction for the "
+    "second; the test is the exact sign-flip permutation test of the sum of d (with one seed, the exact McNemar "
+    "test), the difference the mean of d in percentage points with its 95% paired bootstrap interval over images. "
+    "favour: images with d > 0 / d < 0.")
+TABLE_CAPTION = (
+    "Certified accuracy (%) on the test images at each l2 radius r: mean ± standard deviation over the seeds "
+    "[95% interval with the test image as the unit: Clopper-Pearson when every image has the same outcome in "
+    "every seed, else a percentile bootstrap over images of the per-image mean over seeds]; images: those every "
+    "seed certified (the same in every run); epochs: stage 1 + stage 2; ACR: average certified radius.")
+
+
+@dataclass
+class StudySection:
+    """One study's part of the report: heading, render items, its display tables (headline first) and the
+    numeric frames written as CSV."""
+
+    heading: str
+    items: list[tuple[str, object]]
+    tables: dict[str, pd.DataFrame]
+    csvs: dict[str, pd.DataFrame] = field(default_factory=dict)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^\w.-]+", "_", text).strip("_") or "study"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tests
+
+
+def _pairs(study: StudyArms, notes: list[str]) -> list[tuple[str, Arm, Arm]]:
+    """(family, arm, reference) of every test the study's claims call for; a note for an arm without baseline."""
+    pairs = []
+    for level in study.levels:
+        for arm in study.decrop_arms(level):
+            base = study.reference(level, "baseline")
+            if base is not None:
+                pairs.append((VS_BASELINE, arm, base))
+            else:
+                notes.append(f"{_arm_text(study, arm)}: no baseline certified at this level (nor one shared by "
+                             f"the levels); not tested against it")
+    if study.kind == PRESET and study.preset in LEVEL_CLAIMS and len(study.levels) > 1:
+        first = study.levels[0]
+        firsts = study.decrop_arms(first)
+        for level in study.levels[1:]:
+            for arm in study.decrop_arms(level):
+                ref = study.arms.get((first, arm.method)) or (firsts[0] if len(firsts) == 1 else None)
+                if ref is not None:
+                    pairs.append((VS_FIRST, arm, ref))
+    best, default = study.arms.get((None, "decrop_best")), study.arms.get((None, "decrop_default"))
+    if study.kind == CONFIRMATION and best is not None and default is not None:
+        pairs.append((BEST_VS_DEFAULT, best, default))
+    return pairs
+
+
+def study_tests(study: StudyArms) -> tuple[pd.DataFrame, list[str]]:
+    """Every test of `_pairs` at each radius (the profile's for best against defaults, as the sweep tests; the
+    table's otherwise): family, level, level_name, method, reference_level, reference_level_name, reference,
+    radius, n_seeds, n_images, favour_method, favour_reference, difference_pp, ci_low_pp, ci_high_pp, p_value,
+    p_holm (Holm within the family), n_tests, sentence; and notes on arms that could not be paired."""
+    frames, notes = [], []
+    for family, arm, ref in _pairs(study, notes):
+        radii = study.profile_radii if family == BEST_VS_DEFAULT else study.radii
+        try:
+            frame = paired_outcomes(arm.seeds, ref.seeds, radii)
+        except ValueError as err:
+            notes.append(f"{_arm_text(study, arm)} against {_arm_text(study, ref)}: not tested ({err})")
+            continue
+        if set(arm.seeds) != set(ref.seeds):
+            notes.append(f"{_arm_text(study, arm)} (seeds {sorted(arm.seeds)}) against {_arm_text(study, ref)} "
+                         f"(seeds {sorted(ref.seeds)}): only the seeds both have are paired")
+        most = max(len(arm.images()), len(ref.images()))
+        if frame["n_images"].iloc[0] < most:
+            notes.append(f"{_arm_text(study, arm)} against {_arm_text(study, ref)}: {frame['n_images'].iloc[0]} of "
+                         f"{most} test images are certified in every paired run; only those are paired")
+        frames.append(frame.assign(family=family, level=arm.level, level_name=study.level_name(arm.level),
+                                   method=arm.method, reference_level=ref.level,
+                                   reference_level_name=study.level_name(ref.level), reference=ref.method))
+    if not frames:
+        return pd.DataFrame(), notes
+    tests = pd.concat(frames, ignore_index=True)
+    for column in ("difference", "ci_low", "ci_high"):
+        tests[f"{column}_pp"] = 100 * tests.pop(column)
+    for _, family in tests.groupby("family", sort=False):
+        tests.loc[family.index, "p_holm"] = holm(family["p_value"])
+        tests.loc[family.index, "n_tests"] = len(family)
+    tests["n_tests"] = tests["n_tests"].astype(int)
+    tests["sentence"] = [_sentence(study, row) for row in tests.to_dict("records")]
+    return tests, notes
+
+
+def _arm_text(study: StudyArms, arm: Arm) -> str:
+    where = study.level_name(arm.level)
+    return f"{method_name(arm.method)} at {where}" if where else method_name(arm.method)
+
+
+def _sentence(study: StudyArms, row: dict) -> str:
+    name, ref = method_name(row["method"]), method_name(row["reference"])
+    if row["family"] == VS_FIRST:
+        name, ref = (f"{name} at {row['level_name']}", f"{ref} at {row['reference_level_name']}")
+    elif study.kind == PRESET:
+        shared = "" if isinstance(row["reference_level"], str) else " (shared by all levels)"
+        name, ref = f"At {row['level_name']}, {name}", f"the baseline{shared}"
+    more = "more" if row["difference_pp"] >= 0 else "fewer"
+    tie = "no image favours either" if row["favour_method"] + row["favour_reference"] == 0 else None
+    seeds = "1 seed" if row["n_seeds"] == 1 else f"{row['n_seeds']} seeds"
+    return (f"{name} certifies {abs(row['difference_pp']):.1f} points {more} than {ref} at "
+            f"r={row['radius']:.2f}, over {seeds} of the same {row['n_images']} test images (95% CI "
+            f"{row['ci_low_pp']:+.1f} to {row['ci_high_pp']:+.1f}); {row['favour_method']} images favour the "
+            f"first, {row['favour_reference']} the second; p={format_p(row['p_value'])}, "
+            f"{holm_verdict(row['p_holm'], row['n_tests'], tie)}.")
+
+
+def tests_display(tests: pd.DataFrame, family: str) -> pd.DataFrame:
+    """One family's tests as the report shows them."""
+    rows = tests[tests["family"] == family]
+    return pd.DataFrame({
+        "arm": [f"{method_name(m)}{f' at {lv}' if lv else ''}" for m, lv in zip(rows["method"], rows["level_name"])],
+        "against": [f"{method_name(m)}{f' at {lv}' if lv else ''}" for m, lv in
+                    zip(rows["reference"], rows["reference_level_name"])],
+        "radius": rows["radius"].map("{:.2f}".format), "seeds": rows["n_seeds"], "images": rows["n_images"],
+        "favour arm": rows["favour_method"], "favour other": rows["favour_reference"],
+        "difference (pp) [95% CI]": [f"{d:+.1f} [{lo:+.1f}, {hi:+.1f}]" for d, lo, hi in
+                                     zip(rows["difference_pp"], rows["ci_low_pp"], rows["ci_high_pp"])],
+        "p": rows["p_value"].map(format_p), "p (Holm)": rows["p_holm"].map(format_p), "in words": rows["sentence"],
+    }).reset_index(drop=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tables
+
+
+def _cell(mean: float, sd: float, lo: float, hi: float) -> str:
+    spread = "-" if np.isnan(sd) else f"{100 * sd:.1f}"
+    return f"{100 * mean:.1f} ± {spread} [{100 * lo:.1f}, {100 * hi:.1f}]"
+
+
+def accuracy_display(values: pd.DataFrame, confirmation: bool) -> pd.DataFrame:
+    """The study's table: one row per arm (level, method, seeds, images, epochs), a cell per radius
+    (`TABLE_CAPTION`) and the ACR (mean ± sd over seeds)."""
+    records = []
+    for (_, _), arm in values.groupby(["level_name", "method"], sort=False, dropna=False):
+        first = arm.iloc[0]
+        record = {"level": first["level_name"], "method": method_name(first["method"]),
+                  "seeds": first["seeds"], "images": int(first["n_images"]), "epochs": first["epochs"]}
+        for row in arm.itertuples():
+            record[radius_column(row.radius)] = _cell(row.mean, row.sd, row.ci_low, row.ci_high)
+        sd = "-" if np.isnan(first["acr_sd"]) else f"{first['acr_sd']:.3f}"
+        record["ACR"] = f"{first['acr_mean']:.3f} ± {sd}"
+        records.append(record)
+    frame = pd.DataFrame(records)
+    return frame.drop(columns="level") if confirmation else frame
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sections
+
+
+BUDGET_WORDS = {"train_images": "training images", "percent": "% of the training split",
+                "split_size": "images in the training split", "val_images": "validation images",
+                "val_source": "validation source", "labels_outside": "labels used outside the limited data",
+                "classifier": "classifier"}
+
+
+def _budget_items(budget: pd.DataFrame) -> list[tuple[str, object]]:
+    """The epochs and data budget: what every arm shares as one sentence, what differs as a table."""
+    fixed = ["level", "method", "seeds", "epochs"]
+    same = [c for c in budget.columns if c not in fixed and budget[c].nunique() == 1]
+    shared = "; ".join(f"{BUDGET_WORDS.get(c, c)}: {budget[c].iloc[0]}" for c in same)
+    shown = budget.drop(columns=same).assign(method=budget["method"].map(method_name))
+    return [("text", "Epochs each arm trained (stage 1 + stage 2; the baseline trains as many epochs in one stage "
+                     "unless train.baseline_epochs says otherwise) and the data it used (the runs' budget.* params)"
+                     + (f"; the same in every run: {shared}." if shared else ".")), ("table", shown)]
+
+
+
+def _intro(study: StudyArms, values: pd.DataFrame) -> list[tuple[str, object]]:
+    seeds = sorted({s for arm in study.arms.values() for s in arm.seeds})
+    images = int(values["n_images"].max())
+    if study.kind == CONFIRMATION:
+        best = "decrop_best" in set(values["method"])
+        return [("text", f"Does tuning help? The search's best trial was chosen on a noisy validation objective, so "
+                         f"its own score is biased upward; the sweep therefore retrained "
+                         f"{'the best configuration and ' if best else ''}the profile's defaults, the baseline and "
+                         f"the reference on seeds the search never used ({', '.join(map(str, seeds))}) and "
+                         f"certified them on the same {images} test images. This, not the search's score, is the "
+                         f"study's result."
+                         + ("" if best else " The search's best configuration is the profile's defaults: there is "
+                                           "nothing to confirm beyond the defaults against the baseline."))]
+    preset = PRESETS.get(study.preset)
+    claim = f"The paper ({preset.source}): {preset.claim} " if preset else ""
+    shared = any(lv is None for lv, _ in study.arms)
+    return [("text", f"{claim}Factor {study.factor}, levels "
+                     f"{', '.join(study.level_name(lv) for lv in study.levels)}; seeds {', '.join(map(str, seeds))}; "
+                     f"every run certifies the same {images} test images."
+                     + (" The baseline and the no-denoiser reference do not read the factor: one run per seed "
+                        "serves every level ('(all levels)')." if shared else ""))]
+
+
+def study_section(study: StudyArms, out: Path) -> StudySection:
+    """Compute and lay out one study (figure written into `out`)."""
+    confirmation = study.kind == CONFIRMATION
+    slug = _slug(f"{study.study}_confirmation" if confirmation else study.study)
+    values = accuracy_values(study)
+    table = accuracy_display(values, confirmation)
+    tests, notes = study_tests(study)
+    budget = budget_frame(study)
+    figure: FigureOut = arms_figure(study, out, f"{slug}_certified_accuracy")
+    items: list[tuple[str, object]] = [*_intro(study, values), ("text", TABLE_CAPTION), ("table", table),
+                                       ("figure", figure)]
+    csvs = {f"{slug}_accuracy_values": values, f"{slug}_tests": tests, f"{slug}_epochs_budget": budget}
+    for family in (BEST_VS_DEFAULT, VS_FIRST, VS_BASELINE):
+        shown = tests_display(tests, family) if len(tests) else pd.DataFrame()
+        if not shown.empty:
+            items += [("text", TESTS_CAPTION.format(family=family, n=len(shown))), ("table", shown)]
+    if confirmation and (None, "decrop_best") in study.arms:
+        csvs[f"{_slug(study.study)}_best_vs_default"] = paired_radii(
+            study.arms[(None, "decrop_best")].seeds, study.arms[(None, "decrop_default")].seeds, study.profile_radii)
+    items += _budget_items(budget)
+    if study.notes or notes:
+        items.append(("list", study.notes + notes))
+    heading = (f"The search {study.study}: confirmation on fresh seeds" if confirmation else
+               f"Study {study.study}: preset {study.preset}"
+               + (f" ({PRESETS[study.preset].source})" if study.preset in PRESETS else ""))
+    return StudySection(heading, items, {slug: table}, csvs)
