@@ -21,14 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import ray
 import ray.tune
 from optuna.samplers import TPESampler
 from ray.tune.schedulers import ASHAScheduler
 
-from analysis.stats import holm, image_level_test
+from analysis.stats import paired_radii
 from decrop.certify import CertRow
 from decrop.config import ExperimentConfig, from_flat
 from decrop.pipeline import NO_DENOISER, epochs_text, format_table, summarize
@@ -167,20 +166,20 @@ def confirm(study: Study, best: dict[str, Any], seeds: list[int], cfg: Experimen
     grid = confirmation_points(study.settings.base, best, seeds)
     tested = dataclasses.replace(study, settings=dataclasses.replace(study.settings, validate=False, test=True))
     results = run_grid(tested, grid, "confirm")
-    rows: dict[str, list[list[CertRow]]] = {}
+    rows: dict[str, dict[int, list[CertRow]]] = {}  # label -> seed -> rows
     for result in results:
         point = result.config["point"]
         label = point.get("label", point["method"])
         run_id = study.tracker.find_child(study.parent, {TRIAL_TAG: result.metrics["trial_id"]})
-        rows.setdefault(label, []).append(study.tracker.rows(run_id, f"test_{label}"))
+        rows.setdefault(label, {})[point["seed"]] = study.tracker.rows(run_id, f"test_{label}")
     radii = cfg.certify.radii
-    table = summarize({label: [r for seed_rows in runs for r in seed_rows] for label, runs in rows.items()}, cfg,
-                      clean_accuracy, epochs={"decrop_best": epochs_text(from_flat(trial_config(
-                          study.settings, best)), "decrop")})
+    pooled = {label: [r for seed_rows in runs.values() for r in seed_rows] for label, runs in rows.items()}
+    best_epochs = epochs_text(from_flat(trial_config(study.settings, best)), "decrop")
+    table = summarize(pooled, cfg, clean_accuracy, epochs={"decrop_best": best_epochs})
     tests = paired_radii(rows.get("decrop_best"), rows["decrop_default"], radii) if "decrop_best" in rows else None
     study.tracker.log_text(study.parent, table.to_csv(), "confirm/test_summary.csv")
-    print(f"\nConfirmation on fresh seeds {seeds} (test subset, {len(rows['none'][0])} images; certified accuracy (%) "
-          f"pooled over the seeds):")
+    print(f"\nConfirmation on fresh seeds {seeds} (test subset, {len(rows['none'][seeds[0]])} images; certified "
+          f"accuracy (%) pooled over the seeds):")
     print(format_table(table))
     if tests is None:
         print("\nThe search's best configuration is the profile's defaults: there is nothing to confirm.")
@@ -189,27 +188,6 @@ def confirm(study: Study, best: dict[str, Any], seeds: list[int], cfg: Experimen
         print("\nDoes tuning help? Best configuration against the defaults, per test image over the fresh seeds:")
         print(tests.to_string(index=False))
     return table
-
-
-def paired_radii(method: list[list[CertRow]], reference: list[list[CertRow]], radii: tuple[float, ...]
-                 ) -> pd.DataFrame:
-    """Image-level paired test of `method` against `reference` (rows per seed, same images) at each radius,
-    Holm-adjusted over the radii: difference in points with its 95% interval, p and adjusted p."""
-    def matrix(runs: list[list[CertRow]], r: float) -> np.ndarray:
-        return np.array([[row.correct == 1 and row.radius >= r for row in sorted(run, key=lambda x: x.idx)]
-                         for run in runs]).T
-    records = []
-    for r in radii:
-        test = image_level_test(matrix(method, r), matrix(reference, r))
-        records.append({"radius": r, "difference (points)": round(100 * test.difference, 1),
-                        "95% interval": f"[{100 * test.interval[0]:+.1f}, {100 * test.interval[1]:+.1f}]",
-                        "p": test.p_value})
-    frame = pd.DataFrame(records)
-    frame["p (Holm over radii)"] = holm(frame["p"].to_numpy())
-    frame["verdict"] = ["tuned better" if p < 0.05 and d > 0 else "defaults better" if p < 0.05 else
-                        "no difference shown" for p, d in zip(frame["p (Holm over radii)"],
-                                                              frame["difference (points)"])]
-    return frame
 
 
 def run_preset(study: Study, name: str, seeds: list[int], levels: tuple | None) -> ray.tune.ResultGrid:

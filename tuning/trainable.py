@@ -134,6 +134,7 @@ def run_trial(params: dict[str, Any], settings: StudySettings) -> None:
             METHOD_TAG: method, SEED_TAG: point["seed"], VARIANT_TAG: point.get("variant")}
     run_id = tracker.trial_run(settings.parent_run_id, trial_id, point["name"], flat, tags)
     tracker.log_text(run_id, to_yaml(cfg), "config.yaml")
+    clock.sink = (tracker, run_id)
     prep = prepare(cfg, log=_quiet, evaluate=False)
     tracker.log_params(run_id, {f"budget.{k}": v for k, v in prep.budget.items()})
     clock.lap("prepare")
@@ -160,21 +161,25 @@ def run_trial(params: dict[str, Any], settings: StudySettings) -> None:
                                 settings.cert_shards, gpus_per_task=settings.gpus_per_worker)[label]
         metrics.update(tracker.log_certification(run_id, rows, cfg.certify.radii, f"test_{label}"))
         clock.lap("certify_test")
-    tracker.log_metrics(run_id, clock.times, step=0)
     ray.tune.report({**metrics, **clock.times, "val/agreement": last.get("val/agreement", float("nan"))})
 
 
 class PhaseClock:
-    """Wall seconds of a trial's phases (``time/<phase>``), logged with the trial: where a study's time goes."""
+    """Wall seconds of a trial's phases (``time/<phase>``): where a study's time goes. Each phase is logged to
+    the trial's run as it ends, so a trial that ASHA stops during training still has its earlier phases."""
 
     def __init__(self) -> None:
         self.times: dict[str, float] = {}
         self.last = time.perf_counter()
+        self.sink: tuple[StudyTracker, str] | None = None
 
     def lap(self, phase: str) -> None:
         now = time.perf_counter()
         self.times[f"time/{phase}"] = now - self.last
         self.last = now
+        if self.sink is not None:
+            tracker, run_id = self.sink
+            tracker.log_metrics(run_id, {f"time/{phase}": self.times[f"time/{phase}"]}, step=0)
 
 
 def tune_trainable(settings: StudySettings):
