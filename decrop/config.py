@@ -112,8 +112,9 @@ class ClassifierConfig:
     std: tuple[float, ...] = _field((), "per-channel std of that normalisation (same length as classifier.mean)")
     feature_layer: str = _field("", "layer whose output are the penultimate features phi of L_mmd and the "
                                     "discriminator: a node name for nn.Module classifiers (torchvision's "
-                                    "get_graph_node_names), a submodule name for exported programs; empty = the "
-                                    "registry models' own features, the logits for other sources")
+                                    "get_graph_node_names), a submodule name for exported programs (TorchScript: "
+                                    "none); empty = the registry models' own features, the logits for other "
+                                    "sources")
     arch: ClassifierArch = _field("small_cnn", "base classifier architecture (source 'train' and 'state_dict')")
     epochs: int = _field(300, "training epochs of the base classifier (on the full training split)", ge=1)
     batch_size: int = _field(128, "batch size", ge=1)

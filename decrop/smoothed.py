@@ -124,7 +124,8 @@ def export_run(config_path: Path, weights: Path, out: str | Path, log: Log = pri
                 "dataset": cfg.data.dataset, "classifier_sha256": classifier_sha,
                 "denoiser_sha256": file_sha256(weights), "config": to_flat(cfg)}
     path = export_smoothed(classifier, denoiser, shape, out, metadata)
-    log(f"export: {path} = classifier({method} denoiser(x)), sigma {cfg.sigma}, input (batch, {', '.join(map(str, shape))})")
+    log(f"export: {path} = classifier({method} denoiser(x)), sigma {cfg.sigma}, input (batch, "
+        f"{', '.join(map(str, shape))}), {len(info.classes)} classes")
     return path
 
 

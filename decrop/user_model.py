@@ -11,8 +11,8 @@ DE-CROP protects a classifier the user already has. ``classifier.source`` says w
 prepended as normalisation) and checks it against the data before any compute: input channels and size, output
 width = number of classes, the feature layer. DE-CROP's L_mmd and discriminator need penultimate features:
 ``classifier.feature_layer`` names a node (``nn.Module`` sources: torchvision's ``create_feature_extractor``) or
-a submodule (exported programs: ``torch.export.unflatten`` plus a forward hook; TorchScript files are converted
-to an exported program for this); left empty, the features are the logits (registry models: their own). The
+a submodule (exported programs: ``torch.export.unflatten`` plus a forward hook; TorchScript models cannot name
+one); left empty, the features are the logits (registry models: their own penultimate features). The
 model is never trained or modified: `UserClassifier.train` does not reach it, and its sha256 is logged.
 """
 
@@ -250,7 +250,7 @@ def _torchvision_model(name: str, num_classes: int) -> nn.Module:
 def _program_of_torchscript(module: torch.jit.ScriptModule, example: Tensor, path: Path
                             ) -> torch.export.ExportedProgram:
     """Convert a TorchScript module to an exported program (torch's TS2EPConverter, a private but maintained
-    converter), so that its submodules can be hooked and the smoothed model can be exported."""
+    converter): ``torch.export`` cannot trace a ScriptModule with a dynamic batch, the smoothed model needs one."""
     from torch._export.converter import TS2EPConverter
 
     try:
@@ -259,25 +259,27 @@ def _program_of_torchscript(module: torch.jit.ScriptModule, example: Tensor, pat
             return TS2EPConverter(module, (example,)).convert()
     except Exception as err:
         raise ClassifierError(f"{path}: torch cannot convert this TorchScript model to a torch.export program "
-                              f"({type(err).__name__}: {str(err).splitlines()[0][:160]}), which a feature layer "
-                              f"and the smoothed-model export need; re-save the model with torch.export.save "
-                              f"(TorchScript is deprecated), or leave classifier.feature_layer empty") from None
+                              f"({type(err).__name__}: {str(err).splitlines()[0][:160]}), which the smoothed-model "
+                              f"export needs; re-save the model with torch.export.save (TorchScript is "
+                              f"deprecated) and use classifier.source=export") from None
 
 
 def _build(cfg: ClassifierConfig, info: DatasetInfo, example: Tensor, device: torch.device) -> UserClassifier:
     """The wrapped model for `cfg.source`, its feature function chosen (module doc)."""
     path, layer = Path(cfg.path), cfg.feature_layer
     if cfg.source in ("export", "torchscript"):
-        if cfg.source == "export":
-            program = _load_program(path, device)
-        else:
+        if cfg.source == "torchscript":
             try:
                 script = torch.jit.load(str(path), map_location=device)
             except Exception as err:
                 raise _not_a_model(path, "torchscript", err) from None
-            if not layer:
-                return UserClassifier(FrozenProgram(script.eval()), cfg.mean, cfg.std)
-            program = _program_of_torchscript(script.eval(), example.to(device), path)
+            if layer:  # ScriptModules take no forward hooks; converted to torch.export they lose submodule names
+                raise ClassifierError(f"classifier.feature_layer={layer!r}: a TorchScript model ({path}) cannot "
+                                      f"expose an inner layer; leave classifier.feature_layer empty (the logits "
+                                      f"serve as features) or save the model with torch.export.save and use "
+                                      f"classifier.source=export")
+            return UserClassifier(FrozenProgram(script.eval()), cfg.mean, cfg.std)
+        program = _load_program(path, device)
         _check_program(program, path, tuple(example.shape[1:]))
         if not layer:
             return UserClassifier(FrozenProgram(program.module()), cfg.mean, cfg.std)

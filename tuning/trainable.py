@@ -74,6 +74,8 @@ def run_trial(params: dict[str, Any], settings: StudySettings) -> None:
     # Samples are generated (and cached per subset and attack setting) here, once, so the DDP workers read
     # the cache instead of each generating them.
     prep = prepare(cfg, log=_quiet, evaluate=False)
+    # The data budget (and the classifier file's sha256) as params of the trial's run, beside its config.
+    tracker.trial_run(settings.parent_run_id, trial_id, trial_name, {f"budget.{k}": v for k, v in prep.budget.items()})
     samples_for(prep, prep.classifier, classifier_key(cfg), log=_quiet)
 
     trainer = TorchTrainer(
@@ -105,6 +107,7 @@ def run_trial(params: dict[str, Any], settings: StudySettings) -> None:
     save_checkpoint(weights, denoiser, {"kind": "denoiser", "method": "decrop", "arch": cfg.denoiser.arch,
                                         "key": config_hash(cfg.denoiser), "dataset": cfg.data.dataset,
                                         "sigma": cfg.sigma, "trial_id": trial_id})
+    weights.with_suffix(".yaml").write_text(to_yaml(cfg))  # what `python -m decrop export --trial` reads
     tracker.log_artifact(run_id, str(weights), "denoiser")
     ray.tune.report({"objective": metrics["certify/acr"], **metrics,
                      "val/agreement": result.return_value.get("val/agreement", float("nan"))})
