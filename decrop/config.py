@@ -258,6 +258,9 @@ class ExperimentConfig:
             raise ConfigError("data.dataset=folder needs your pretrained classifier (a folder holds too few images "
                               "to train one): set classifier.source to export, torchscript, state_dict or "
                               "torchvision and classifier.path to its file")
+        if self.certify.fold_bn and self.classifier.source != "train":
+            raise ConfigError("config key 'certify.fold_bn' folds the BatchNorm of the registry classifiers; your "
+                              "classifier is certified as written: set certify.fold_bn=false")
         if self.certify.val_images > self.data.val_size:
             raise ConfigError(f"config key 'certify.val_images' = {self.certify.val_images} exceeds "
                               f"data.val_size = {self.data.val_size}: it certifies a part of the validation set")

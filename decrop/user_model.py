@@ -162,13 +162,23 @@ def _program_features(program: torch.export.ExportedProgram, layer: str, path: P
     if layer not in names:
         raise ClassifierError(f"classifier.feature_layer={layer!r} is not a submodule of {path}; valid names: "
                               f"{', '.join(names)}")
-    captured: list[Tensor] = []
-    module.get_submodule(layer).register_forward_hook(lambda mod, args, out: captured.append(out))
+    # Armed only inside `features`: plain forward passes (certification) must not keep every batch's output.
+    captured: dict[str, Tensor | bool | None] = {"armed": False, "out": None}
+
+    def hook(mod: nn.Module, args: tuple, out: Tensor) -> None:
+        if captured["armed"]:
+            captured["out"] = out
+
+    module.get_submodule(layer).register_forward_hook(hook)
 
     def features(wrapper: UserClassifier, z: Tensor) -> tuple[Tensor, Tensor]:
-        captured.clear()
-        logits = wrapper.extractor(z)
-        return logits, captured[-1]
+        captured["armed"] = True
+        try:
+            logits = wrapper.extractor(z)
+        finally:
+            captured["armed"] = False
+        out, captured["out"] = captured["out"], None
+        return logits, out
     return features, FrozenProgram(module)
 
 

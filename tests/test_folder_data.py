@@ -130,6 +130,7 @@ def test_a_non_image_file_is_refused_not_skipped(tmp_path):
     (["classifier.source=train", "classifier.path="], "needs your pretrained classifier"),
     (["classifier.path="], "set classifier.path"),
     (["data.classes=[a, a]"], "lists a class twice"),
+    (["certify.fold_bn=true"], "certified as written"),
 ])
 def test_folder_config_errors(tmp_path, overrides, message):
     with pytest.raises(ConfigError, match=message):

@@ -1,6 +1,7 @@
 """The user's own classifier (every classifier.source), the feature contract, bad model files, the smoothed-model
 export with predict/certify, and the equality of the folder/exported-model path with the built-in one."""
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -16,7 +17,7 @@ from decrop.checkpoint import save_checkpoint
 from decrop.classifier import build_classifier, classifier_key, classifier_path, train_classifier
 from decrop.cli import main
 from decrop.config import load_config, to_yaml
-from decrop.data import DatasetInfo, as_tensors, load_dataset
+from decrop.data import DatasetInfo, as_tensors, load_dataset, read_image
 from decrop.models import create_model, logits_and_features
 from decrop.pipeline import build_denoiser, run_experiment, smoothed_model, subset_for
 from decrop.runtime import eval_mode
@@ -49,6 +50,9 @@ def _export(model, path, dynamic=True, shape=(1, 16, 16)):
     program = torch.export.export(model, (torch.rand(2, *shape),), dynamic_shapes=({0: BATCH},) if dynamic else None)
     torch.export.save(program, str(path))
     return path
+
+
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.*deprecated:FutureWarning")  # the legacy format
 
 
 @pytest.fixture(scope="module")
@@ -230,8 +234,9 @@ def test_certify_and_predict_commands_use_the_engine_on_new_images(run_dir, mode
     rows = [line.split("\t") for line in lines[1:]]
     assert [r[-1] for r in rows] == ["a/0006.png", "a/0007.png", "c/0008.png", "c/0009.png"]
     # the same rows as the engine on the eager composition: one certification engine, one seed per image
-    images = [(encode_free(root / "test" / r[-1]), int(r[1])) for r in rows]
-    expected = certify_indices(smoothed_model(model, denoiser), images, range(4), num_classes=3, sigma=0.5, n0=20,
+    images = [(read_image(root / "test" / r[-1]), int(r[1])) for r in rows]
+    eager = smoothed_model(copy.deepcopy(model), copy.deepcopy(denoiser))  # a copy: it converts to channels_last
+    expected = certify_indices(eager, images, range(4), num_classes=3, sigma=0.5, n0=20,
                                n=200, alpha=0.001, batch_size=1000, seed=0)
     assert [(int(r[2]), float(r[3])) for r in rows] == [(e.predict, round(e.radius, 4)) for e in expected]
     assert "certify: 4 images under sigma=0.5" in capsys.readouterr().err
@@ -243,11 +248,6 @@ def test_certify_and_predict_commands_use_the_engine_on_new_images(run_dir, mode
     printed = capsys.readouterr().out.splitlines()
     assert printed[0].split("\t") == ["idx", "label", "predict", "correct", "time", "samples", "class", "file"]
     assert all(line.split("\t")[1] == "-1" and line.split("\t")[3] == "-1" for line in printed[1:])  # unlabelled
-
-
-def encode_free(path):
-    from decrop.data import read_image
-    return read_image(path)
 
 
 def test_a_program_without_sigma_is_refused(model, tmp_path, capsys):
