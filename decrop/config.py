@@ -128,8 +128,8 @@ class ClassifierConfig:
 
     def __post_init__(self) -> None:
         if self.source == "train":
-            if self.path or self.torchvision_arch or self.feature_layer:
-                given = [k for k in ("path", "torchvision_arch", "feature_layer") if getattr(self, k)]
+            given = [k for k in ("path", "torchvision_arch", "feature_layer", "mean", "std") if getattr(self, k)]
+            if given:
                 raise ConfigError(f"config key 'classifier.{given[0]}' is set but classifier.source=train trains "
                                   f"its own classifier: set classifier.source to export, torchscript, state_dict "
                                   f"or torchvision to use your model")

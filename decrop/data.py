@@ -443,8 +443,8 @@ def scan_class_folders(folder: Path, classes: Sequence[str] = ()) -> tuple[list[
     classes = tuple(classes) or tuple(names)
     unknown = [n for n in names if n not in classes]
     if unknown:
-        raise FolderDataError(f"class folder {folder / unknown[0]} is not among data.classes {list(classes)}: "
-                              f"rename the folder or add the class to data.classes")
+        raise FolderDataError(f"class folder {folder / unknown[0]} is not one of the classes {list(classes)}: "
+                              f"rename the folder, or for a run add the class to data.classes")
     entries = []
     for name in names:
         found = scan_images(folder / name)

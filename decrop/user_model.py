@@ -97,7 +97,8 @@ class UserClassifier(nn.Module):
     """The user's model as a classifier of the project's contract (`decrop.models`): images (B, C, H, W) in
     [0, 1] -> logits (B, num_classes); ``logits_and_features(x)`` and ``feature_dim`` for DE-CROP's losses.
 
-    `model` maps normalised images to logits. `features` maps (model, normalised x) to (logits, features);
+    `model` maps normalised images to logits. `features` maps (this wrapper, normalised x) to (logits,
+    features), using `extractor` (a module it registers so that it follows `.to()`);
     None: the logits serve as features. Mode changes stop at this wrapper: the user's model stays as loaded
     (eval). ``feature_dim`` and ``num_classes`` are set by `load_user_classifier`'s probe.
     """
@@ -108,7 +109,7 @@ class UserClassifier(nn.Module):
         super().__init__()
         self.normalize = Normalize(mean, std) if mean else nn.Identity()
         self.model = model
-        self.extractor = extractor  # a module the feature function uses (registered: it follows .to())
+        self.extractor = extractor
         self._features = features
         self.feature_dim = 0
         self.num_classes = 0

@@ -60,6 +60,8 @@ def test_order_follows_file_names_then_class_and_labels_follow_the_class_list(tm
     assert labels.tolist() == [0, 2, 1, 1]
     _, labels, classes = scan_class_folders(tmp_path / "train", ("c", "b", "a", "d"))  # the model's output order
     assert classes == ("c", "b", "a", "d") and labels.tolist() == [2, 0, 1, 1]
+    with pytest.raises(FolderDataError, match=r"train/c is not one of the classes \['a', 'b'\]"):
+        scan_class_folders(tmp_path / "train", ("a", "b"))
 
 
 def test_png_is_read_exactly_and_jpeg_through_torchvision(tmp_path):

@@ -19,7 +19,7 @@ from decrop.cli import main
 from decrop.config import load_config, to_yaml
 from decrop.data import DatasetInfo, as_tensors, load_dataset, read_image
 from decrop.models import create_model, logits_and_features
-from decrop.pipeline import build_denoiser, run_experiment, smoothed_model, subset_for
+from decrop.pipeline import build_denoiser, prepare, run_experiment, smoothed_model, subset_for
 from decrop.runtime import eval_mode
 from decrop.smoothed import load_smoothed
 from decrop.user_model import ClassifierError, UserClassifier, load_user_classifier
@@ -258,6 +258,21 @@ def test_a_program_without_sigma_is_refused(model, tmp_path, capsys):
     assert err.startswith("error: --model") and "no sigma in its metadata" in err and "decrop export" in err
 
 
+def test_a_torchscript_classifier_is_exported_with_a_dynamic_batch(run_dir, model, files, tmp_path):
+    out, root, cfg, denoiser = run_dir
+    legacy = tmp_path / "run"
+    legacy.mkdir()
+    (legacy / "config.yaml").write_text((out / "config.yaml").read_text().replace(
+        "source: export", "source: torchscript").replace(str(files["export"]), str(files["torchscript"])))
+    (legacy / "denoiser_decrop.pt").write_bytes((out / "denoiser_decrop.pt").read_bytes())
+    assert main(["export", "--run", str(legacy), "--out", str(tmp_path / "ts.pt2")]) == 0
+    smoothed = load_smoothed(tmp_path / "ts.pt2")
+    assert smoothed.meta["config"]["classifier.source"] == "torchscript"
+    for batch in (1, 6):
+        x = torch.rand(batch, 1, 16, 16)
+        torch.testing.assert_close(smoothed.module(x), model(denoiser(x)))
+
+
 def test_a_sweep_trial_is_exported_from_its_storage_folder(run_dir, tmp_path, capsys):
     out, _, _, _ = run_dir
     storage = tmp_path / "quick-study"
@@ -312,12 +327,19 @@ def test_folder_and_exported_classifier_reproduce_the_builtin_run(tmp_path, sing
         "data.percent=100", "classifier.source=export", f"classifier.path={tmp_path / 'classifier.pt2'}",
         "classifier.feature_layer=body"])
     run_experiment(folder, tmp_path / "folder-run", log=_quiet)
+    # the exported classifier on the built-in dataset: the same classifier, clean accuracy and all
+    exported = prepare(load_config(REPO / "configs/quick.yaml", [
+        *TINY, f"cache_dir={tmp_path / 'cache'}", f"data.root={tmp_path / 'data'}", "data.percent=0.2",
+        "classifier.source=export", f"classifier.path={tmp_path / 'classifier.pt2'}"]), log=_quiet)
+    assert isinstance(exported.classifier, UserClassifier)
 
     for method in ("none", "baseline", "decrop"):
         ours, theirs = (read_rows(tmp_path / run / f"certify_{method}.tsv") for run in ("folder-run", "builtin"))
         assert len(ours) == 10
         assert [(r.idx, r.label, r.predict, r.radius, r.correct) for r in ours] == \
                [(r.idx, r.label, r.predict, r.radius, r.correct) for r in theirs], method
+    reference = json.loads((tmp_path / "builtin" / "run.json").read_text())
+    assert exported.clean_accuracy == reference["clean_accuracy"]
     budget = json.loads((tmp_path / "folder-run" / "run.json").read_text())["budget"]
     assert budget["train_images"] == len(subset) - 10 and budget["classifier_sha256"] != json.loads(
         (tmp_path / "builtin" / "run.json").read_text())["budget"]["classifier_sha256"]
