@@ -70,10 +70,12 @@ def detect_format(path: Path) -> str:
 
 def _not_a_model(path: Path, source: str, err: Exception) -> ClassifierError:
     found = detect_format(path)
-    hint = (f"it looks like a {found} file: set classifier.source={found}" if found not in ("unknown", source)
-            else "it is not a model file PyTorch can read: point classifier.path at your model")
+    if found not in ("unknown", source):
+        return ClassifierError(f"classifier.path {path} is a {found} file, not one for classifier.source={source}: set "
+                               f"classifier.source={found}")
     return ClassifierError(f"classifier.path {path} cannot be loaded as classifier.source={source} "
-                           f"({type(err).__name__}: {str(err).splitlines()[0][:160]}); {hint}")
+                           f"({type(err).__name__}: {str(err).splitlines()[0][:160]}); it is not a model file "
+                           f"PyTorch can read: point classifier.path at your model")
 
 
 class FrozenProgram(nn.Module):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torchvision.io import encode_jpeg, encode_png
 
-from decrop.config import ConfigError, load_config
+from decrop.config import ConfigError, from_dict, from_flat, load_config, to_dict, to_flat
 from decrop.data import FolderDataError, folder_info, load_image_folder, read_image, scan_class_folders, scan_images
 from decrop.models import create_model
 from decrop.pipeline import prepare
@@ -141,8 +141,10 @@ def test_folder_config_errors(tmp_path, overrides, message):
 
 def test_paths_are_made_absolute_where_the_config_is_built(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cfg = folder_config(Path("images"), Path("model.pt2"))
+    cfg = folder_config(Path("images"), Path("model.pt2"), "data.classes=[b, a]")
     assert cfg.data.root == str(tmp_path / "images") and cfg.classifier.path == str(tmp_path / "model.pt2")
+    monkeypatch.chdir("/")  # a Ray trial rebuilds the flat config elsewhere: the same config
+    assert from_flat(to_flat(cfg)) == cfg and from_dict(to_dict(cfg)) == cfg
 
 
 def test_unlabeled_validation_without_unlabeled_folder_names_the_holdout_fix(tmp_path, exported):

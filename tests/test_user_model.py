@@ -162,7 +162,7 @@ def _case(case, model, files, tmp):
 
 @pytest.mark.parametrize("case, message", [
     ("not a model", "notes.pt2 cannot be loaded.*not a model file"),
-    ("wrong source", "looks like a torchscript file: set classifier.source=torchscript"),
+    ("wrong source", "model.ts is a torchscript file, not one for classifier.source=export: set classifier.source=torchscript"),
     ("missing file", "gone.pt2 does not exist"),
     ("output width", "outputs 3 logits but the data has 5 classes.*data.classes"),
     ("channels (export)", r"takes images of shape \(C, H, W\) = \(1, 16, 16\), the data's are \(3, 16, 16\)"),
