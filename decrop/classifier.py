@@ -1,8 +1,11 @@
 """The base classifier: the pretrained, non-robust model DE-CROP protects.
 
-It is trained once per dataset and classifier config on the full training split with the paper's SGD schedule
-(lr 0.1, momentum 0.9, weight decay 5e-4, x0.1 every 100 epochs), saved under ``cache_dir/classifiers/`` with
-the config hash in its metadata, and reused by every later run, seed and trial of a study.
+``classifier.source=train`` (the default) stands in for a user's model: it is trained once per dataset and
+classifier config on the full training split with the paper's SGD schedule (lr 0.1, momentum 0.9, weight decay
+5e-4, x0.1 every 100 epochs), saved under ``cache_dir/classifiers/`` with the config hash in its metadata, and
+reused by every later run, seed and trial of a study. Every other source is the user's own file
+(`decrop.user_model`). `get_classifier` is the one entry point for both; either way the run logs the sha256 of
+the file the classifier came from.
 """
 
 from __future__ import annotations
@@ -17,16 +20,23 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError
 from .config import ClassifierConfig, ExperimentConfig, config_hash, expand_path
-from .data import AugmentedTensorDataset, augmentation_policy, dataset_info
+from .data import AugmentedTensorDataset, DatasetInfo, augmentation_policy, dataset_info
 from .metrics import MetricSink
 from .models import create_model
 from .runtime import eval_mode
+from .user_model import file_sha256, load_user_classifier
+
+# The fields that change a trained classifier: its cache key hashes exactly these, so that keys (and the cached
+# classifiers) stay valid when ClassifierConfig gains fields that do not train anything.
+_TRAINING_FIELDS = ("arch", "epochs", "batch_size", "lr", "momentum", "weight_decay", "lr_step", "lr_gamma", "seed")
 
 
-def build_classifier(dataset: str, arch: str) -> nn.Module:
-    """A fresh classifier for `dataset` with normalisation as its first layer (inputs in [0, 1])."""
-    info = dataset_info(dataset)
+def build_classifier(dataset: str | DatasetInfo, arch: str) -> nn.Module:
+    """A fresh classifier for `dataset` (a name or its `DatasetInfo`) with normalisation as its first layer
+    (inputs in [0, 1])."""
+    info = dataset_info(dataset) if isinstance(dataset, str) else dataset
     return create_model(arch, in_channels=info.channels, num_classes=info.num_classes,
                         mean=info.mean, std=info.std)
 
@@ -78,8 +88,14 @@ def train_classifier(model: nn.Module, images: Tensor, labels: Tensor, cfg: Clas
 
 
 def classifier_key(cfg: ExperimentConfig) -> str:
-    """Cache key: everything that changes the trained classifier (dataset and classifier config)."""
-    return config_hash(cfg.data.dataset, cfg.classifier)
+    """Cache key of the classifier's function (keys samples generated through it): for ``source=train``
+    everything that changes the trained classifier (dataset and training config); for the user's model its
+    file's sha256 and how it is read (source, architecture, normalisation)."""
+    c = cfg.classifier
+    if c.source == "train":
+        return config_hash(cfg.data.dataset, {k: getattr(c, k) for k in _TRAINING_FIELDS})
+    return config_hash("user", c.source, file_sha256(c.path), c.arch if c.source == "state_dict" else "",
+                       c.torchvision_arch, list(c.mean), list(c.std))
 
 
 def classifier_path(cfg: ExperimentConfig) -> Path:
@@ -114,3 +130,35 @@ def load_or_train_classifier(cfg: ExperimentConfig, images: Tensor, labels: Tens
     save_checkpoint(path, model, {**expect, "epochs": cfg.classifier.epochs,
                                   "train_seconds": time.perf_counter() - tic})
     return model.eval()
+
+
+def get_classifier(cfg: ExperimentConfig, info: DatasetInfo, images: Tensor, labels: Tensor, device: torch.device,
+                   *, sink_factory: Callable[[int], MetricSink | None] = lambda epochs: None,
+                   log: Callable[[str], None] = print, data: str = "the data") -> tuple[nn.Module, str]:
+    """The frozen classifier of this run and the sha256 of the file it came from.
+
+    ``classifier.source=train``: `load_or_train_classifier` on the full training split `images`/`labels`;
+    otherwise the user's file (`decrop.user_model.load_user_classifier`), checked against the first images of
+    `images` (described by `data` in its errors) before any compute. On `device`, eval mode.
+    """
+    if cfg.classifier.source == "train":
+        model = load_or_train_classifier(cfg, images, labels, device, sink_factory=sink_factory, log=log)
+        return model, file_sha256(classifier_path(cfg))
+    model = load_user_classifier(cfg.classifier, info, images[:2], device, data=data, log=log)
+    return model, file_sha256(cfg.classifier.path)
+
+
+def load_classifier(cfg: ExperimentConfig, info: DatasetInfo, example: Tensor, device: torch.device,
+                    log: Callable[[str], None] = print) -> tuple[nn.Module, str]:
+    """Like `get_classifier`, but never trains: a ``source=train`` classifier must be in the cache
+    (CheckpointError with the fix otherwise). `example` (B, C, H, W) in [0, 1] probes a user's model."""
+    if cfg.classifier.source != "train":
+        return load_user_classifier(cfg.classifier, info, example, device, log=log), file_sha256(cfg.classifier.path)
+    path = classifier_path(cfg)
+    if not path.exists():
+        raise CheckpointError(f"the run's classifier {path} is not in the cache (cache_dir={cfg.cache_dir}); run "
+                              f"`python -m decrop run` with this config once to train it again")
+    model = build_classifier(info, cfg.classifier.arch)
+    load_checkpoint(path, model, {"kind": "classifier", "dataset": cfg.data.dataset, "arch": cfg.classifier.arch,
+                                  "key": classifier_key(cfg)})
+    return model.to(device).eval(), file_sha256(path)

@@ -1,9 +1,14 @@
 """Command line: ``python -m decrop run --config configs/quick.yaml [--set key=value ...] [--out DIR]``.
 
-``run``     train (or reuse) the classifier, train each method's denoiser on the limited subset, certify, and
-            print the method x radius table. Writes everything to --out (default runs/<name>-<time>).
-``config``  print the resolved config, or with --keys every key with its default and meaning.
-Configuration errors are reported before any compute, as one line naming the key.
+``run``      train (or reuse) the classifier, or take yours (``classifier.source``), train each method's denoiser
+             on the limited subset (or your image folder, ``data.dataset=folder``), certify, and print the
+             method x radius table. Writes everything to --out (default runs/<name>-<time>).
+``config``   print the resolved config, or with --keys every key with its default and meaning.
+``export``   write a run's (or a sweep trial's) smoothed model classifier(denoiser(x)) as one torch.export program
+             with sigma in its metadata: ``export --run DIR --out smoothed.pt2 [--method decrop]``.
+``predict``  Cohen's PREDICT (with abstain) through a smoothed model on a folder of new images, one row each.
+``certify``  Cohen's CERTIFY of those images: ``certify --model smoothed.pt2 --images DIR [--n N --alpha A]``.
+Configuration and input errors are reported before any compute, as one line naming the key or file and the fix.
 """
 
 from __future__ import annotations
@@ -16,7 +21,43 @@ from pathlib import Path
 from .certify import max_certifiable_radius
 from .checkpoint import CheckpointError
 from .config import ConfigError, describe, load_config, to_yaml
-from .data import DatasetNotFoundError
+from .data import DatasetNotFoundError, FolderDataError
+
+
+
+def _errors() -> tuple[type[Exception], ...]:
+    """Errors of bad input, printed as one line: config keys, data folders, model files, output folders."""
+    from .smoothed import SmoothedModelError
+    from .user_model import ClassifierError
+
+    return (ConfigError, DatasetNotFoundError, FolderDataError, CheckpointError, FileExistsError, ClassifierError,
+            SmoothedModelError)
+
+
+def _add_model_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="write a run's smoothed model as a torch.export program")
+    p.add_argument("--out", type=Path, required=True, help="the program to write, e.g. smoothed.pt2")
+    p.add_argument("--run", type=Path, help="a `python -m decrop run` output folder")
+    p.add_argument("--method", default="decrop", help="whose denoiser (default decrop; baseline, decrop_blackbox)")
+    p.add_argument("--trial", help="a sweep trial's id: its denoiser <storage>/denoisers/<trial>.pt")
+    p.add_argument("--storage", type=Path, help="with --trial: the study's folder (e.g. ~/decrop-runs/quick-study)")
+    p.add_argument("--config", type=Path, help="with --trial (or --denoiser): the config it was trained with "
+                                               "(default <storage>/denoisers/<trial>.yaml)")
+    p.add_argument("--denoiser", type=Path, help="a denoiser checkpoint, with --config")
+    for name, text in (("predict", "Cohen's PREDICT on a folder of images"),
+                       ("certify", "Cohen's CERTIFY on a folder of images")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--model", type=Path, required=True, help="a smoothed model written by `export`")
+        p.add_argument("--images", type=Path, required=True,
+                       help="a folder of PNG/JPEG images, or of class sub-folders named as the model's classes")
+        p.add_argument("--n", type=int, default=10_000, help="noisy samples per image (default 10000)")
+        if name == "certify":
+            p.add_argument("--n0", type=int, default=100, help="noisy samples that pick the top class (default 100)")
+        p.add_argument("--alpha", type=float, default=0.001, help="failure probability (default 0.001)")
+        p.add_argument("--batch-size", type=int, default=1000, help="noisy samples per forward pass")
+        p.add_argument("--seed", type=int, default=0, help="seed of the noise")
+        p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+        p.add_argument("--out", type=Path, default=None, help="write the rows here (default: print them)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -35,12 +76,67 @@ def _parser() -> argparse.ArgumentParser:
                                 "the methods key)")
         else:
             p.add_argument("--keys", action="store_true", help="list every key with its default and meaning")
+    _add_model_commands(sub)
     return parser
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .smoothed import export_run, run_sources, trial_sources
+
+    if sum(x is not None for x in (args.run, args.trial, args.denoiser)) != 1:
+        raise ConfigError("export needs exactly one of --run DIR, --trial ID --storage DIR, --denoiser FILE --config "
+                          "FILE")
+    if args.run is not None:
+        config, weights = run_sources(args.run, args.method)
+    elif args.trial is not None:
+        if args.storage is None:
+            raise ConfigError("--trial needs --storage, the study's folder (e.g. ~/decrop-runs/quick-study)")
+        config, weights = trial_sources(args.storage.expanduser(), args.trial, args.config)
+    else:
+        if args.config is None:
+            raise ConfigError("--denoiser needs --config, the config it was trained with")
+        config, weights = args.config, args.denoiser
+    export_run(config, weights, args.out)
+    return 0
+
+
+def _smooth(args: argparse.Namespace) -> int:
+    from .runtime import resolve_device, tune_allocator
+    from .smoothed import certify_folder, format_rows, load_smoothed, predict_folder
+
+    for name in ("n", "batch_size", *(("n0",) if args.command == "certify" else ())):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not 0 < args.alpha < 1:
+        raise ConfigError(f"--alpha must be in (0, 1), got {args.alpha}")
+    tune_allocator()
+    device = resolve_device(args.device)
+    model = load_smoothed(args.model, device)
+    common = dict(n=args.n, alpha=args.alpha, batch_size=args.batch_size, seed=args.seed, device=device)
+    tic = time.perf_counter()
+    if args.command == "certify":
+        files, rows = certify_folder(model, args.images, n0=args.n0, **common)
+    else:
+        files, rows = predict_folder(model, args.images, **common)
+    table = format_rows(files, rows, args.images, model.classes, radius=args.command == "certify")
+    if args.out is None:
+        print(table, end="")
+    else:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(table)
+    labelled = [r for r in rows if r.label >= 0]
+    accuracy = f", {sum(r.correct for r in labelled)}/{len(labelled)} correct" if labelled else ""
+    print(f"{args.command}: {len(rows)} images under sigma={model.sigma} with n={args.n}, alpha={args.alpha}: "
+          f"{sum(r.predict < 0 for r in rows)} abstained{accuracy}; {time.perf_counter() - tic:.1f}s"
+          f"{f'; rows in {args.out}' if args.out else ''}", file=sys.stderr)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        if args.command in ("predict", "certify", "export"):
+            return _export(args) if args.command == "export" else _smooth(args)
         if args.command == "config" and args.keys:
             for key, default, text in describe():
                 print(f"{key:28s} {default:24s} {text}")
@@ -63,8 +159,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"decrop run: writing to {out}", flush=True)
         tic = time.perf_counter()
         table = run_experiment(cfg, out)
-        print(f"\nCertified accuracy (%) under sigma={cfg.sigma}, {cfg.data.percent}% of {cfg.data.dataset} "
-              f"training data, n={cfg.certify.n}, alpha={cfg.certify.alpha}:")
+        data = (f"{cfg.data.percent}% of {cfg.data.dataset} training data" if cfg.data.dataset != "folder"
+                else f"the images of {cfg.data.root}/train")
+        print(f"\nCertified accuracy (%) under sigma={cfg.sigma}, {data}, n={cfg.certify.n}, "
+              f"alpha={cfg.certify.alpha}:")
         print(format_table(table))
         limit = max_certifiable_radius(cfg.certify.n, cfg.certify.alpha, cfg.sigma)
         if limit < max(cfg.certify.radii):
@@ -72,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"certified: raise certify.n to report larger radii)")
         print(f"\nwall time {time.perf_counter() - tic:.0f}s; results in {out}")
         return 0
-    except (ConfigError, DatasetNotFoundError, CheckpointError, FileExistsError) as err:
+    except _errors() as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

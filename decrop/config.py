@@ -38,20 +38,35 @@ def _field(default: Any, help: str, *, ge: float | None = None, gt: float | None
     return field(default=default, metadata={"help": help, **bounds})
 
 
-Dataset = Literal["fashion_mnist", "cifar10"]
+Dataset = Literal["fashion_mnist", "cifar10", "folder"]
 ClassifierArch = Literal["small_cnn", "resnet20", "resnet56", "resnet110"]
 DenoiserArch = Literal["dncnn", "memnet"]
 Method = Literal["baseline", "decrop", "decrop_blackbox"]
 AttackName = Literal["pgd", "autoattack", "apgd_ce", "deepfool", "none"]
+ClassifierSource = Literal["train", "export", "torchscript", "state_dict", "torchvision"]
+
+
+def _absolute(section: Any, name: str) -> None:
+    """Make the path field `name` of a frozen section absolute (``~`` expanded) where the config is built: Ray
+    runs workers in other folders, where a relative path would name another file."""
+    value = getattr(section, name)
+    if value:
+        object.__setattr__(section, name, str(Path(value).expanduser().resolve()))
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: Dataset = _field("fashion_mnist", "dataset the classifier was trained on")
-    root: str = _field("~/.cache/decrop/data", "folder holding the torchvision dataset files")
+    dataset: Dataset = _field("fashion_mnist", "dataset the classifier was trained on; 'folder' = your own images "
+                                               "under data.root: train/<class>/*, test/<class>/*, optionally "
+                                               "unlabeled/ (PNG or JPEG)")
+    root: str = _field("~/.cache/decrop/data", "folder holding the torchvision dataset files, or your image folder "
+                                               "(data.dataset=folder; made absolute where the config is built)")
+    classes: tuple[str, ...] = _field((), "folder datasets: the class folder names in the order of the classifier's "
+                                          "outputs (output k is classes[k]); empty = the folder names sorted")
     download: bool = _field(False, "download the dataset with torchvision if it is not found (needs internet)")
     percent: float = _field(1.0, "size of the limited training subset in percent of the training split, "
-                                 "drawn per class", gt=0, le=100)
+                                 "drawn per class; folder datasets use all of train/ and require 100 (so a "
+                                 "profile's 1% never shrinks your images)", gt=0, le=100)
     val_size: int = _field(500, "validation images for model selection, the per-epoch metric and the tuning "
                                 "objective; never test images, and their labels are never read (the target is "
                                 "the classifier's own prediction)", ge=1)
@@ -64,10 +79,43 @@ class DataConfig:
                                              "2 one of {hflip, vflip, crop, affine}, 3 all of policy 2 (each flip "
                                              "with probability 0.5)")
 
+    def __post_init__(self) -> None:
+        if self.dataset == "folder":
+            _absolute(self, "root")
+            if self.percent != 100:
+                raise ConfigError(f"config key 'data.percent' = {self.percent} with data.dataset=folder: a folder "
+                                  f"dataset trains on every image of its train/ folder (they are your data "
+                                  f"budget); set data.percent=100, and to study a fraction put that fraction in "
+                                  f"the folder")
+        elif self.classes:
+            raise ConfigError("config key 'data.classes' names class folders and is read only with "
+                              "data.dataset=folder; remove it")
+        if len(set(self.classes)) != len(self.classes):
+            raise ConfigError(f"config key 'data.classes' lists a class twice: {list(self.classes)}")
+
 
 @dataclass(frozen=True)
 class ClassifierConfig:
-    arch: ClassifierArch = _field("small_cnn", "base classifier architecture")
+    source: ClassifierSource = _field(
+        "train", "where the frozen classifier comes from: 'train' = trained here on the full training split and "
+                 "cached; 'export' = your torch.export program (torch.export.save, dynamic batch); "
+                 "'torchscript' = your torch.jit.save file (legacy); 'state_dict' = your weights for the registry "
+                 "architecture classifier.arch; 'torchvision' = your local weights for "
+                 "classifier.torchvision_arch (never downloaded)")
+    path: str = _field("", "your classifier's file (every source but 'train'); its sha256 is logged with every run; "
+                           "made absolute where the config is built")
+    torchvision_arch: str = _field("", "torchvision architecture name (classifier.source=torchvision), e.g. "
+                                       "resnet18; torchvision.models.list_models() lists them")
+    mean: tuple[float, ...] = _field((), "per-channel mean your classifier expects its inputs normalised with "
+                                         "(one value, or one per channel); inputs are images in [0, 1]; empty = "
+                                         "no normalisation added")
+    std: tuple[float, ...] = _field((), "per-channel std of that normalisation (same length as classifier.mean)")
+    feature_layer: str = _field("", "layer whose output are the penultimate features phi of L_mmd and the "
+                                    "discriminator: a node name for nn.Module classifiers (torchvision's "
+                                    "get_graph_node_names), a submodule name for exported programs (TorchScript: "
+                                    "none); empty = the registry models' own features, the logits for other "
+                                    "sources")
+    arch: ClassifierArch = _field("small_cnn", "base classifier architecture (source 'train' and 'state_dict')")
     epochs: int = _field(300, "training epochs of the base classifier (on the full training split)", ge=1)
     batch_size: int = _field(128, "batch size", ge=1)
     lr: float = _field(0.1, "SGD learning rate", gt=0)
@@ -77,6 +125,25 @@ class ClassifierConfig:
     lr_gamma: float = _field(0.1, "learning-rate decay factor", gt=0, le=1)
     seed: int = _field(0, "seed of the classifier's training; separate from the experiment seed because the "
                           "classifier is the fixed pretrained model every seed of a study protects", ge=0)
+
+    def __post_init__(self) -> None:
+        if self.source == "train":
+            given = [k for k in ("path", "torchvision_arch", "feature_layer", "mean", "std") if getattr(self, k)]
+            if given:
+                raise ConfigError(f"config key 'classifier.{given[0]}' is set but classifier.source=train trains "
+                                  f"its own classifier: set classifier.source to export, torchscript, state_dict "
+                                  f"or torchvision to use your model")
+        elif not self.path:
+            raise ConfigError(f"classifier.source={self.source} needs the model file: set classifier.path")
+        _absolute(self, "path")
+        if (self.source == "torchvision") != bool(self.torchvision_arch):
+            raise ConfigError("config key 'classifier.torchvision_arch' names the architecture of "
+                              "classifier.source=torchvision (and only of it): set both or neither")
+        if len(self.mean) != len(self.std):
+            raise ConfigError(f"config keys 'classifier.mean' and 'classifier.std' need the same length, got "
+                              f"{list(self.mean)} and {list(self.std)}")
+        if any(s <= 0 for s in self.std):
+            raise ConfigError(f"config key 'classifier.std' must be positive, got {list(self.std)}")
 
 
 @dataclass(frozen=True)
@@ -194,6 +261,13 @@ class ExperimentConfig:
         if any(r < 0 for r in self.certify.radii) or not self.certify.radii:
             raise ConfigError(f"config key 'certify.radii' must be a non-empty list of radii >= 0, "
                               f"got {list(self.certify.radii)}")
+        if self.data.dataset == "folder" and self.classifier.source == "train":
+            raise ConfigError("data.dataset=folder needs your pretrained classifier (a folder holds too few images "
+                              "to train one): set classifier.source to export, torchscript, state_dict or "
+                              "torchvision and classifier.path to its file")
+        if self.certify.fold_bn and self.classifier.source != "train":
+            raise ConfigError("config key 'certify.fold_bn' folds the BatchNorm of the registry classifiers; your "
+                              "classifier is certified as written: set certify.fold_bn=false")
         if self.certify.val_images > self.data.val_size:
             raise ConfigError(f"config key 'certify.val_images' = {self.certify.val_images} exceeds "
                               f"data.val_size = {self.data.val_size}: it certifies a part of the validation set")

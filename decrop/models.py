@@ -10,6 +10,11 @@ Classifier contract (``small_cnn``, ``resnet20``, ``resnet56``, ``resnet110``):
       activations before the final linear layer ``head`` (un-normalised; the losses L2-normalise them);
     * ``forward(x) == head(features(x))``.
 
+What DE-CROP's losses need of *any* classifier (these models, a surrogate, or the user's own model behind
+`decrop.user_model.UserClassifier`) is smaller: ``forward(x) -> logits``, ``logits_and_features(x) ->
+(logits, features)`` from one pass, and the attribute ``feature_dim``. Callers use the function
+`logits_and_features`, which flattens the features to (B, feature_dim).
+
 Denoiser contract (``dncnn``, ``memnet``): ``forward(x) -> (B, C, H, W)``, same shape as ``x``, and exactly the
 identity at initialisation (the last conv is zero-initialised), so ``f(D(x)) == f(x)`` before training.
 
@@ -104,6 +109,11 @@ class SmallCNN(nn.Module):
         """Penultimate activations (B, 128) of images (B, C, H, W) in [0, 1]."""
         return self.body(x)
 
+    def logits_and_features(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(logits, features) of images (B, C, H, W) in [0, 1] from one pass."""
+        features = self.features(x)
+        return self.head(features), features
+
     def forward(self, x: Tensor) -> Tensor:
         """Logits (B, num_classes) of images (B, C, H, W) in [0, 1]."""
         return self.head(self.features(x))
@@ -167,9 +177,26 @@ class CifarResNet(nn.Module):
         """Globally pooled activations (B, 64) of images (B, C, H, W) in [0, 1]."""
         return self.body(x)
 
+    def logits_and_features(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(logits, features) of images (B, C, H, W) in [0, 1] from one pass."""
+        features = self.features(x)
+        return self.head(features), features
+
     def forward(self, x: Tensor) -> Tensor:
         """Logits (B, num_classes) of images (B, C, H, W) in [0, 1]."""
         return self.head(self.features(x))
+
+
+def logits_and_features(classifier: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+    """Logits (B, num_classes) and penultimate features (B, feature_dim), flattened, of images (B, C, H, W) in
+    [0, 1], from one differentiable pass: the classifier contract every DE-CROP loss relies on (module doc).
+    Does not change the classifier's mode. TypeError for a model without ``logits_and_features``."""
+    method = getattr(classifier, "logits_and_features", None)
+    if method is None:
+        raise TypeError(f"{type(classifier).__name__} has no logits_and_features(x): wrap it with "
+                        f"decrop.user_model.UserClassifier (classifier.feature_layer names its feature layer)")
+    logits, features = method(x)
+    return logits, features.flatten(1)
 
 
 # ------------------------------------------------------------------------------------------------- denoisers

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from .config import DecropConfig
 from .distributed import Shard
 from .losses import beta_schedule, cosine_loss, label_consistency_loss, mmd_loss, reverse_gradient
-from .models import DomainDiscriminator
+from .models import DomainDiscriminator, logits_and_features
 
 
 class Objective(Protocol):
@@ -114,10 +114,11 @@ def baseline_objective(kind: str, sigma: float, shard: Shard | None = None) -> O
 
 
 def _unit_features(classifier: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
-    """(L2-normalised penultimate features, logits) of `x` with one pass through the classifier, in fp32 (under
-    bf16 autocast the passes run in bf16, the losses on their outputs in fp32)."""
-    features = classifier.features(x).float()
-    return F.normalize(features, dim=1), classifier.head(features).float()
+    """(L2-normalised penultimate features, logits) of `x` with one pass through the classifier (the classifier
+    contract of `decrop.models.logits_and_features`: registry models, surrogates and users' models alike), in
+    fp32 (under bf16 autocast the passes run in bf16, the losses on their outputs in fp32)."""
+    logits, features = logits_and_features(classifier, x)
+    return F.normalize(features.float(), dim=1), logits.float()
 
 
 class DecropObjective(BaseObjective):

@@ -26,11 +26,11 @@ from torch.utils.data import DataLoader, TensorDataset
 from .blackbox import BlackBox, distill_surrogate
 from .certify import (CertRow, average_certified_radius, certified_accuracy, certify_indices, write_rows)
 from .checkpoint import save_checkpoint
-from .classifier import accuracy, build_classifier, classifier_key, load_or_train_classifier
+from .classifier import accuracy, build_classifier, classifier_key, get_classifier
 from .config import ConfigError, DenoiserConfig, ExperimentConfig, config_hash, expand_path, to_yaml
-from .data import (AugmentedTensorDataset, DatasetInfo, as_tensors, augmentation_policy, dataset_info,
-                   load_dataset, load_indices, save_indices, stratified_subset, test_indices, unlabeled_indices,
-                   validation_indices)
+from .data import (AugmentedTensorDataset, DatasetInfo, FolderDataError, as_tensors, augmentation_policy,
+                   dataset_info, load_dataset, load_image_folder, load_indices, read_images, save_indices,
+                   stratified_subset, test_indices, unlabeled_indices, validation_indices)
 from .distributed import Shard
 from .metrics import MetricSink, PrintSink
 from .models import DomainDiscriminator, create_model, fold_batchnorm
@@ -129,50 +129,107 @@ def describe_budget(budget: dict[str, object]) -> str:
             f"{budget['classifier']}; test labels read for reporting only")
 
 
+@dataclass
+class _Images:
+    """What `prepare` reads before drawing its image sets: the training split (a folder's train/), the test split,
+    the data's part of the budget and, for a folder, the files of unlabeled/ (validation images are drawn there)."""
+
+    info: DatasetInfo
+    train_images: Tensor
+    train_labels: Tensor
+    test_images: Tensor
+    test_labels: Tensor
+    budget: dict[str, object]
+    unlabeled_files: tuple | None = None  # folder datasets: the files of unlabeled/
+
+
+def _load_images(cfg: ExperimentConfig) -> _Images:
+    """A built-in dataset through torchvision, or the user's folder (`decrop.data.load_image_folder`)."""
+    root = expand_path(cfg.data.root)
+    if cfg.data.dataset == "folder":
+        folder = load_image_folder(root, cfg.data.classes)
+        budget = {"dataset": f"folder {root}", "train_sha256": folder.train_sha256}
+        return _Images(folder.info, folder.train_images, folder.train_labels, folder.test_images,
+                       folder.test_labels, budget, folder.unlabeled)
+    train_images, train_labels = as_tensors(load_dataset(cfg.data.dataset, root, train=True,
+                                                         download=cfg.data.download))
+    test_images, test_labels = as_tensors(load_dataset(cfg.data.dataset, root, train=False,
+                                                       download=cfg.data.download))
+    return _Images(dataset_info(cfg.data.dataset), train_images, train_labels, test_images, test_labels,
+                   {"dataset": cfg.data.dataset})
+
+
+def _draw_images(cfg: ExperimentConfig, data: _Images) -> tuple[np.ndarray, np.ndarray, Tensor]:
+    """(training indices, validation indices, validation images) of `data` (`split_validation`). A folder
+    trains on all of train/ and validates on unlabeled/ (indices into its files) or a holdout of train/."""
+    count = len(data.train_labels)
+    try:
+        if data.unlabeled_files is None:  # a built-in dataset
+            subset = subset_for(cfg, data.train_labels)
+            train, val = split_validation(cfg, subset, data.train_labels, count)
+            return train, val, data.train_images[val]
+        if cfg.data.val_source == "holdout":
+            train, val = split_validation(cfg, np.arange(count), data.train_labels, count)
+            return train, val, data.train_images[val]
+        root = expand_path(cfg.data.root)
+        if not data.unlabeled_files:
+            raise FolderDataError(f"data.val_source=unlabeled reads {root / 'unlabeled'}, which is missing or holds "
+                                  f"no image: put unlabelled images there (any layout; their labels are never read), "
+                                  f"or set data.val_source=holdout to validate on a part of train/ (which is then "
+                                  f"not trained on)")
+        val = unlabeled_indices(len(data.unlabeled_files), [], cfg.data.val_size, cfg.seed)
+    except ValueError as err:
+        if isinstance(err, (ConfigError, FolderDataError)):
+            raise
+        raise ConfigError(f"config key 'data.val_size' = {cfg.data.val_size}: {err}; lower data.val_size") from None
+    images = read_images([data.unlabeled_files[i] for i in val], data.train_images.shape[1:])
+    return np.arange(count), val, images
+
+
 def prepare(cfg: ExperimentConfig, log: Log = print, evaluate: bool = True) -> Prepared:
-    """Load the data, get the classifier (trained and cached on first use) and draw the image sets.
+    """Load the data, get the classifier (trained and cached on first use, or the user's own) and draw the image
+    sets. Bad folders, model files and sizes fail here, before any training or certification.
 
     `evaluate` measures the classifier's clean test accuracy (NaN without it: workers that only train or
     certify skip it)."""
     seed_everything(cfg.seed)
     tune_allocator()
     device = resolve_device(cfg.device)
-    info = dataset_info(cfg.data.dataset)
-    root = expand_path(cfg.data.root)
     tic = time.perf_counter()
-    train_images, train_labels = as_tensors(load_dataset(cfg.data.dataset, root, train=True,
-                                                         download=cfg.data.download))
-    test_images, test_labels = as_tensors(load_dataset(cfg.data.dataset, root, train=False,
-                                                       download=cfg.data.download))
+    data = _load_images(cfg)
+    info, train_images, train_labels = data.info, data.train_images, data.train_labels
+    train, val, val_images = _draw_images(cfg, data)
+    tests = test_indices(len(data.test_labels), cfg.data.test_every)
     timings = {"data": time.perf_counter() - tic}
 
     tic = time.perf_counter()
-    classifier = load_or_train_classifier(
-        cfg, train_images, train_labels, device, log=log,
+    where = f"{expand_path(cfg.data.root) / 'train'}" if cfg.data.dataset == "folder" else cfg.data.dataset
+    classifier, sha256 = get_classifier(
+        cfg, info, train_images, train_labels, device, log=log, data=where,
         sink_factory=lambda epochs: PrintSink("classifier: ", total=epochs))
     timings["classifier"] = time.perf_counter() - tic
-    clean = accuracy(classifier, test_images, test_labels) if evaluate else float("nan")
+    clean = accuracy(classifier, data.test_images, data.test_labels) if evaluate else float("nan")
     if evaluate:
         log(f"classifier: clean test accuracy {clean:.4f}")
 
-    subset = subset_for(cfg, train_labels)
-    train, val = split_validation(cfg, subset, train_labels, len(train_labels))
-    tests = test_indices(len(test_labels), cfg.data.test_every)
-    val_images = train_images[val].to(device)
+    val_images = val_images.to(device)
     with torch.no_grad(), eval_mode(classifier):
         val_targets = torch.cat([classifier(chunk).argmax(1).cpu() for chunk in val_images.split(1000)])
+    c = cfg.classifier
+    described = (f"pretrained {c.arch} (trained here on the full training split, standing in for the user's model)"
+                 if c.source == "train" else f"your {c.source} model {c.path}, frozen")
     budget = {"train_images": len(train), "percent": cfg.data.percent, "split_size": len(train_labels),
               "val_images": len(val), "val_source": cfg.data.val_source, "labels_outside": 0,
-              "classifier": f"pretrained {cfg.classifier.arch} (trained here on the full training split, standing "
-                            f"in for the user's model)"}
-    log(f"data: {len(subset)} images in the limited subset ({cfg.data.percent}% of {len(train_labels)}, "
-        f"stratified, seed {cfg.seed}), {len(tests)} certified test images")
+              "classifier": f"{described} (sha256 {sha256[:16]})", "classifier_sha256": sha256, **data.budget}
+    log(f"data: {len(train) + (len(val) if cfg.data.val_source == 'holdout' else 0)} images in the limited subset "
+        f"({cfg.data.percent}% of {len(train_labels)}, stratified, seed {cfg.seed}), {len(tests)} certified test "
+        f"images")
     log(describe_budget(budget))
     return Prepared(cfg=cfg, device=device, info=info, classifier=classifier,
                     train_images=train_images[train], train_labels=train_labels[train], train_indices=train,
                     val_images=val_images, val_targets=val_targets, val_indices=val,
-                    test_set=TensorDataset(test_images, test_labels), test_indices=tests, clean_accuracy=clean,
-                    budget=budget, timings=timings)
+                    test_set=TensorDataset(data.test_images, data.test_labels), test_indices=tests,
+                    clean_accuracy=clean, budget=budget, timings=timings)
 
 
 def build_denoiser(cfg: DenoiserConfig, in_channels: int) -> nn.Module:
@@ -275,7 +332,8 @@ def samples_for(prep: Prepared, model: nn.Module, model_key: str, log: Log = pri
     """Boundary + interpolated samples of the training images through `model`, cached per model, images and
     setting."""
     cfg = prep.cfg
-    key = config_hash(model_key, prep.train_indices.tolist(), cfg.seed)
+    images = [prep.budget["train_sha256"]] if "train_sha256" in prep.budget else []  # folders: positions only
+    key = config_hash(model_key, prep.train_indices.tolist(), cfg.seed, *images)
     return load_or_generate_samples(expand_path(cfg.cache_dir) / "samples", model, prep.train_images,
                                     prep.train_labels, cfg.decrop, seed=cfg.seed, key=key, log=log)
 
@@ -323,7 +381,7 @@ def distilled_surrogate(prep: Prepared, log: Log = print) -> tuple[nn.Module, Ge
     cfg = prep.cfg
     blackbox = BlackBox(prep.classifier)
     torch.manual_seed(cfg.seed)
-    surrogate = build_classifier(cfg.data.dataset, cfg.blackbox.arch).to(prep.device)
+    surrogate = build_classifier(prep.info, cfg.blackbox.arch).to(prep.device)
     common = dict(image_size=prep.info.image_size, seed=cfg.seed, log=log)
     distill_surrogate(blackbox, surrogate, prep.train_images, cfg.blackbox, **common)
     surrogate_key = config_hash(classifier_key(cfg), "surrogate", cfg.blackbox, cfg.seed)

@@ -118,6 +118,7 @@ def _save_weights(settings: StudySettings, cfg: ExperimentConfig, method: str, t
     save_checkpoint(weights, denoiser, {"kind": "denoiser", "method": method, "arch": cfg.denoiser.arch,
                                         "key": config_hash(cfg.denoiser), "dataset": cfg.data.dataset,
                                         "sigma": cfg.sigma, "trial_id": trial_id})
+    weights.with_suffix(".yaml").write_text(to_yaml(cfg))  # what `python -m decrop export --trial` reads
     return weights
 
 
