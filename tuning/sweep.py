@@ -64,8 +64,10 @@ import optuna  # noqa: E402
 import ray  # noqa: E402
 import ray.tune  # noqa: E402
 
-from decrop.config import ConfigError, expand_path, load_config, to_flat  # noqa: E402
-from decrop.data import DatasetNotFoundError, load_dataset  # noqa: E402
+from decrop.config import ConfigError, load_config, to_flat  # noqa: E402
+from decrop.checkpoint import CheckpointError  # noqa: E402
+from decrop.data import DatasetNotFoundError, FolderDataError  # noqa: E402
+from decrop.user_model import ClassifierError  # noqa: E402
 from decrop.pipeline import prepare  # noqa: E402
 from tuning.presets import ALL, PRESETS, SEARCH, preset_names, resolve  # noqa: E402
 from tuning.studies import Study, confirm, run_preset, run_search  # noqa: E402
@@ -286,18 +288,19 @@ def main(argv: list[str] | None = None) -> int:
         preset = resolve(args.preset)
         cfg = load_config(REPO / "configs" / f"{args.profile}.yaml", args.overrides)
         levels = check_args(args, cfg, preset)
-        load_dataset(cfg.data.dataset, expand_path(cfg.data.root), train=True, download=cfg.data.download)
         for name in study_names(preset):
             preflight(name, args)
-    except (ConfigError, ValueError, DatasetNotFoundError) as err:  # before Ray starts or any trial runs
+        tic = time.perf_counter()
+        # The data and the classifier (trained and cached once here, before trials could race to do it; a
+        # user's file checked against the data) before Ray starts: a bad file is one line, not a traceback.
+        prep = prepare(cfg)
+    except (ConfigError, ValueError, DatasetNotFoundError, FolderDataError, ClassifierError, CheckpointError) as err:
         print(f"error: {redact_uri(str(err))}", file=sys.stderr)
         return 2
     base = to_flat(cfg)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # no line per Optuna study created in memory
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # nor per store opened
-    tic = time.perf_counter()
     connect()
-    prep = prepare(cfg)  # trains and caches the classifier once, before trials could race to do it
     concurrent = concurrency(args)
     for name in study_names(preset):
         try:
