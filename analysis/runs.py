@@ -25,7 +25,7 @@ from mlflow.entities import Experiment, Run, ViewType
 from mlflow.exceptions import MlflowException
 from statsmodels.stats.proportion import proportion_confint
 
-from decrop.certify import CertRow, average_certified_radius, certified_counts, read_rows
+from decrop.rows import CertRow, average_certified_radius, certified_counts, read_rows
 from tuning.tracking import (PARENT_TAG, ROLE_TAG, STUDY_TAG, TRIAL_TAG, certification_prefix,
                              resolve_tracking_uri)
 

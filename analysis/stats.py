@@ -18,7 +18,7 @@ import pandas as pd
 import statsmodels.formula.api as smf
 from statsmodels.stats.contingency_tables import mcnemar
 
-from decrop.certify import CertRow
+from decrop.rows import CertRow
 
 from .runs import SEARCHED, level_text
 from .tables import method_name, method_rank

@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from decrop.certify import average_certified_radius, certified_accuracy
+from decrop.rows import average_certified_radius, certified_accuracy
 from decrop.checkpoint import load_checkpoint
 from decrop.config import load_config
 from decrop.pipeline import build_denoiser, certify_model, prepare, smoothed_model

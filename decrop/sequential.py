@@ -19,13 +19,13 @@ power, never validity, since the certificate uses the lower bound alone. The rep
 bound at the stopping look, so ACR is lower than with fixed n; certified accuracy at the reported radii is what
 this mode preserves.
 
-The sampling loop is `decrop.certify.Smooth.certify_sequential`; this module holds the statistics.
+The sampling loop is `decrop.smooth.Smooth.certify_sequential`; this module holds the statistics.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from scipy.stats import beta, norm
+from scipy.stats import norm
 
 
 def look_schedule(n: int, first: int = 100) -> list[int]:
@@ -44,11 +44,6 @@ def alpha_split(alpha: float, num_looks: int) -> list[float]:
         return [alpha]
     early = alpha / 2 / (num_looks - 1)
     return [early] * (num_looks - 1) + [alpha / 2]
-
-
-def upper_confidence_bound(k: int, n: int, alpha: float) -> float:
-    """One-sided (1 - alpha) Clopper-Pearson upper bound; 1.0 when k == n."""
-    return 1.0 if k == n else float(beta.ppf(1 - alpha, k + 1, n - k))
 
 
 def thresholds(radii: Sequence[float], sigma: float) -> list[float]:

@@ -27,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for analysis/
 
 from analysis import report  # noqa: E402
-from decrop.certify import read_rows  # noqa: E402
+from decrop.rows import read_rows  # noqa: E402
 from decrop.config import load_config, to_flat, to_yaml  # noqa: E402
 from decrop.pipeline import run_experiment  # noqa: E402
 from tuning.tracking import StudyTracker, resolve_tracking_uri  # noqa: E402

@@ -1,4 +1,5 @@
-"""Tests for decrop.certify: the bound, the radius, CERTIFY/PREDICT behaviour, sharding, I/O and soundness."""
+"""Tests for the certification engine: the bound and radius (decrop.bounds), CERTIFY/PREDICT (decrop.smooth),
+the dataset runner (decrop.certify: seeds, sharding, packing, memory budget) and soundness in both modes."""
 
 import dataclasses
 
@@ -8,20 +9,10 @@ from scipy.stats import binom, norm
 from statsmodels.stats.proportion import proportion_confint
 from torch import nn
 
-from decrop.certify import (
-    ABSTAIN,
-    CertRow,
-    Smooth,
-    average_certified_radius,
-    certified_accuracy,
-    certified_radius,
-    certify_indices,
-    fit_batch_size,
-    lower_confidence_bound,
-    merge_rows,
-    read_rows,
-    write_rows,
-)
+from decrop.bounds import certified_radius, lower_confidence_bound
+from decrop.certify import certify_indices, fit_batch_size, merge_rows
+from decrop.rows import CertRow
+from decrop.smooth import ABSTAIN, Smooth
 
 
 class ConstantClassifier(nn.Module):
@@ -203,56 +194,6 @@ def test_merge_rows_rejects_duplicates() -> None:
     row = CertRow(1, 0, 0, 0.5, 1, 0.1)
     with pytest.raises(ValueError, match="duplicate idx 1"):
         merge_rows([[row], [dataclasses.replace(row, radius=0.2)]])
-
-
-# --- rows on disk and summaries -----------------------------------------------------------------------------
-
-ROWS = [
-    CertRow(0, 3, 3, 0.75, 1, 1.25),
-    CertRow(20, 1, ABSTAIN, 0.0, 0, 0.5),
-    CertRow(40, 2, 5, 0.4, 0, 0.5),  # certified, but wrong
-    CertRow(60, 0, 0, 0.25, 1, 0.5),
-    CertRow(80, 4, 4, 0.0004, 1, 0.5),
-]
-
-
-def test_write_read_round_trip(tmp_path) -> None:
-    rows = ROWS + [CertRow(100, 1, 1, 0.123456, 1, 2.345678, 1100)]
-    path = tmp_path / "cert.tsv"
-    write_rows(rows, path)
-    assert path.read_text().splitlines()[0] == "idx\tlabel\tpredict\tradius\tcorrect\ttime\tsamples"
-    assert path.read_text().splitlines()[-1] == "100\t1\t1\t0.1235\t1\t2.3457\t1100"
-    back = read_rows(path)
-    assert back[:-1] == ROWS
-    assert back[-1] == CertRow(100, 1, 1, 0.1235, 1, 2.3457, 1100)
-
-
-def test_cohens_six_column_files_are_read(tmp_path) -> None:
-    path = tmp_path / "cohen.tsv"
-    path.write_text("idx\tlabel\tpredict\tradius\tcorrect\ttime\n0\t3\t3\t0.412\t1\t0:00:01.5\n".replace(
-        "0:00:01.5", "1.5"))
-    assert read_rows(path) == [CertRow(0, 3, 3, 0.412, 1, 1.5, 0)]
-
-
-@pytest.mark.parametrize("text", [
-    "",
-    "idx label predict radius correct time\n0 1 1 0.5 1 0.1\n",
-    "idx\tlabel\tpredict\tradius\tcorrect\ttime\n0\t1\t1\t0.5\t1\n",
-    "idx\tlabel\tpredict\tradius\tcorrect\ttime\n0\tcat\t1\t0.5\t1\t0.1\n",
-])
-def test_read_rows_rejects_malformed_files(tmp_path, text: str) -> None:
-    path = tmp_path / "bad.tsv"
-    path.write_text(text)
-    with pytest.raises(ValueError, match="bad.tsv"):
-        read_rows(path)
-
-
-def test_certified_accuracy_and_acr() -> None:
-    acc = certified_accuracy(ROWS, [0.0, 0.25, 0.5, 1.0])
-    assert acc == {0.0: 3 / 5, 0.25: 2 / 5, 0.5: 1 / 5, 1.0: 0.0}
-    assert average_certified_radius(ROWS) == pytest.approx((0.75 + 0.25 + 0.0004) / 5)
-    with pytest.raises(ValueError):
-        certified_accuracy([], [0.0])
 
 
 # --- soundness against a closed form ------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from decrop.certify import read_rows
+from decrop.rows import read_rows
 from decrop.cli import main
 from decrop.config import load_config
 

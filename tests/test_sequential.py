@@ -6,7 +6,8 @@ import pytest
 from scipy.stats import norm
 from statsmodels.stats.proportion import proportion_confint
 
-from decrop.sequential import alpha_split, decided, look_schedule, thresholds, upper_confidence_bound
+from decrop.bounds import upper_confidence_bound
+from decrop.sequential import alpha_split, decided, look_schedule, thresholds
 
 
 def test_looks_double_and_end_at_n():

@@ -15,7 +15,8 @@ import ray
 import torch
 from torch.utils.data import TensorDataset
 
-from decrop.certify import CertRow, certify_indices, merge_rows
+from decrop.certify import certify_indices, merge_rows
+from decrop.rows import CertRow
 from decrop.config import from_flat
 from decrop.pipeline import build_denoiser, prepare, smoothed_model
 from decrop.runtime import tune_allocator
