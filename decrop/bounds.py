@@ -26,12 +26,6 @@ def lower_confidence_bound(k: int, n: int, alpha: float) -> float:
     return 0.0 if k == 0 else float(beta.ppf(alpha, k, n - k + 1))
 
 
-def upper_confidence_bound(k: int, n: int, alpha: float) -> float:
-    """One-sided (1 - alpha) Clopper-Pearson upper bound; 1.0 when k == n."""
-    _check(k, n, alpha)
-    return 1.0 if k == n else float(beta.ppf(1 - alpha, k + 1, n - k))
-
-
 def certified_radius(p_lower: float, sigma: float) -> float:
     """l2 radius ``sigma * Phi^-1(p_lower)`` given a lower bound p_lower on the top-class probability."""
     return float(sigma * norm.ppf(p_lower))

@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 
 from .rows import CertRow
 from .runtime import eval_mode
+from .sequential import thresholds
 from .smooth import AUTOCAST_DTYPES, Smooth
 
 
@@ -54,14 +55,18 @@ def certify_indices(
     same rows. ``progress(done, total, row)`` is called after each image. Model modes are restored.
     In the exact mode, ``batch_size // max(n0, n)`` images share each forward batch when that is >= 2 (their
     ``time`` is the group's time divided evenly). ``mode="sequential"`` stops sampling an image once its
-    certified-at-r outcome is decided for every r in `radii`, with the same alpha guarantee
-    (`decrop.sequential`); ``n`` is then the most it may draw. ``precision`` "bf16"/"fp16" autocasts the model
-    and certifies the reduced-precision model. ``memory_mb`` > 0 lowers ``batch_size`` to what fits that many
-    MiB of activations (`fit_batch_size`). Noise is drawn per forward batch, so rows are reproducible for a
-    given seed *and* batch size: keep the batch size fixed (or the budget and machine) to reproduce a run.
+    certified-at-r outcome is settled for every r in `radii`, with the same alpha guarantee
+    (`decrop.sequential`): ``n`` is then the most it may draw and ``samples`` says how many it drew; an image
+    that stopped early reports the largest r in `radii` it is certified at as its radius. ``precision``
+    "bf16"/"fp16" autocasts the model and certifies the reduced-precision model. ``memory_mb`` > 0 lowers
+    ``batch_size`` to what fits that many MiB of activations (`fit_batch_size`). Noise is drawn per forward
+    batch, so rows are reproducible for a given seed *and* batch size: keep the batch size fixed (or the budget
+    and machine) to reproduce a run.
     """
     if mode not in ("exact", "sequential"):
         raise ValueError(f"unknown certification mode {mode!r}; choose 'exact' or 'sequential'")
+    if mode == "sequential":
+        thresholds(radii, sigma)  # bad radii fail here, before any compute
     indices = list(indices)
     if device is None:
         param = next(model.parameters(), None)

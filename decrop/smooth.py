@@ -22,7 +22,7 @@ from scipy.stats import binomtest
 from torch import nn
 
 from . import sequential
-from .bounds import certified_radius, lower_confidence_bound, upper_confidence_bound
+from .bounds import certified_radius, lower_confidence_bound
 from .runtime import eval_mode
 
 ABSTAIN = -1
@@ -84,30 +84,26 @@ class Smooth:
         return results
 
     def certify_sequential(self, x: torch.Tensor, n0: int, n: int, alpha: float, batch_size: int,
-                           radii: Sequence[float], generator: torch.Generator | None = None,
-                           first_look: int = 100) -> tuple[int, float, int]:
-        """CERTIFY with anytime-valid early stopping (`decrop.sequential`): ``(cA or ABSTAIN, radius, samples)``.
+                           radii: Sequence[float], generator: torch.Generator | None = None
+                           ) -> tuple[int, float, int]:
+        """CERTIFY with anytime-valid early stopping: ``(cA or ABSTAIN, radius, samples drawn incl. n0)``.
 
-        Draws at most ``n`` samples after the ``n0`` selection samples, checking at a fixed doubling schedule
-        of looks with alpha split across them, and stops once the certified-at-r outcome is settled for every
-        r in `radii`. The guarantee is CERTIFY's: a non-abstaining answer holds with probability >= 1 - alpha.
+        After the n0 selection samples, draws estimation samples in batches of at most ``batch_size`` (sized by
+        `decrop.sequential.SequentialTest.next_draw`) and stops once pA's side of every threshold
+        Phi(r / sigma), r in `radii`, is settled, or after n. The guarantee is CERTIFY's: with probability
+        >= 1 - alpha the radius does not exceed the smoothed classifier's true radius at x. The radius is one
+        of `radii` when the image stopped early, else Clopper-Pearson's at n (`decrop.sequential`).
         """
         _check_counts(n0=n0, n=n, batch_size=batch_size)
-        levels = sequential.thresholds(radii, self.sigma)
-        looks = sequential.look_schedule(n, first_look)
-        count, drawn = 0, 0
         with eval_mode(self.base):
-            c_a = int(self._sample_noise(x, n0, batch_size, generator).argmax().item())
-            for look, a_k in zip(looks, sequential.alpha_split(alpha, len(looks))):
-                count += int(self._sample_noise(x, look - drawn, batch_size, generator)[c_a].item())
-                drawn = look
-                p_lower = lower_confidence_bound(count, drawn, a_k)
-                p_upper = upper_confidence_bound(count, drawn, a_k)
-                if look == n or sequential.decided(p_lower, p_upper, levels):
-                    break
-        if p_lower < 0.5:
-            return ABSTAIN, 0.0, n0 + drawn
-        return c_a, certified_radius(p_lower, self.sigma), n0 + drawn
+            counts = self._sample_noise(x, n0, batch_size, generator).cpu()  # host sync: cA steers the draws
+            c_a = int(counts.argmax())
+            test = sequential.SequentialTest(radii, self.sigma, n, alpha, prior=(int(counts[c_a]), n0))
+            while not test.done:
+                draw = test.next_draw(batch_size)
+                test.observe(int(self._sample_noise(x, draw, batch_size, generator)[c_a]), draw)  # one sync
+        radius = test.radius
+        return (ABSTAIN, 0.0, n0 + test.drawn) if radius is None else (c_a, radius, n0 + test.drawn)
 
     def predict(self, x: torch.Tensor, n: int, alpha: float, batch_size: int,
                 generator: torch.Generator | None = None) -> int:
