@@ -151,6 +151,8 @@ def calibrated_level(t: float, n: int, alpha: float, upper: bool = True) -> floa
         return crossing_probability(rejection_boundary(1.0 - t, n, log_level), 1.0 - t)
 
     lo, hi = 0.0, math.log(1.0 / alpha)
+    if crossing(hi) > alpha:  # cannot happen (Ville); checked because everything rests on it
+        raise RuntimeError(f"Ville's level ln(1/{alpha}) crosses with probability above {alpha} at t={t}, n={n}")
     while hi - lo > 0.01:
         mid = (lo + hi) / 2
         if crossing(mid) <= alpha * (1 - 1e-9):  # margin for float rounding in the recursion

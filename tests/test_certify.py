@@ -14,6 +14,8 @@ from decrop.certify import certify_indices, fit_batch_size, merge_rows
 from decrop.rows import CertRow
 from decrop.smooth import ABSTAIN, Smooth
 
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: threads only cost time on a shared CPU
+
 
 class ConstantClassifier(nn.Module):
     """Always predicts `cls` whatever the input."""

@@ -20,8 +20,9 @@ def test_thresholds_map_each_threshold_to_its_radius():
             thresholds(bad, sigma=0.25)
 
 
-def test_rejection_boundary_is_the_first_k_where_the_kt_ratio_reaches_the_level():
-    t, n, level = 0.8, 120, math.log(50)
+@pytest.mark.parametrize("level", [0.1, math.log(50)])
+def test_rejection_boundary_is_the_first_k_where_the_kt_ratio_reaches_the_level(level):
+    t, n = 0.8, 120
     b = rejection_boundary(t, n, level)
     for m in range(1, n + 1):
         ks = [k for k in range(m + 1) if k > t * m and log_kt_ratio(m, k, t) >= level]
