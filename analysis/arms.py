@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from decrop.certify import CertRow, average_certified_radius
+from decrop.rows import CertRow, average_certified_radius
 from decrop.config import ConfigError, from_flat
 from tuning.presets import NO_DENOISER, PRESETS, SEARCH
 

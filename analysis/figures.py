@@ -17,7 +17,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, NullFormatter
 
-from decrop.certify import CertRow, certified_accuracy
+from decrop.rows import CertRow, certified_accuracy
 
 from .runs import SEARCHED, level_text
 from .tables import method_name, method_rank
@@ -59,7 +59,7 @@ def _save(fig: Figure, path: Path) -> Path:
 
 
 def _curve(rows: Sequence[CertRow], grid: np.ndarray) -> np.ndarray:
-    """Certified accuracy (%) at each radius of `grid` (`decrop.certify.certified_accuracy`)."""
+    """Certified accuracy (%) at each radius of `grid` (`decrop.rows.certified_accuracy`)."""
     return 100.0 * np.array(list(certified_accuracy(rows, grid).values()))
 
 

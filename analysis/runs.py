@@ -28,7 +28,7 @@ from mlflow.entities import Experiment, Run, ViewType
 from mlflow.exceptions import MlflowException
 from statsmodels.stats.proportion import proportion_confint
 
-from decrop.certify import CertRow, average_certified_radius, certified_counts, read_rows
+from decrop.rows import CertRow, average_certified_radius, certified_counts, read_rows
 from tuning.presets import PRESETS, SEARCH
 from tuning.tracking import (FACTOR_TAG, LEVEL_TAG, METHOD_TAG, PARENT_TAG, PRESET_TAG, ROLE_TAG, STUDY_TAG,
                              TRIAL_TAG, VARIANT_TAG, certification_prefix, redact_uri)

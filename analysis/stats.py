@@ -27,7 +27,7 @@ from statsmodels.stats.contingency_tables import mcnemar
 from statsmodels.stats.multitest import multipletests
 from statsmodels.stats.proportion import proportion_confint
 
-from decrop.certify import CertRow
+from decrop.rows import CertRow
 
 from .objective import importance, regression
 from .tables import method_name, method_rank
@@ -151,7 +151,7 @@ def shared_images(tables: Sequence[Sequence[CertRow]]) -> list[int]:
 
 def certified_matrix(tables: Sequence[Sequence[CertRow]], images: Sequence[int], radius: float) -> np.ndarray:
     """(len(images), len(tables)) bool: image ``images[i]`` is certified correct with radius >= `radius` in
-    table s (the definition of ``decrop.certify.certified_counts``). Every image must be in every table."""
+    table s (the definition of ``decrop.rows.certified_counts``). Every image must be in every table."""
     out = np.zeros((len(images), len(tables)), dtype=bool)
     for s, rows in enumerate(tables):
         hit = {r.idx: r.correct == 1 and r.radius >= radius for r in rows}

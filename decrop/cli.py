@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from .certify import max_certifiable_radius
+from .bounds import max_certifiable_radius
 from .checkpoint import CheckpointError
 from .config import ConfigError, describe, load_config, to_yaml
 from .data import DatasetNotFoundError, FolderDataError

@@ -225,7 +225,7 @@ class CertifyConfig:
                               ge=0)
     mode: Literal["exact", "sequential"] = _field(
         "exact", "'exact' = Cohen's fixed-n CERTIFY; 'sequential' = stop an image once its certified-at-r "
-                 "outcome is decided for every reported radius (alpha split over looks; same guarantee, n is "
+                 "outcome is settled for every reported radius (calibrated anytime-valid tests; same guarantee, n is "
                  "the maximum)")
     radii: tuple[float, ...] = _field((0.0, 0.25, 0.5, 0.75, 1.0), "radii at which certified accuracy is "
                                                                    "reported")

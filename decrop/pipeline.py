@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from .blackbox import BlackBox, distill_surrogate
-from .certify import (CertRow, average_certified_radius, certified_accuracy, certify_indices, write_rows)
+from .certify import certify_indices
 from .checkpoint import save_checkpoint
 from .classifier import accuracy, build_classifier, classifier_key, get_classifier
 from .config import ConfigError, DenoiserConfig, ExperimentConfig, config_hash, expand_path, to_yaml
@@ -35,6 +35,7 @@ from .distributed import Shard
 from .metrics import MetricSink, PrintSink
 from .models import DomainDiscriminator, create_model, fold_batchnorm
 from .objectives import DecropObjective, Objective, baseline_objective
+from .rows import CertRow, average_certified_radius, certified_accuracy, write_rows
 from .runtime import Progress, eval_mode, resolve_device, seed_everything, tune_allocator
 from .samples import GeneratedSamples, load_or_generate_samples
 from .training import AdamThenSGD, TrainResult, train_denoiser

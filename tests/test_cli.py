@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from decrop.certify import read_rows
+from decrop.rows import read_rows
 from decrop.cli import main
 from decrop.config import load_config
 

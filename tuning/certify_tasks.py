@@ -14,9 +14,10 @@ import numpy as np
 import ray
 import torch
 
-from decrop.certify import CertRow, certify_indices, merge_rows
+from decrop.certify import certify_indices, merge_rows
 from decrop.config import ExperimentConfig, config_hash, from_flat
 from decrop.pipeline import Prepared, build_denoiser, prepare, smoothed_model
+from decrop.rows import CertRow
 from decrop.runtime import tune_allocator
 
 

@@ -28,7 +28,7 @@ from optuna.samplers import TPESampler
 from ray.tune.schedulers import ASHAScheduler
 
 from analysis.stats import paired_radii
-from decrop.certify import CertRow
+from decrop.rows import CertRow
 from decrop.config import ExperimentConfig, from_flat
 from decrop.pipeline import NO_DENOISER, epochs_text, format_table, summarize
 

@@ -39,7 +39,7 @@ from mlflow.entities import Metric, Param, Run
 from mlflow.exceptions import MlflowException
 from ray.tune import Callback
 
-from decrop.certify import CertRow, average_certified_radius, certified_accuracy, read_rows, write_rows
+from decrop.rows import CertRow, average_certified_radius, certified_accuracy, read_rows, write_rows
 
 log = logging.getLogger(__name__)
 

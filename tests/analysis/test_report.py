@@ -26,7 +26,7 @@ from analysis import report  # noqa: E402
 from analysis.runs import SEARCHED, certification_frame, check_logged  # noqa: E402
 from analysis.stats import holm, image_level_test, regression  # noqa: E402
 from analysis.tables import interval_cell, spread_cell  # noqa: E402
-from decrop.certify import CertRow  # noqa: E402
+from decrop.rows import CertRow  # noqa: E402
 from tuning.tracking import StudyTracker, default_tracking_uri  # noqa: E402
 
 RADII = [0.0, 0.25, 0.5]

@@ -29,7 +29,7 @@ from analysis.stats import (  # noqa: E402
     sign_flip_distribution,
     sign_flip_p,
 )
-from decrop.certify import CertRow  # noqa: E402
+from decrop.rows import CertRow  # noqa: E402
 
 
 def outcomes(rng: np.random.Generator, n: int, seeds: int, p_method: float, p_baseline: float):

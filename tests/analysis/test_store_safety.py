@@ -19,7 +19,7 @@ sys.path.insert(0, str(REPO))
 import analysis.store  # noqa: E402
 import tuning.tracking  # noqa: E402
 from analysis import report  # noqa: E402
-from decrop.certify import CertRow, write_rows  # noqa: E402
+from decrop.rows import CertRow, write_rows  # noqa: E402
 from tuning.tracking import StudyTracker, default_tracking_uri  # noqa: E402
 
 PASSWORD = "hunter2-s3cret"

@@ -23,7 +23,7 @@ sys.path.insert(0, str(REPO))
 import tuning.tracking  # noqa: E402
 from analysis import report  # noqa: E402
 from analysis.stats import holm, image_level_test, paired_radii  # noqa: E402
-from decrop.certify import CertRow  # noqa: E402
+from decrop.rows import CertRow  # noqa: E402
 from tuning.tracking import (FACTOR_TAG, LEVEL_TAG, METHOD_TAG, PRESET_TAG, SEED_TAG, VARIANT_TAG,  # noqa: E402
                              StudyTracker, default_tracking_uri)
 

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 from mlflow import MlflowClient
 
-from decrop.certify import CertRow, average_certified_radius, certified_accuracy, read_rows
+from decrop.rows import CertRow, average_certified_radius, certified_accuracy, read_rows
 from decrop.config import ExperimentConfig, to_flat
 from tuning.tracking import (
     MlflowStatusCallback,

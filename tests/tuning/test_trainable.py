@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from conftest import TINY_SWEEP  # noqa: E402  tests/conftest.py
-from decrop.certify import read_rows  # noqa: E402
+from decrop.rows import read_rows  # noqa: E402
 from decrop.config import load_config, to_flat  # noqa: E402
 from decrop.pipeline import prepare  # noqa: E402
 from tuning.space import default_point  # noqa: E402
