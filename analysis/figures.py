@@ -210,7 +210,7 @@ def history_figure(trials: pd.DataFrame, out: Path) -> FigureOut:
     ax.step(x, trials["objective"].cummax().ffill(), where="post", color="C1", label="best so far")
     best = int(trials["objective"].idxmax())
     ax.plot([x[best]], [trials["objective"][best]], "*", ms=14, color="C2", label="best")
-    ax.set(xlabel="trial (completion order)", ylabel="validation ACR", title="objective per trial")
+    ax.set(xlabel="trial (completion order)", ylabel="validation objective", title="objective per trial")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     result.path = _save(fig, out / f"{result.name}.png")
@@ -249,7 +249,7 @@ def effects_figure(trials: pd.DataFrame, out: Path) -> FigureOut:
             if SEARCHED[key] == "log":
                 ax.set_xscale("log")
                 ax.xaxis.set_minor_formatter(NullFormatter())  # 2x10^0-style labels collide
-        ax.set(xlabel=key.removeprefix("decrop."), ylabel="validation ACR")
+        ax.set(xlabel=key.removeprefix("decrop."), ylabel="validation objective")
         ax.grid(alpha=0.3)
     result.path = _save(fig, out / f"{result.name}.png")
     return result

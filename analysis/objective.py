@@ -1,7 +1,7 @@
-"""What drives the search's objective: an OLS regression of the validation ACR on the searched hyperparameters,
+"""What drives the search's objective: an OLS regression of the validation objective on the searched hyperparameters,
 and Optuna's own hyperparameter importance on the same trials.
 
-OLS: validation ACR on the searched hyperparameters (log10 for log-scaled ones, categorical for attack,
+OLS: the validation objective on the searched hyperparameters (log10 for log-scaled ones, categorical for attack,
 n_interp, stage2) with HC3 standard errors, which do not assume equal noise: an effect size with an interval
 per parameter. Importance: the trials rebuilt as an in-memory Optuna study (`search_study`: each trial's
 parameters with the distributions `tuning.space.define_space` gives them, its objective as value), evaluated
@@ -75,7 +75,7 @@ def _coefficient_sentence(term: str, key: str, coef: float, lo: float, hi: float
             "category": f"{name} = {level} instead of {ref}"}[SEARCHED[key]]
     where = " (among trials with stage 2)" if key in ("decrop.beta_scale", "decrop.beta_gamma") else ""
     direction = "higher" if coef >= 0 else "lower"
-    return (f"{what} goes with a validation ACR {direction} by {abs(scale * coef):.3f}{where} (95% CI "
+    return (f"{what} goes with a validation objective {direction} by {abs(scale * coef):.3f}{where} (95% CI "
             f"{scale * lo:+.3f} to {scale * hi:+.3f}); {verdict}.")
 
 
@@ -87,7 +87,7 @@ def regression(trials: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
         return pd.DataFrame(), ["these runs contain no sweep trials: no regression of the objective"]
     scored = trials[trials["objective"].notna()]
     if scored.empty:
-        return pd.DataFrame(), [f"none of the {len(trials)} trials has an objective (validation ACR): no regression"]
+        return pd.DataFrame(), [f"none of the {len(trials)} trials has an objective (validation): no regression"]
     data, terms, keys, notes = _design(scored)
     n_coef = sum(data[t[2:-1]].nunique() - 1 if t.startswith("C(") else 1 for t in terms)
     if not terms:

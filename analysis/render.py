@@ -21,9 +21,10 @@ TABLE_CAPTIONS = {
     "test_accuracy": "Certified accuracy (%) on the test images at each l2 radius r, per run, with the 95% "
                      "Clopper-Pearson interval over the test images in brackets (r = 0: standard accuracy of the "
                      "smoothed classifier, abstentions counted wrong); ACR: average certified radius.",
-    "trials": "The sweep's trials, best objective first: objective = validation ACR (certified on validation "
-              "images, never the test images), validation certified accuracy (%) at each radius, the sampled "
-              "hyperparameters, and why a trial has no objective.",
+    "trials": "The sweep's trials, best objective first: objective = validation certified agreement averaged "
+              "over the radii (validation ACR in older studies; certified on validation images, never the test "
+              "images), validation certified accuracy (%) at each radius, the sampled hyperparameters, and why a "
+              "trial has no objective.",
 }
 READING = ("Certified accuracy at r is the fraction of images that the smoothed classifier gets right with a "
            "certified l2 radius of at least r. Intervals of one run are exact 95% Clopper-Pearson intervals over its "
@@ -56,7 +57,7 @@ PER_SEED_CAPTION = ("Exact McNemar test per seed ({n} tests, one Holm family): o
 
 IMPORTANCE_CAPTION = ("Hyperparameter importance by Optuna's own evaluators on the search trials (relative: each "
                       "column sums to 100% over the parameters it assesses).")
-REGRESSION_CAPTION = ("OLS regression of the validation ACR on the searched hyperparameters (HC3 standard "
+REGRESSION_CAPTION = ("OLS regression of the validation objective on the searched hyperparameters (HC3 standard "
                       "errors): the effect of each, with its 95% interval.")
 TIME_CAPTION = ("Seconds of each phase summed over the study's trials, per part (durations as text); 'all trials' "
                 "adds the study's wall time, from its parent run's start to its end.")

@@ -292,7 +292,7 @@ def _best_trial(runs: pd.DataFrame, parent: pd.Series) -> pd.Series | None:
         named = trials[trials["trial_id"] == parent["best_trial_id"]]
         if len(named):
             return named.iloc[0]
-    scored = trials.get("metrics.certify/acr", pd.Series(dtype=float)).dropna()
+    scored = objective_column(trials).dropna()
     return trials.loc[scored.idxmax()] if len(scored) else None
 
 
@@ -378,16 +378,23 @@ def running_studies(runs: pd.DataFrame) -> list[str]:
             for _, run in parents.iterrows()]
 
 
+def objective_column(trials: pd.DataFrame) -> pd.Series:
+    """The search trials' objective: ``certify/objective`` (certified agreement averaged over the radii), or in
+    stores written before it existed the validation ACR (``certify/acr``)."""
+    objective = trials.get("metrics.certify/objective", pd.Series(np.nan, index=trials.index))
+    return objective.fillna(trials.get("metrics.certify/acr", pd.Series(np.nan, index=trials.index)))
+
+
 def trials_frame(runs: pd.DataFrame, histories: pd.DataFrame) -> pd.DataFrame:
     """One row per search trial (`SEARCH_TRIAL`: not the confirmation's or a preset's) in completion order (end
     time): run_id, run_name, trial_id, status, end_time, epochs (last step of the per-epoch history), objective
-    (validation ACR, NaN if never certified), why (for trials without objective) and the searched
+    (`objective_column`, NaN if never certified), why (for trials without objective) and the searched
     hyperparameters."""
     trials = runs[runs["kind"] == SEARCH_TRIAL].copy()
     if trials.empty:
         return pd.DataFrame(columns=["run_id", "run_name", "trial_id", "status", "end_time", "epochs",
                                      "objective", "why", *SEARCHED])
-    trials["objective"] = trials.get("metrics.certify/acr", pd.Series(np.nan, index=trials.index))
+    trials["objective"] = objective_column(trials)
     last = histories.groupby("run_id")["step"].max() if len(histories) else pd.Series(dtype=float)
     trials["epochs"] = trials.index.map(last)
     trials["why"] = [None if pd.notna(t["objective"]) else _why(t) for _, t in trials.iterrows()]

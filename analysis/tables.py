@@ -89,7 +89,7 @@ def seeds_table(cert: pd.DataFrame) -> pd.DataFrame:
 
 
 def trials_table(cert: pd.DataFrame, trials: pd.DataFrame) -> pd.DataFrame:
-    """One row per sweep trial, best objective first: trial, status, epochs, objective (validation ACR),
+    """One row per sweep trial, best objective first: trial, status, epochs, objective (validation),
     validation certified accuracy (%) at each radius, the searched hyperparameters, and why trials without
     an objective have none."""
     if trials.empty:

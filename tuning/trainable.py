@@ -8,12 +8,14 @@ through ``TuneReportCallback`` (so ASHA can stop weak search trials on ``val/agr
 certifies the trained denoiser as parallel Ray tasks and reports with ``ray.tune.report``. The no-denoiser
 reference (method ``none``) trains nothing and is only certified.
 
-**Objective** (the search): the average certified radius (ACR) of the smoothed classifier on the first
-``certify.val_images`` validation images (`data.val_source`: extra unlabelled images or a held-out part of the
-limited subset), where an image counts as correct when the smoothed denoised classifier agrees with the
-classifier's own prediction: no label outside the limited data is read. ACR rewards both certifying more
-images and certifying them further, and varies smoothly with the hyperparameters, where certified accuracy at
-one radius on ~100 images moves in steps of 1%. **Test images** are certified only by trials of a study that
+**Objective** (the search): certified agreement of the smoothed classifier on the first ``certify.val_images``
+validation images (`data.val_source`: extra unlabelled images or a held-out part of the limited subset),
+averaged over the profile's radii (``certify.radii``): an image counts at r when the smoothed denoised
+classifier agrees with the classifier's own prediction, certified at r, so no label outside the limited data
+is read. The average over radii is an ACR on the reported grid: it rewards certifying more images and
+certifying them further, and moves more smoothly than accuracy at one radius. It is certified in the
+sequential mode, which decides each image at those radii and stops sampling as soon as the answer is known
+(same per-image guarantee; its radii are the grid's, so the logged ``certify/acr`` is a lower bound). **Test images** are certified only by trials of a study that
 reports them (presets, confirmation), after training: nothing is selected on them.
 """
 
@@ -151,11 +153,14 @@ def run_trial(params: dict[str, Any], settings: StudySettings) -> None:
                                                        prep.info.channels)), "denoiser")
     metrics: dict[str, float] = {}
     if settings.validate:
+        # Decisions at the study's radii, stopped as soon as they are known (decrop.sequential): same guarantee
+        # per image, ~1.8x fewer forward passes at the quick profile's n.
         val = [int(i) for i in prep.val_indices[:cfg.certify.val_images]]
-        rows = certify_parallel(flat, {label: state}, "val", val, settings.cert_shards,
-                                gpus_per_task=settings.gpus_per_worker)[label]
+        rows = certify_parallel({**flat, "certify.mode": "sequential"}, {label: state}, "val", val,
+                                settings.cert_shards, gpus_per_task=settings.gpus_per_worker)[label]
         metrics.update(tracker.log_certification(run_id, rows, cfg.certify.radii, "validation"))
-        metrics["objective"] = metrics["certify/acr"]
+        metrics["objective"] = validation_objective(metrics, cfg.certify.radii)
+        tracker.log_metrics(run_id, {"certify/objective": metrics["objective"]}, step=0)
         clock.lap("certify_validation")
     if settings.test:
         rows = certify_parallel(flat, {label: state}, "test", [int(i) for i in prep.test_indices],
@@ -181,6 +186,12 @@ class PhaseClock:
         if self.sink is not None:
             tracker, run_id = self.sink
             tracker.log_metrics(run_id, {f"time/{phase}": self.times[f"time/{phase}"]}, step=0)
+
+
+def validation_objective(metrics: dict[str, float], radii: tuple[float, ...]) -> float:
+    """The search's objective: certified agreement on the validation images averaged over the study's radii
+    (a Riemann sum of the certified-accuracy curve, i.e. an ACR on the reported grid)."""
+    return sum(metrics[f"certify/acc_r{r:.2f}"] for r in radii) / len(radii)
 
 
 def tune_trainable(settings: StudySettings):
