@@ -294,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         # The data and the classifier (trained and cached once here, before trials could race to do it; a
         # user's file checked against the data) before Ray starts: a bad file is one line, not a traceback.
         prep = prepare(cfg)
+        print(f"sweep: data and classifier ready in {time.perf_counter() - tic:.0f}s", flush=True)
     except (ConfigError, ValueError, DatasetNotFoundError, FolderDataError, ClassifierError, CheckpointError) as err:
         print(f"error: {redact_uri(str(err))}", file=sys.stderr)
         return 2
@@ -309,18 +310,25 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {err}", file=sys.stderr)
             return 2
         try:
+            phase = time.perf_counter()
             if name == SEARCH:
                 best = run_search(study, args.num_trials, args.seed)
+                print(f"{study.name}: search done in {time.perf_counter() - phase:.0f}s", flush=True)
+                phase = time.perf_counter()
                 confirm(study, best, args.confirm_seeds, cfg, prep.clean_accuracy)
+                print(f"{study.name}: confirmation done in {time.perf_counter() - phase:.0f}s", flush=True)
             else:
                 run_preset(study, name, args.seeds, levels)
+                print(f"{study.name}: trials done in {time.perf_counter() - phase:.0f}s", flush=True)
         except (RuntimeError, KeyboardInterrupt) as err:
             study.tracker.finish(study.parent, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
             print(f"error: {study.name} stopped: {err or 'interrupted'}; what finished is kept: rerun the same "
                   f"command with --resume to continue", file=sys.stderr)
             return 1
         study.tracker.finish(study.parent, "FINISHED")
+        phase = time.perf_counter()
         report(study)
+        print(f"{study.name}: report written in {time.perf_counter() - phase:.0f}s", flush=True)
         uri, experiment_id = study.settings.tracking_uri, study.tracker.experiment_id
         print(f"\n{study.name} done in {time.perf_counter() - tic:.0f}s; report in {study.storage / 'report'}; "
               f"MLflow UI: mlflow ui --backend-store-uri {redact_uri(uri)}, then open "
