@@ -11,13 +11,16 @@ store) would be counted once per process by a plain sum of RSS:
 - the sum of the RSS of every process descending from the sweep: an upper bound that double-counts shared pages.
 
 It prints the wall time, both peaks and the number of processes at the peak, and appends a Markdown line to
-``--out``. Nothing else should run on the machine while it measures.
+``--out`` with the sweep's own phase lines (data and classifier, search, confirmation, report); the study's
+report (``Where the time went``) breaks the trials down further. Nothing else should run on the machine while
+it measures.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -71,7 +74,17 @@ def main() -> int:
     command = [sys.executable, str(REPO / "tuning" / "sweep.py"), *sweep_args]
     print(f"benchmark: {' '.join(command)} (machine memory in use before: {idle / 2**30:.2f} GiB)", flush=True)
     tic = time.perf_counter()
-    child = subprocess.Popen(command, cwd=REPO)
+    child = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, text=True, bufsize=1)
+    phases: list[str] = []
+
+    def relay() -> None:  # the sweep's output as it comes, keeping its phase lines ("... done in 300s")
+        for text in child.stdout:
+            print(text, end="", flush=True)
+            if re.search(r"(ready|done|written) in \d+s", text):
+                phases.append(text.strip())
+
+    relay_thread = threading.Thread(target=relay, daemon=True)
+    relay_thread.start()
     peak = {"used": 0, "rss": 0, "procs": 0}
 
     def sample() -> None:
@@ -89,6 +102,7 @@ def main() -> int:
     rc = child.wait()
     wall = time.perf_counter() - tic
     sampler.join(timeout=5)
+    relay_thread.join(timeout=5)
     line = (f"| {time.strftime('%Y-%m-%d')} | `{' '.join(sweep_args) or '(defaults)'}` | {os.cpu_count()} | "
             f"{wall / 60:.1f} min | {peak['used'] / 2**30:.2f} GiB | {peak['rss'] / 2**30:.2f} GiB "
             f"({peak['procs']} processes) | {rc} |")
@@ -101,6 +115,8 @@ def main() -> int:
                             "|---|---|---|---|---|---|---|\n")
     with args.out.open("a") as fh:
         fh.write(line + "\n")
+        if phases:
+            fh.write("\nPhases: " + "; ".join(phases) + "\n\n")
     return rc
 
 
