@@ -123,6 +123,8 @@ def connect() -> None:
         if address == "local":
             raise ConnectionError
         ray.init(address="auto", **quiet)
+        print(f"sweep: joined the Ray cluster already running on this machine ({ray.get_runtime_context().gcs_address});"
+              f" set RAY_ADDRESS=local to start a private one instead", flush=True)
     except ConnectionError:
         private_token_file()  # before Ray writes one world-readable
         # With the dashboard (on 127.0.0.1): Train's PlacementGroupCleaner queries the controller's state
