@@ -119,6 +119,11 @@ def _study(kind: str, parent: pd.Series, trials: pd.DataFrame, rows: dict, label
             arm.seeds[seed], arm.runs[seed] = rows[(run_id, label)], run
     if not arms:
         return None
+    reused = trials["tags.decrop.reused_from"].dropna() if "tags.decrop.reused_from" in trials else []
+    if len(reused):
+        notes.append(f"{len(reused)} of the {len(trials)} trials took the result of an identical trial (same "
+                     f"config, seed, training layout and code) that another study computed "
+                     f"(tag decrop.reused_from: {', '.join(sorted(set(reused))[:3])}{', ...' if len(set(reused)) > 3 else ''})")
     profile = _radii(parent.get("params.base.certify.radii")) or _radii(
         next(iter(next(iter(arms.values())).runs.values())).get("params.certify.radii"))
     preset = parent["preset"] if isinstance(parent["preset"], str) else (SEARCH if kind == CONFIRMATION else "")

@@ -129,6 +129,7 @@ def _run_record(run: Run, experiment: str) -> dict[str, object]:
     record = {"run_id": run.info.run_id, "run_name": run.info.run_name, "experiment": experiment, "role": role,
               "parent_run_id": tags.get(PARENT_TAG), "study": tags.get(STUDY_TAG), "trial_id": tags.get(TRIAL_TAG),
               "setting": tags.get(SETTING_TAG), "best_trial_id": tags.get(BEST_TAG),
+              "tags.decrop.reused_from": tags.get("decrop.reused_from"),
               "preset": tags.get(PRESET_TAG, params.get("preset") if parent else None),
               "factor": tags.get(FACTOR_TAG, params.get("factor") if parent else None),
               "level": tags.get(LEVEL_TAG), "trial_method": tags.get(METHOD_TAG), "variant": tags.get(VARIANT_TAG),

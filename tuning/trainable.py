@@ -37,6 +37,7 @@ from decrop.classifier import classifier_key
 from decrop.config import ExperimentConfig, config_hash, from_flat, to_flat, to_yaml
 from decrop.pipeline import NO_DENOISER, build_denoiser, prepare, samples_for
 
+from . import trial_cache
 from .certify_tasks import certify_parallel
 from .space import trial_overrides
 from .tracking import (FACTOR_TAG, LEVEL_TAG, METHOD_TAG, PRESET_TAG, SEED_TAG, VARIANT_TAG, StudyTracker)
@@ -142,6 +143,22 @@ def run_trial(params: dict[str, Any], settings: StudySettings) -> None:
     tracker.log_params(run_id, {f"budget.{k}": v for k, v in prep.budget.items()})
     clock.lap("prepare")
 
+    # A trial that only reports the test subset and whose result another study already computed with the same
+    # config, seed and code takes it (tuning.trial_cache): the paper's studies share the profile's defaults.
+    key = trial_cache.trial_key(flat, settings.workers, settings.gpus_per_worker) if (
+        settings.test and not settings.validate) else None
+    cached = trial_cache.load(cfg.cache_dir, key) if key else None
+    if cached is not None:
+        state, rows, source = cached
+        tracker.set_tag(run_id, trial_cache.REUSED_TAG, source)
+        if state is not None:
+            tracker.log_artifact(run_id, str(_save_weights(settings, cfg, method, trial_id, state,
+                                                           prep.info.channels)), "denoiser")
+        metrics = tracker.log_certification(run_id, rows, cfg.certify.radii, f"test_{label}")
+        clock.lap("reused")
+        ray.tune.report({**metrics, **clock.times})
+        return
+
     state, last = None, {}
     if method != NO_DENOISER:
         if method == "decrop":  # generated (and cached) once here, so the DDP workers read the cache
@@ -167,6 +184,8 @@ def run_trial(params: dict[str, Any], settings: StudySettings) -> None:
                                 settings.cert_shards, gpus_per_task=settings.gpus_per_worker)[label]
         metrics.update(tracker.log_certification(run_id, rows, cfg.certify.radii, f"test_{label}"))
         clock.lap("certify_test")
+        if key is not None:
+            trial_cache.store(cfg.cache_dir, key, state, rows, f"{settings.experiment}/{trial_id}")
     ray.tune.report({**metrics, **clock.times, "val/agreement": last.get("val/agreement", float("nan"))})
 
 
