@@ -12,7 +12,8 @@ import torch
 import torchvision
 from torchvision.io import encode_png
 
-from decrop.certify import certify_indices, read_rows
+from decrop.certify import certify_indices
+from decrop.rows import read_rows
 from decrop.checkpoint import save_checkpoint
 from decrop.classifier import build_classifier, classifier_key, classifier_path, train_classifier
 from decrop.cli import main
