@@ -16,9 +16,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, corrupt, or was written for another model or setting."""
+from .errors import CheckpointError
 
 
 def save_tensors(path: str | Path, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> Path:

@@ -23,8 +23,9 @@ from torch import Tensor, nn
 from .certify import CertRow, Smooth, certify_indices
 from .checkpoint import load_checkpoint
 from .classifier import load_classifier
-from .config import ConfigError, ExperimentConfig, expand_path, load_config, to_flat
+from .config import ExperimentConfig, expand_path, load_config, to_flat
 from .data import dataset_info, folder_info, read_images, scan_class_folders, scan_images
+from .errors import ConfigError, SmoothedModelError
 from .pipeline import build_denoiser
 from .user_model import FrozenProgram, exportable, file_sha256
 
@@ -32,10 +33,6 @@ METADATA_FILE = "decrop.json"
 FORMAT = "decrop-smoothed-model/1"
 UNLABELLED = -1  # label (and correct) of an image that came without a class folder
 Log = Callable[[str], None]
-
-
-class SmoothedModelError(ValueError):
-    """A smoothed-model file, or the run it is exported from, is unusable; the message names it and the fix."""
 
 
 @dataclass(frozen=True)

@@ -31,13 +31,10 @@ from torch import Tensor, nn
 
 from .config import ClassifierConfig
 from .data import DatasetInfo
+from .errors import ClassifierError
 from .models import Normalize, create_model
 
 Log = Callable[[str], None]
-
-
-class ClassifierError(ValueError):
-    """The user's classifier file is unusable as configured; the message names the file and the fix."""
 
 
 @functools.lru_cache(maxsize=16)
