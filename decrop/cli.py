@@ -28,16 +28,16 @@ ERRORS = (*BAD_INPUT, FileExistsError)
 PROFILES = "configs/quick.yaml (a CPU demo in minutes) or configs/paper.yaml (the paper's scale, GPU hours)"
 
 
-def check_output(path: Path, flag: str = "--out") -> None:
-    """Before any compute: `path` (a file or folder the command will create) must not exist (finished results are
-    never overwritten: FileExistsError) and must not lie under a file (ConfigError)."""
+def check_output(path: Path, kind: str = "folder") -> None:
+    """Before any compute: `path` (the `kind` of output the command will create: folder or file) must not exist
+    (finished results are never overwritten: FileExistsError) and must not lie under a file (ConfigError)."""
     if path.exists() or path.is_symlink():
-        raise FileExistsError(f"{flag} {path} already exists; choose a new {'folder' if flag == '--out' else 'path'} "
-                              f"(finished results are never overwritten)")
+        raise FileExistsError(f"--out {path} already exists; choose a new {kind} (finished results are never "
+                              f"overwritten)")
     for parent in path.parents:
         if parent.exists():
             if not parent.is_dir():
-                raise ConfigError(f"{flag} {path}: {parent} is a file, not a folder; choose a path in a folder")
+                raise ConfigError(f"--out {path}: {parent} is a file, not a folder; choose a path in a folder")
             return
 
 
@@ -93,7 +93,7 @@ def _export(args: argparse.Namespace) -> int:
     if sum(x is not None for x in (args.run, args.trial, args.denoiser)) != 1:
         raise ConfigError("export needs exactly one of --run DIR, --trial ID --storage DIR, --denoiser FILE --config "
                           "FILE")
-    check_output(args.out, "--out")
+    check_output(args.out, "file")
     if args.run is not None:
         config, weights = run_sources(args.run, args.method)
     elif args.trial is not None:
@@ -120,7 +120,7 @@ def _smooth(args: argparse.Namespace) -> int:
         raise FolderDataError(f"--images {args.images} is not a folder: give a folder of PNG/JPEG images (or of "
                               f"class sub-folders)")
     if args.out is not None:
-        check_output(args.out, "--out")
+        check_output(args.out, "file")
     from .runtime import resolve_device, tune_allocator  # torch-heavy: only once the arguments are valid
     from .smoothed import certify_folder, format_rows, load_smoothed, predict_folder
 

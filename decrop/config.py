@@ -405,6 +405,13 @@ def from_flat(flat: Mapping[str, Any], base: ExperimentConfig | None = None) -> 
     return from_dict(tree)
 
 
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's error in one line: the problem and where (its own message spans several lines)."""
+    mark = getattr(err, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{getattr(err, 'problem', None) or str(err).splitlines()[0]}{where}"
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """Parse ``key=value`` from the command line; the value is read as YAML (``5``, ``0.1``, ``[0, 0.5]``)."""
     if "=" not in text:
@@ -413,7 +420,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else raw
     except yaml.YAMLError as err:
-        raise ConfigError(f"override {text!r}: cannot parse the value: {err}") from None
+        raise ConfigError(f"override {text!r}: cannot parse the value: {_yaml_problem(err)}") from None
     return key.strip(), value
 
 
@@ -428,7 +435,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         try:
             tree = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {_yaml_problem(err)}") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys")
     for text in overrides:

@@ -460,11 +460,11 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, log: Log = print)
     if out.exists():
         raise FileExistsError(f"output folder {out} already exists; choose a new --out (finished results are "
                               f"never overwritten)")
+    started = time.perf_counter()
+    prep = prepare(cfg, log)  # bad data or model files fail here, before anything is written
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     (work / "config.yaml").write_text(to_yaml(cfg))
-    started = time.perf_counter()
-    prep = prepare(cfg, log)
     save_indices(work / "train_indices.json", prep.train_indices, dataset=cfg.data.dataset,
                  percent=cfg.data.percent, seed=cfg.seed, val_source=cfg.data.val_source)
 

@@ -211,6 +211,8 @@ def _check_program(program: torch.export.ExportedProgram, path: Path, image_shap
 
 
 def _load_program(path: Path, device: torch.device) -> torch.export.ExportedProgram:
+    if detect_format(path) != "export":  # torch.export.load would first log a traceback of its own
+        raise _not_a_model(path, "export", zipfile.BadZipFile("no torch.export archive inside"))
     try:
         program = torch.export.load(str(path))
     except Exception as err:  # not a zip, a TorchScript archive, a torch.save file, ...

@@ -231,8 +231,18 @@ def preflight(name: str, args: argparse.Namespace) -> None:
     study, storage, uri, experiment = study_place(name, args)
     if uri.startswith(("http://", "https://")):
         check_server(uri)
-    elif uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
-        uri = None
+    elif uri.startswith("sqlite:///"):
+        path = Path(uri.removeprefix("sqlite:///"))
+        if not path.exists():
+            uri = None
+        else:  # MLflow would turn any file into a store (a text file gains its tables): refuse, unchanged
+            from analysis.runs import ReportError
+            from analysis.store import check_mlflow_sqlite
+            try:
+                check_mlflow_sqlite(path, fix="--mlflow-uri must name an MLflow store (or a file not yet there, "
+                                              "which the study creates); the file was not changed")
+            except ReportError as err:
+                raise ValueError(str(err)) from None
     role = "sweep" if name == SEARCH else "preset"
     from mlflow.exceptions import MlflowException
 
