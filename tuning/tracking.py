@@ -52,6 +52,10 @@ STUDY_TAG, ROLE_TAG, TRIAL_TAG, COMMIT_TAG = "decrop.study", "decrop.role", "dec
 # config key), the factor's level, the method, the seed, and for the search's confirmation which configuration.
 PRESET_TAG, FACTOR_TAG, LEVEL_TAG, METHOD_TAG, SEED_TAG, VARIANT_TAG = (
     "decrop.preset", "decrop.factor", "decrop.level", "decrop.method", "decrop.seed", "decrop.variant")
+# A trial's attempts: `trial/attempts` = n at step n when attempt n starts (Tune retries a failed trial, a resumed
+# study reruns an unfinished one), `trial/failed_attempts` = n at step n when failure n ends one (its last error line
+# in the tag `decrop.failure_<n>`). The run of a trial is one run across all of them.
+ATTEMPTS_METRIC, FAILURES_METRIC, FAILURE_TAG = "trial/attempts", "trial/failed_attempts", "decrop.failure_"
 CURVE_STEPS_PER_UNIT = 100  # certify*/curve: one step per hundredth of radius
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own tag: the UI folds child runs under their parent
 TERMINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
@@ -235,6 +239,12 @@ class StudyTracker:
                 self.client.set_tag(run_id, key, str(value))
         return run_id
 
+    def start_attempt(self, run_id: str) -> int:
+        """Count a new attempt of the run's trial (`ATTEMPTS_METRIC`); returns its number, 1 for the first."""
+        attempt = len(self.client.get_metric_history(run_id, ATTEMPTS_METRIC)) + 1
+        self.log_metrics(run_id, {ATTEMPTS_METRIC: attempt}, step=attempt)
+        return attempt
+
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
         """Log the `params` the run does not have yet (params are immutable in MLflow)."""
         self._log_new_params(self.client.get_run(run_id), params)
@@ -345,13 +355,24 @@ class StudyTracker:
         self.client.log_text(run_id, text, artifact_file)
 
 
+def _last_error(trial: Any) -> str:
+    """The last line of a Tune trial's error file (``RuntimeError: ...``), for a tag; never raises."""
+    try:
+        lines = [line.strip() for line in Path(trial.error_file).read_text().splitlines() if line.strip()]
+        return lines[-1][:500] if lines else "unknown error"
+    except (OSError, TypeError, AttributeError):
+        return "unknown error (see the trial's error.txt)"
+
+
 class MlflowStatusCallback(Callback):
     """Driver-side Tune callback that ends each trial's child run with the trial's fate.
 
     Trials cannot always end their own run: an errored trial's process may be gone, and a trial stopped by the
     scheduler (ASHA) is terminated without running its own clean-up. Errored trials become FAILED (a run is
     created if the trial died before making one, so every failure shows in MLflow); completed trials FINISHED,
-    unless already FAILED or KILLED. Tracking problems are logged, never raised: they must not abort the sweep.
+    unless already FAILED or KILLED. Every failed attempt is recorded in the run (`FAILURES_METRIC`, `FAILURE_TAG`),
+    the ones Tune retries (``FailureConfig(max_failures=...)``) too: their run stays RUNNING, and the next attempt
+    counts itself (`ATTEMPTS_METRIC`). Tracking problems are logged, never raised: they must not abort the sweep.
     """
 
     def __init__(self, tracker: StudyTracker, parent_run_id: str) -> None:
@@ -361,10 +382,14 @@ class MlflowStatusCallback(Callback):
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._end(trial, "FAILED", create=True)
 
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._end(trial, None, create=True)
+
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._end(trial, "FINISHED", create=False)
 
-    def _end(self, trial: Any, status: str, create: bool) -> None:
+    def _end(self, trial: Any, status: str | None, create: bool) -> None:
+        """Mark the trial's run `status` (None: a failed attempt that Tune retries, the run goes on)."""
         try:
             run_id = self.tracker.find_trial_run(self.parent_run_id, trial.trial_id)
             if run_id is None and create:
@@ -374,6 +399,11 @@ class MlflowStatusCallback(Callback):
                 return
             if status == "FINISHED" and self.tracker.run_status(run_id) in ("FAILED", "KILLED"):
                 return
-            self.tracker.finish(run_id, status)
+            if status in ("FAILED", None):
+                failures = max(1, int(getattr(trial, "num_failures", 0) or 0))
+                self.tracker.log_metrics(run_id, {FAILURES_METRIC: failures}, step=failures)
+                self.tracker.set_tag(run_id, f"{FAILURE_TAG}{failures}", _last_error(trial))
+            if status is not None:
+                self.tracker.finish(run_id, status)
         except (MlflowException, OSError, ValueError) as err:
-            log.warning("could not mark the MLflow run of trial %s %s: %s", trial.trial_id, status, err)
+            log.warning("could not mark the MLflow run of trial %s %s: %s", trial.trial_id, status or "retried", err)

@@ -19,6 +19,7 @@ reports them (presets, confirmation), after training: nothing is selected on the
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,6 +135,8 @@ def run_trial(params: dict[str, Any], settings: StudySettings) -> None:
     tags = {PRESET_TAG: settings.preset, FACTOR_TAG: settings.factor, LEVEL_TAG: point["level"],
             METHOD_TAG: method, SEED_TAG: point["seed"], VARIANT_TAG: point.get("variant")}
     run_id = tracker.trial_run(settings.parent_run_id, trial_id, point["name"], flat, tags)
+    tracker.start_attempt(run_id)
+    inject_fault(point["name"])
     tracker.log_text(run_id, to_yaml(cfg), "config.yaml")
     clock.sink = (tracker, run_id)
     prep = prepare(cfg, log=_quiet, evaluate=False)
@@ -163,6 +166,29 @@ def run_trial(params: dict[str, Any], settings: StudySettings) -> None:
         metrics.update(tracker.log_certification(run_id, rows, cfg.certify.radii, f"test_{label}"))
         clock.lap("certify_test")
     ray.tune.report({**metrics, **clock.times, "val/agreement": last.get("val/agreement", float("nan"))})
+
+
+FAIL_ONCE_ENV, FAIL_ALWAYS_ENV = "DECROP_TEST_FAIL_ONCE", "DECROP_TEST_FAIL_ALWAYS"
+
+
+def inject_fault(name: str) -> None:
+    """Test-only fault injection (tests/tuning/test_faults.py); does nothing unless one of these is set:
+
+    ``DECROP_TEST_FAIL_ALWAYS=<file>``: a trial whose name contains a line of that file (read at every attempt;
+    no file, no failure) raises on every attempt. ``DECROP_TEST_FAIL_ONCE=<marker file>``: the first attempt (of
+    any trial) that finds the marker absent creates it and raises; later attempts run normally.
+    Called in each attempt once its MLflow run exists, so the failure shows in that run."""
+    always, once = os.environ.get(FAIL_ALWAYS_ENV), os.environ.get(FAIL_ONCE_ENV)
+    if always and os.path.exists(always):
+        with open(always) as f:
+            if any(line.strip() and line.strip() in name for line in f):
+                raise RuntimeError(f"injected failure ({FAIL_ALWAYS_ENV}) of trial {name!r}")
+    if once:
+        try:
+            open(once, "x").close()  # exclusive: of trials racing for the marker, one fails
+        except FileExistsError:
+            return
+        raise RuntimeError(f"injected failure ({FAIL_ONCE_ENV}) of trial {name!r}")
 
 
 class PhaseClock:
