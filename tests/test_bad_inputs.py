@@ -221,6 +221,11 @@ CASES: dict[str, Case] = {
     "sweep-dataset-missing": Case("sweep", (*SWEEP, "--set", "data.root={tmp}/data"),
                                   ("Fashion-MNIST not found", "dataset-fashion-mnist"),
                                   env={"DECROP_FASHION_MNIST_DIR": "{tmp}/nothing"}),
+    "sweep-val-size-beyond-the-pool": Case("sweep", (*SWEEP, "--set", "data.val_size=70000", "--set",
+                                                     "certify.val_images=10"),
+                                           ("'data.val_size' = 70000", "lower data.val_size"), data=True),
+    "sweep-percent-below-one-image-per-class": Case("sweep", (*SWEEP, "--set", "data.percent=0.01"),
+                                                    ("'data.percent' = 0.01", "data.percent >= 0.0167"), data=True),
     "sweep-cuda-without-gpu": Case("sweep", (*SWEEP, "--set", "device=cuda"), ("'device' = 'cuda'",),
                                    data=True, skip=NO_GPU),
     # ---- analysis/report.py

@@ -20,6 +20,7 @@ URI on a cluster.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -56,6 +57,7 @@ PRESET_TAG, FACTOR_TAG, LEVEL_TAG, METHOD_TAG, SEED_TAG, VARIANT_TAG = (
 # study reruns an unfinished one), `trial/failed_attempts` = n at step n when failure n ends one (its last error line
 # in the tag `decrop.failure_<n>`). The run of a trial is one run across all of them.
 ATTEMPTS_METRIC, FAILURES_METRIC, FAILURE_TAG = "trial/attempts", "trial/failed_attempts", "decrop.failure_"
+RESULT_TAG = "decrop.trial_result"  # the final result a trial reported to Tune, as JSON
 CURVE_STEPS_PER_UNIT = 100  # certify*/curve: one step per hundredth of radius
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own tag: the UI folds child runs under their parent
 TERMINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
@@ -244,6 +246,15 @@ class StudyTracker:
         attempt = len(self.client.get_metric_history(run_id, ATTEMPTS_METRIC)) + 1
         self.log_metrics(run_id, {ATTEMPTS_METRIC: attempt}, step=attempt)
         return attempt
+
+    def save_result(self, run_id: str, result: Mapping[str, float]) -> None:
+        """Record the final result a trial reports to Tune (`RESULT_TAG`): proof that the trial finished."""
+        self.client.set_tag(run_id, RESULT_TAG, json.dumps(dict(result)))
+
+    def saved_result(self, run_id: str) -> dict[str, float] | None:
+        """The final result the trial of this run recorded (`save_result`), or None if it never finished."""
+        text = self.client.get_run(run_id).data.tags.get(RESULT_TAG)
+        return json.loads(text) if text else None
 
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
         """Log the `params` the run does not have yet (params are immutable in MLflow)."""

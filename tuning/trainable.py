@@ -124,7 +124,11 @@ def _save_weights(settings: StudySettings, cfg: ExperimentConfig, method: str, t
 
 
 def run_trial(params: dict[str, Any], settings: StudySettings) -> None:
-    """The Tune function trainable (see module doc). Raises on failure so Tune marks the trial errored."""
+    """The Tune function trainable (see module doc). Raises on failure so Tune marks the trial errored.
+
+    Idempotent once finished: the final result is recorded in the trial's MLflow run, and an attempt that finds it
+    reports it again and does nothing else (Tune saves its own state only every few seconds, so a driver killed
+    just after a trial ended restarts that trial on --resume)."""
     point = trial_point(params, settings.base)
     method, label = point["method"], point.get("label", point["method"])
     flat = trial_config(settings, params)
@@ -132,6 +136,11 @@ def run_trial(params: dict[str, Any], settings: StudySettings) -> None:
     trial_id = ray.tune.get_context().get_trial_id()
     clock = PhaseClock()
     tracker = StudyTracker(settings.tracking_uri, settings.experiment)
+    earlier = tracker.find_trial_run(settings.parent_run_id, trial_id)
+    done = tracker.saved_result(earlier) if earlier else None
+    if done is not None:  # it finished, but the driver died before Tune saved that: report it again, redo nothing
+        ray.tune.report(done)
+        return
     tags = {PRESET_TAG: settings.preset, FACTOR_TAG: settings.factor, LEVEL_TAG: point["level"],
             METHOD_TAG: method, SEED_TAG: point["seed"], VARIANT_TAG: point.get("variant")}
     run_id = tracker.trial_run(settings.parent_run_id, trial_id, point["name"], flat, tags)
@@ -165,7 +174,9 @@ def run_trial(params: dict[str, Any], settings: StudySettings) -> None:
                                 settings.cert_shards, gpus_per_task=settings.gpus_per_worker)[label]
         metrics.update(tracker.log_certification(run_id, rows, cfg.certify.radii, f"test_{label}"))
         clock.lap("certify_test")
-    ray.tune.report({**metrics, **clock.times, "val/agreement": last.get("val/agreement", float("nan"))})
+    result = {**metrics, **clock.times, "val/agreement": last.get("val/agreement", float("nan"))}
+    tracker.save_result(run_id, result)
+    ray.tune.report(result)
 
 
 FAIL_ONCE_ENV, FAIL_ALWAYS_ENV = "DECROP_TEST_FAIL_ONCE", "DECROP_TEST_FAIL_ALWAYS"
