@@ -19,7 +19,8 @@ import numpy as np
 import pandas as pd
 
 from decrop.rows import CertRow, average_certified_radius
-from decrop.config import ConfigError, from_flat
+from decrop.config import from_flat
+from decrop.errors import ConfigError
 from tuning.presets import NO_DENOISER, PRESETS, SEARCH
 
 from .runs import CONFIRM_TRIAL, PRESET_TRIAL, level_name

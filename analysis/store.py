@@ -67,13 +67,15 @@ class Store:
     snapshot: tempfile.TemporaryDirectory | None = None  # holds the read-only copy while the client reads it
 
 
-def _mlflow_sqlite(path: Path) -> bool:
+REPORT_FIX = ("the report reads only MLflow stores (the mlflow.db of a study: tuning/sweep.py, "
+              "scripts/method_study.py); pass one with --mlflow-uri. The file was not changed")
+
+
+def check_mlflow_sqlite(path: Path, fix: str = REPORT_FIX) -> bool:
     """Whether the SQLite file at `path` holds runs of this platform (a ``decrop.role`` tag), after checking,
     read-only, that it is an MLflow store at all: the SQLite header, then MLflow's ``alembic_version``,
-    ``experiments`` and ``runs`` tables. ReportError for anything else: MLflow would turn it into a store (a
-    0-byte file becomes one; another application's database gains MLflow's tables)."""
-    fix = ("the report reads only MLflow stores (the mlflow.db of a study: tuning/sweep.py, "
-           "scripts/method_study.py); pass one with --mlflow-uri. The file was not changed")
+    ``experiments`` and ``runs`` tables. ReportError (ending with `fix`) for anything else: MLflow would turn it
+    into a store (a 0-byte file becomes one; another application's database gains MLflow's tables)."""
     if not path.is_file():
         raise ReportError(f"{path} is not a file, so not an MLflow store; {fix}")
     with open(path, "rb") as f:
@@ -116,14 +118,14 @@ def _snapshot(path: Path) -> tuple[str, tempfile.TemporaryDirectory]:
 def open_store(uri: str) -> Store:
     """The store behind `uri`, checked by listing one experiment; ReportError if it cannot be read.
 
-    A local SQLite file is checked first (`_mlflow_sqlite`) and never modified unless it is an MLflow store of
+    A local SQLite file is checked first (`check_mlflow_sqlite`) and never modified unless it is an MLflow store of
     this platform: another MLflow store is read from a snapshot and the report is not logged to it; anything
     else is refused. Servers are opened as they are (the report is logged to this platform's parent runs only).
     """
     shown, snapshot, writable, note, target = redact_uri(uri), None, True, "", uri
     path = _local_path(uri)
     if path is not None and uri.startswith("sqlite:///"):
-        if not _mlflow_sqlite(path):
+        if not check_mlflow_sqlite(path):
             try:
                 target, snapshot = _snapshot(path)
             except sqlite3.Error as err:

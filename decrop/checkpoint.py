@@ -10,15 +10,14 @@ never leaves a truncated checkpoint where a good one was.
 from __future__ import annotations
 
 import os
+import zipfile
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 from torch import nn
 
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, corrupt, or was written for another model or setting."""
+from .errors import CheckpointError
 
 
 def save_tensors(path: str | Path, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> Path:
@@ -44,9 +43,11 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated zip, random bytes, a pickle with code in it, ...
-        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt or not a decrop checkpoint "
-                              f"({type(err).__name__}: {str(err).splitlines()[0][:200]}); delete it and rerun "
-                              f"to recreate it") from None
+        # torch's own first line for a file that is no archive is advice about weights_only: say what it is
+        detail = (f"{type(err).__name__}: {str(err).splitlines()[0][:200]}" if zipfile.is_zipfile(path)
+                  else "not a torch.save archive")
+        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt or not a decrop checkpoint ({detail}); delete "
+                              f"it and rerun to recreate it") from None
     if not isinstance(payload, dict) or set(payload) != {"meta", "state_dict"}:
         raise CheckpointError(f"checkpoint {str(path)!r} is not a decrop checkpoint (expected keys 'meta' and "
                               f"'state_dict'); delete it and rerun to recreate it")

@@ -20,9 +20,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from .checkpoint import load_checkpoint, save_checkpoint
-from .checkpoint import CheckpointError
 from .config import ClassifierConfig, ExperimentConfig, config_hash, expand_path
 from .data import AugmentedTensorDataset, DatasetInfo, augmentation_policy, dataset_info
+from .errors import CheckpointError
 from .metrics import MetricSink
 from .models import create_model
 from .runtime import eval_mode

@@ -8,7 +8,9 @@
              with sigma in its metadata: ``export --run DIR --out smoothed.pt2 [--method decrop]``.
 ``predict``  Cohen's PREDICT (with abstain) through a smoothed model on a folder of new images, one row each.
 ``certify``  Cohen's CERTIFY of those images: ``certify --model smoothed.pt2 --images DIR [--n N --alpha A]``.
-Configuration and input errors are reported before any compute, as one line naming the key or file and the fix.
+Configuration and input errors are reported before any compute, as one line naming the key or file and the fix
+(exit code 2). The config is checked with light imports only (it is pure Python and YAML): torch is imported once
+the config is valid, so a typo costs a fraction of a second.
 """
 
 from __future__ import annotations
@@ -18,20 +20,25 @@ import sys
 import time
 from pathlib import Path
 
-from .bounds import max_certifiable_radius
-from .checkpoint import CheckpointError
-from .config import ConfigError, describe, load_config, to_yaml
-from .data import DatasetNotFoundError, FolderDataError
+from .config import MAX_SEED, ExperimentConfig, describe, load_config, to_yaml
+from .errors import BAD_INPUT, ConfigError, FolderDataError
+
+# Errors of bad input, printed as one line: config keys, data folders, model files, output folders.
+ERRORS = (*BAD_INPUT, FileExistsError)
+PROFILES = "configs/quick.yaml (a CPU demo in minutes) or configs/paper.yaml (the paper's scale, GPU hours)"
 
 
-
-def _errors() -> tuple[type[Exception], ...]:
-    """Errors of bad input, printed as one line: config keys, data folders, model files, output folders."""
-    from .smoothed import SmoothedModelError
-    from .user_model import ClassifierError
-
-    return (ConfigError, DatasetNotFoundError, FolderDataError, CheckpointError, FileExistsError, ClassifierError,
-            SmoothedModelError)
+def check_output(path: Path, kind: str = "folder") -> None:
+    """Before any compute: `path` (the `kind` of output the command will create: folder or file) must not exist
+    (finished results are never overwritten: FileExistsError) and must not lie under a file (ConfigError)."""
+    if path.exists() or path.is_symlink():
+        raise FileExistsError(f"--out {path} already exists; choose a new {kind} (finished results are never "
+                              f"overwritten)")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"--out {path}: {parent} is a file, not a folder; choose a path in a folder")
+            return
 
 
 def _add_model_commands(sub: argparse._SubParsersAction) -> None:
@@ -56,7 +63,7 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--alpha", type=float, default=0.001, help="failure probability (default 0.001)")
         p.add_argument("--batch-size", type=int, default=1000, help="noisy samples per forward pass")
         p.add_argument("--seed", type=int, default=0, help="seed of the noise")
-        p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+        p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto, cpu or cuda")
         p.add_argument("--out", type=Path, default=None, help="write the rows here (default: print them)")
 
 
@@ -86,6 +93,7 @@ def _export(args: argparse.Namespace) -> int:
     if sum(x is not None for x in (args.run, args.trial, args.denoiser)) != 1:
         raise ConfigError("export needs exactly one of --run DIR, --trial ID --storage DIR, --denoiser FILE --config "
                           "FILE")
+    check_output(args.out, "file")
     if args.run is not None:
         config, weights = run_sources(args.run, args.method)
     elif args.trial is not None:
@@ -101,16 +109,23 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _smooth(args: argparse.Namespace) -> int:
-    from .runtime import resolve_device, tune_allocator
-    from .smoothed import certify_folder, format_rows, load_smoothed, predict_folder
-
     for name in ("n", "batch_size", *(("n0",) if args.command == "certify" else ())):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not 0 < args.alpha < 1:
         raise ConfigError(f"--alpha must be in (0, 1), got {args.alpha}")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise ConfigError(f"--seed must be in 0..{MAX_SEED}, got {args.seed}")
+    if not args.images.is_dir():
+        raise FolderDataError(f"--images {args.images} is not a folder: give a folder of PNG/JPEG images (or of "
+                              f"class sub-folders)")
+    if args.out is not None:
+        check_output(args.out, "file")
+    from .runtime import resolve_device, tune_allocator  # torch-heavy: only once the arguments are valid
+    from .smoothed import certify_folder, format_rows, load_smoothed, predict_folder
+
     tune_allocator()
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, "--device")
     model = load_smoothed(args.model, device)
     common = dict(n=args.n, alpha=args.alpha, batch_size=args.batch_size, seed=args.seed, device=device)
     tic = time.perf_counter()
@@ -150,29 +165,38 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "config":
             print(to_yaml(cfg), end="")
             return 0
-        from .pipeline import format_table, run_experiment  # torch-heavy: only once the config is valid
-
-        out = args.out or Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        if out.exists():
-            raise FileExistsError(f"--out {out} already exists; choose a new folder (finished results are never "
-                                  f"overwritten)")
-        print(f"decrop run: writing to {out}", flush=True)
-        tic = time.perf_counter()
-        table = run_experiment(cfg, out)
-        data = (f"{cfg.data.percent}% of {cfg.data.dataset} training data" if cfg.data.dataset != "folder"
-                else f"the images of {cfg.data.root}/train")
-        print(f"\nCertified accuracy (%) under sigma={cfg.sigma}, {data}, n={cfg.certify.n}, "
-              f"alpha={cfg.certify.alpha}:")
-        print(format_table(table))
-        limit = max_certifiable_radius(cfg.certify.n, cfg.certify.alpha, cfg.sigma)
-        if limit < max(cfg.certify.radii):
-            print(f"(with n={cfg.certify.n} and alpha={cfg.certify.alpha} no radius above {limit:.3f} can be "
-                  f"certified: raise certify.n to report larger radii)")
-        print(f"\nwall time {time.perf_counter() - tic:.0f}s; results in {out}")
-        return 0
-    except _errors() as err:
+        return _run(args, cfg)
+    except ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+
+
+def _run(args: argparse.Namespace, cfg: ExperimentConfig) -> int:
+    """`run`: the checks that need no data (profile, output folder, device), then the experiment."""
+    if args.config is None:
+        raise ConfigError(f"run needs --config PROFILE: {PROFILES}; the built-in defaults alone are no profile "
+                          f"(600 epochs, n=10000: hours on a CPU)")
+    out = args.out or Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    check_output(out)
+    from .bounds import max_certifiable_radius  # scipy: only once the config is valid
+    from .pipeline import format_table, run_experiment
+    from .runtime import resolve_device
+
+    resolve_device(cfg.device)  # 'cuda' without a GPU fails here, not after the data is loaded
+    print(f"decrop run: writing to {out}", flush=True)
+    tic = time.perf_counter()
+    table = run_experiment(cfg, out)
+    data = (f"{cfg.data.percent}% of {cfg.data.dataset} training data" if cfg.data.dataset != "folder"
+            else f"the images of {cfg.data.root}/train")
+    print(f"\nCertified accuracy (%) under sigma={cfg.sigma}, {data}, n={cfg.certify.n}, "
+          f"alpha={cfg.certify.alpha}:")
+    print(format_table(table))
+    limit = max_certifiable_radius(cfg.certify.n, cfg.certify.alpha, cfg.sigma)
+    if limit < max(cfg.certify.radii):
+        print(f"(with n={cfg.certify.n} and alpha={cfg.certify.alpha} no radius above {limit:.3f} can be "
+              f"certified: raise certify.n to report larger radii)")
+    print(f"\nwall time {time.perf_counter() - tic:.0f}s; results in {out}")
+    return 0
 
 
 if __name__ == "__main__":

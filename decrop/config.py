@@ -17,6 +17,7 @@ import difflib
 import hashlib
 import json
 import math
+import re
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,9 +25,20 @@ from typing import Any, Literal, Mapping, Sequence, Union, get_args, get_origin,
 
 import yaml
 
+from .errors import ConfigError
 
-class ConfigError(ValueError):
-    """A configuration key or value is invalid; the message names the key and the allowed values."""
+MAX_SEED = 2**32 - 1  # numpy's legacy seeding and most samplers take 32-bit seeds
+# Names of experiments and studies become folder names (runs/<name>-<time>, <storage>/<study>) and MLflow
+# experiments: no path separators, no leading dot (no "..", no hidden folders).
+NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")
+
+
+def check_name(value: str, what: str) -> str:
+    """`value` if it is a valid experiment or study name, else ConfigError naming `what` (a key or a flag)."""
+    if not NAME.fullmatch(value):
+        raise ConfigError(f"{what} = {value!r} is not a valid name: use 1-100 letters, digits, '.', '_' or '-', "
+                          f"not starting with '.' (it becomes a folder name), e.g. quick-sigma")
+    return value
 
 
 def _field(default: Any, help: str, *, ge: float | None = None, gt: float | None = None,
@@ -124,7 +136,8 @@ class ClassifierConfig:
     lr_step: int = _field(100, "multiply the learning rate by lr_gamma every lr_step epochs", ge=1)
     lr_gamma: float = _field(0.1, "learning-rate decay factor", gt=0, le=1)
     seed: int = _field(0, "seed of the classifier's training; separate from the experiment seed because the "
-                          "classifier is the fixed pretrained model every seed of a study protects", ge=0)
+                          "classifier is the fixed pretrained model every seed of a study protects", ge=0,
+                    le=MAX_SEED)
 
     def __post_init__(self) -> None:
         if self.source == "train":
@@ -240,8 +253,9 @@ class CertifyConfig:
 
 @dataclass(frozen=True)
 class ExperimentConfig:
-    name: str = _field("decrop", "name of the experiment (MLflow experiment, output folder prefix)")
-    seed: int = _field(0, "seed of the subset, the training and the certification noise", ge=0)
+    name: str = _field("decrop", "name of the experiment (MLflow experiment, output folder prefix): letters, "
+                                 "digits, '.', '_', '-'")
+    seed: int = _field(0, "seed of the subset, the training and the certification noise", ge=0, le=MAX_SEED)
     device: Literal["auto", "cpu", "cuda"] = _field("auto", "'auto' uses CUDA when available")
     sigma: float = _field(0.25, "noise level of randomized smoothing (training and certification)", gt=0)
     methods: tuple[Method, ...] = _field(("baseline",), "denoiser methods to train and certify (the "
@@ -256,6 +270,7 @@ class ExperimentConfig:
     certify: CertifyConfig = field(default_factory=CertifyConfig)
 
     def __post_init__(self) -> None:
+        check_name(self.name, "config key 'name'")
         if len(set(self.methods)) != len(self.methods):
             raise ConfigError(f"config key 'methods' lists a method twice: {list(self.methods)}")
         if any(r < 0 for r in self.certify.radii) or not self.certify.radii:
@@ -390,6 +405,13 @@ def from_flat(flat: Mapping[str, Any], base: ExperimentConfig | None = None) -> 
     return from_dict(tree)
 
 
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's error in one line: the problem and where (its own message spans several lines)."""
+    mark = getattr(err, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{getattr(err, 'problem', None) or str(err).splitlines()[0]}{where}"
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """Parse ``key=value`` from the command line; the value is read as YAML (``5``, ``0.1``, ``[0, 0.5]``)."""
     if "=" not in text:
@@ -398,7 +420,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else raw
     except yaml.YAMLError as err:
-        raise ConfigError(f"override {text!r}: cannot parse the value: {err}") from None
+        raise ConfigError(f"override {text!r}: cannot parse the value: {_yaml_problem(err)}") from None
     return key.strip(), value
 
 
@@ -413,7 +435,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         try:
             tree = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {_yaml_problem(err)}") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys")
     for text in overrides:

@@ -37,6 +37,7 @@ from torchvision.transforms import v2
 
 from decrop.datafiles import (CIFAR10_MD5, BadDatasetFile, check_cifar_batch, check_cifar_meta, idx_count,
                               idx_problem, md5sum, read_cifar_pickle)
+from decrop.errors import DatasetNotFoundError, FolderDataError
 
 
 @dataclass(frozen=True)
@@ -74,10 +75,6 @@ _CIFAR10_FOLDER = "cifar-10-batches-py"
 _CIFAR10_FILES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch", "batches.meta")
 
 
-class DatasetNotFoundError(FileNotFoundError):
-    """The dataset's files are not where the loader looks; the message says how to get them."""
-
-
 def dataset_info(name: str) -> DatasetInfo:
     """Return the :class:`DatasetInfo` of ``name``; unknown names fail with the list of valid ones."""
     if name not in DATASETS:
@@ -99,9 +96,27 @@ def load_dataset(name: str, root: str | Path, train: bool, download: bool = Fals
     # Classic ToTensor returns plain tensors (v2's ToImage returns tv_tensors.Image, a subclass that would leak
     # into every downstream op); it is also what as_tensors' fast path reproduces.
     to_tensor = transforms.ToTensor()
+    load = _load_fashion_mnist if name == "fashion_mnist" else _load_cifar10
+    try:
+        return load(root, train, download, to_tensor)
+    except DatasetNotFoundError:
+        raise
+    except (OSError, RuntimeError) as err:  # urllib's URLError is an OSError; torchvision's mirrors a RuntimeError
+        if not download:
+            raise
+        reason = str(getattr(err, "reason", None) or err).strip().splitlines()
+        raise DatasetNotFoundError(
+            f"{name} could not be downloaded into {root} ({type(err).__name__}: {reason[0][:200] if reason else ''}): "
+            f"this machine seems offline. Copy the dataset's files there from a machine with internet, or "
+            f"{_offline_fix(name)}") from None
+
+
+def _offline_fix(name: str) -> str:
     if name == "fashion_mnist":
-        return _load_fashion_mnist(root, train, download, to_tensor)
-    return _load_cifar10(root, train, download, to_tensor)
+        return (f"install Debian's package dataset-fashion-mnist ({DEBIAN_FASHION_MNIST_DIR}) and set "
+                f"data.download=false")
+    return (f"extract cifar-10-python.tar.gz (https://www.cs.toronto.edu/~kriz/cifar.html) into the data root and "
+            f"set data.download=false")
 
 
 def _load_fashion_mnist(root: Path, train: bool, download: bool, to_tensor: Any) -> Dataset:
@@ -437,10 +452,6 @@ class AugmentedTensorDataset(Dataset):
 # ------------------------------------------------------------------------------------------- image folders
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-
-
-class FolderDataError(ValueError):
-    """An image folder's layout or content is unusable; the message names the folder or file and the fix."""
 
 
 @dataclass(frozen=True)

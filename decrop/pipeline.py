@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -27,11 +28,12 @@ from .blackbox import BlackBox, distill_surrogate
 from .certify import certify_indices
 from .checkpoint import save_checkpoint
 from .classifier import accuracy, build_classifier, classifier_key, get_classifier
-from .config import ConfigError, DenoiserConfig, ExperimentConfig, config_hash, expand_path, to_yaml
-from .data import (AugmentedTensorDataset, DatasetInfo, FolderDataError, as_tensors, augmentation_policy,
+from .config import DenoiserConfig, ExperimentConfig, config_hash, expand_path, to_yaml
+from .data import (AugmentedTensorDataset, DatasetInfo, as_tensors, augmentation_policy,
                    dataset_info, load_dataset, load_image_folder, load_indices, read_images, save_indices,
                    stratified_subset, test_indices, unlabeled_indices, validation_indices)
 from .distributed import Shard
+from .errors import ConfigError, FolderDataError
 from .metrics import MetricSink, PrintSink
 from .models import DomainDiscriminator, create_model, fold_batchnorm
 from .objectives import DecropObjective, Objective, baseline_objective
@@ -93,6 +95,7 @@ class IndexedImages(torch.utils.data.Dataset):
 def subset_for(cfg: ExperimentConfig, labels: Tensor) -> np.ndarray:
     """The limited subset for (dataset, percent, seed), persisted in the cache so that every method and every
     later run of this setting trains on exactly the same images."""
+    check_percent(cfg.data.percent, labels)
     meta = {"dataset": cfg.data.dataset, "percent": cfg.data.percent, "seed": cfg.seed}
     path = expand_path(cfg.cache_dir) / "subsets" / f"{config_hash(meta)}.json"
     if path.exists():
@@ -100,6 +103,17 @@ def subset_for(cfg: ExperimentConfig, labels: Tensor) -> np.ndarray:
     indices = stratified_subset(labels.numpy(), cfg.data.percent, cfg.seed)
     save_indices(path, indices, **meta)
     return indices
+
+
+def check_percent(percent: float, labels: Tensor) -> None:
+    """ConfigError unless `percent` % of the smallest class of `labels` rounds to at least one image: below that,
+    `stratified_subset` would still take one image per class and the run would train on more than it reports."""
+    counts = np.bincount(labels.numpy())
+    smallest = int(counts[counts > 0].min())
+    if round(percent / 100 * smallest) < 1:
+        lowest = math.ceil(100 / smallest * 1e4) / 1e4  # one image of the smallest class, rounded up
+        raise ConfigError(f"config key 'data.percent' = {percent} is less than one image per class (the smallest "
+                          f"class has {smallest} of {len(labels)} training images): use data.percent >= {lowest:g}")
 
 
 def split_validation(cfg: ExperimentConfig, subset: np.ndarray, labels: Tensor,
@@ -447,11 +461,11 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, log: Log = print)
     if out.exists():
         raise FileExistsError(f"output folder {out} already exists; choose a new --out (finished results are "
                               f"never overwritten)")
+    started = time.perf_counter()
+    prep = prepare(cfg, log)  # bad data or model files fail here, before anything is written
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     (work / "config.yaml").write_text(to_yaml(cfg))
-    started = time.perf_counter()
-    prep = prepare(cfg, log)
     save_indices(work / "train_indices.json", prep.train_indices, dataset=cfg.data.dataset,
                  percent=cfg.data.percent, seed=cfg.seed, val_source=cfg.data.val_source)
 

@@ -12,14 +12,18 @@ import numpy as np
 import torch
 from torch import nn
 
+from .errors import ConfigError
 
-def resolve_device(name: str) -> torch.device:
-    """'auto' -> CUDA when available, else CPU; 'cuda' without a GPU fails with the fix."""
+
+def resolve_device(name: str, source: str = "config key 'device'") -> torch.device:
+    """'auto' -> CUDA when available, else CPU; 'cuda' without a GPU is a ConfigError naming `source` (the key
+    or flag that asked for it) and the fix."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("config asks for device 'cuda' but no CUDA device is visible; "
-                           "use --set device=cpu (or device=auto)")
+        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        raise ConfigError(f"{source} = 'cuda' but no CUDA device is visible (torch {torch.__version__}, {build}): "
+                          f"use cpu or auto, or run on a machine with a GPU")
     return torch.device(name)
 
 

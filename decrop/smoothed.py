@@ -23,19 +23,16 @@ from torch import Tensor, nn
 from .certify import CertRow, Smooth, certify_indices
 from .checkpoint import load_checkpoint
 from .classifier import load_classifier
-from .config import ConfigError, ExperimentConfig, expand_path, load_config, to_flat
+from .config import ExperimentConfig, expand_path, load_config, to_flat
 from .data import dataset_info, folder_info, read_images, scan_class_folders, scan_images
+from .errors import ConfigError, SmoothedModelError
 from .pipeline import build_denoiser
-from .user_model import FrozenProgram, exportable, file_sha256
+from .user_model import FrozenProgram, detect_format, exportable, file_sha256
 
 METADATA_FILE = "decrop.json"
 FORMAT = "decrop-smoothed-model/1"
 UNLABELLED = -1  # label (and correct) of an image that came without a class folder
 Log = Callable[[str], None]
-
-
-class SmoothedModelError(ValueError):
-    """A smoothed-model file, or the run it is exported from, is unusable; the message names it and the fix."""
 
 
 @dataclass(frozen=True)
@@ -136,6 +133,8 @@ def load_smoothed(path: str | Path, device: torch.device | str = "cpu") -> Smoot
     if not path.is_file():
         raise SmoothedModelError(f"--model {path} does not exist")
     try:
+        if detect_format(path) != "export":  # torch.export.load would first log a traceback of its own
+            raise ValueError("no torch.export archive inside")
         program = torch.export.load(str(path), extra_files=extra)
     except Exception as err:
         raise SmoothedModelError(f"--model {path} is not a torch.export program ({type(err).__name__}): write it "

@@ -31,13 +31,10 @@ from torch import Tensor, nn
 
 from .config import ClassifierConfig
 from .data import DatasetInfo
+from .errors import ClassifierError
 from .models import Normalize, create_model
 
 Log = Callable[[str], None]
-
-
-class ClassifierError(ValueError):
-    """The user's classifier file is unusable as configured; the message names the file and the fix."""
 
 
 @functools.lru_cache(maxsize=16)
@@ -214,6 +211,8 @@ def _check_program(program: torch.export.ExportedProgram, path: Path, image_shap
 
 
 def _load_program(path: Path, device: torch.device) -> torch.export.ExportedProgram:
+    if detect_format(path) != "export":  # torch.export.load would first log a traceback of its own
+        raise _not_a_model(path, "export", zipfile.BadZipFile("no torch.export archive inside"))
     try:
         program = torch.export.load(str(path))
     except Exception as err:  # not a zip, a TorchScript archive, a torch.save file, ...

@@ -2,7 +2,8 @@ import pytest
 import torch
 from torch import nn
 
-from decrop.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from decrop.checkpoint import load_checkpoint, save_checkpoint
+from decrop.errors import CheckpointError
 
 
 def test_round_trip_and_meta(tmp_path):

@@ -2,8 +2,9 @@ from pathlib import Path
 
 import pytest
 
-from decrop.config import (ConfigError, ExperimentConfig, describe, from_dict, from_flat, load_config,
+from decrop.config import (ExperimentConfig, describe, from_dict, from_flat, load_config,
                            to_dict, to_flat, to_yaml)
+from decrop.errors import ConfigError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from decrop.attacks import pgd
-from decrop.checkpoint import CheckpointError
 from decrop.config import DecropConfig
+from decrop.errors import CheckpointError
 from decrop.models import create_model
 from decrop import samples as samples_module
 from decrop.samples import GeneratedSamples, generate_samples, interpolate, load_or_generate_samples

@@ -19,11 +19,12 @@ from decrop.classifier import build_classifier, classifier_key, classifier_path,
 from decrop.cli import main
 from decrop.config import load_config, to_yaml
 from decrop.data import DatasetInfo, as_tensors, load_dataset, read_image
+from decrop.errors import ClassifierError
 from decrop.models import create_model, logits_and_features
 from decrop.pipeline import build_denoiser, prepare, run_experiment, smoothed_model, subset_for
 from decrop.runtime import eval_mode
 from decrop.smoothed import load_smoothed
-from decrop.user_model import ClassifierError, UserClassifier, load_user_classifier
+from decrop.user_model import UserClassifier, load_user_classifier
 
 from test_folder_data import make_folder  # tests/test_folder_data.py: image folders on disk
 

@@ -38,7 +38,9 @@ def _prepared(cfg: ExperimentConfig) -> Prepared:
     return _PREPARED[key]
 
 
-@ray.remote(num_cpus=1)
+# A task whose worker dies (killed, out of memory, its node lost) is run again elsewhere: the rows are identical,
+# since the noise is seeded per image (Ray's default for tasks, stated because the studies rely on it).
+@ray.remote(num_cpus=1, max_retries=3)
 def certify_shard(flat_config: Mapping[str, Any], denoiser_state: Mapping[str, torch.Tensor] | None, split: str,
                   indices: list[int]) -> list[CertRow]:
     """Certify images `indices` (dataset indices) of `split` with the classifier behind the denoiser

@@ -16,7 +16,8 @@ data, mixing (alias alpha), denoiser, n_interp, attack, boundary, augment, black
 through the same trainable, each certifying the test subset; ``all`` runs every preset and the search. Each
 study gets an MLflow experiment with a parent run, a child run per trial, and ends with its analysis report.
 ``--resume`` continues an interrupted study: finished trials are not rerun and no MLflow run is duplicated.
-Bad arguments stop the sweep with one line naming the problem and the fix, before Ray starts.
+Bad arguments stop the sweep with one line naming the problem and the fix (exit code 2), before Ray starts; the
+flags and the config are checked before ray, mlflow or torch is even imported, so a typo is reported at once.
 """
 
 from __future__ import annotations
@@ -60,22 +61,13 @@ if os.environ.get("RAY_ADDRESS", "local") == "local" and "ray" not in sys.module
     for _key, _value in LOCAL_RAY_ENV.items():
         os.environ.setdefault(_key, _value)
 
-import optuna  # noqa: E402
-import ray  # noqa: E402
-import ray.tune  # noqa: E402
-
-from decrop.config import ConfigError, load_config, to_flat  # noqa: E402
-from decrop.checkpoint import CheckpointError  # noqa: E402
-from decrop.data import DatasetNotFoundError, FolderDataError  # noqa: E402
-from decrop.user_model import ClassifierError  # noqa: E402
-from decrop.pipeline import prepare  # noqa: E402
+# Light imports only (pure Python, YAML): ray, mlflow, optuna and torch are imported once the arguments are valid.
+from decrop.config import MAX_SEED, check_name, load_config, to_flat  # noqa: E402
+from decrop.errors import BAD_INPUT  # noqa: E402
 from tuning.presets import ALL, PRESETS, SEARCH, preset_names, resolve  # noqa: E402
-from tuning.studies import Study, confirm, run_preset, run_search  # noqa: E402
-from tuning.tracking import StudyTracker, redact_uri, resolve_tracking_uri  # noqa: E402
-from tuning.trainable import StudySettings  # noqa: E402
+from tuning.uris import redact_uri, resolve_tracking_uri  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-MAX_SEED = 2**32 - 1
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -112,6 +104,8 @@ def connect() -> None:
     when LOCAL_RAY_ENV took effect (set before ray was imported); a line says where it listens."""
     # The workers' own output (every epoch of every trial, Ray Train's internals) stays in Ray's session logs;
     # the driver prints one line per event (tuning.studies.Progress) and the tables.
+    import ray
+
     quiet = {"log_to_driver": False, "logging_level": "ERROR"}
     address = os.environ.get("RAY_ADDRESS", "")
     if address and address != "local":  # RAY_ADDRESS=local: start a local cluster, never join a running one
@@ -166,6 +160,14 @@ def private_token_file() -> Path | None:
 def check_args(args: argparse.Namespace, cfg, preset: str) -> tuple | None:
     """Every argument checked before Ray starts (ValueError naming the flag and the fix); returns the preset
     levels to run (None: all)."""
+    if args.study is not None:
+        check_name(args.study, "--study")
+    storage = args.storage.expanduser()
+    for folder in (storage, *storage.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise ValueError(f"--storage {args.storage}: {folder} is a file, not a folder; choose a folder")
+            break
     positive = {"--num-trials": args.num_trials, "--workers-per-trial": args.workers_per_trial,
                 "--cert-shards": args.cert_shards}
     if args.max_concurrent is not None:
@@ -202,6 +204,15 @@ def check_args(args: argparse.Namespace, cfg, preset: str) -> tuple | None:
     return tuple(known[level] for level in args.levels)
 
 
+def profile_path(profile: str) -> Path:
+    """configs/<profile>.yaml, or ValueError naming the profiles there."""
+    known = sorted(p.stem for p in (REPO / "configs").glob("*.yaml"))
+    if profile not in known:
+        raise ValueError(f"--profile {profile!r} is not a profile; choose one of: {', '.join(known)} "
+                         f"(configs/<profile>.yaml)")
+    return REPO / "configs" / f"{profile}.yaml"
+
+
 def study_names(preset: str) -> list[str]:
     """The studies a `--preset` value runs, in order."""
     return [*PRESETS, SEARCH] if preset == ALL else [preset]
@@ -222,10 +233,29 @@ def preflight(name: str, args: argparse.Namespace) -> None:
     study, storage, uri, experiment = study_place(name, args)
     if uri.startswith(("http://", "https://")):
         check_server(uri)
-    elif uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
-        uri = None
+    elif uri.startswith("sqlite:///"):
+        path = Path(uri.removeprefix("sqlite:///"))
+        if not path.exists():
+            uri = None
+        else:  # MLflow would turn any file into a store (a text file gains its tables): refuse, unchanged
+            from analysis.runs import ReportError
+            from analysis.store import check_mlflow_sqlite
+            try:
+                check_mlflow_sqlite(path, fix="--mlflow-uri must name an MLflow store (or a file not yet there, "
+                                              "which the study creates); the file was not changed")
+            except ReportError as err:
+                raise ValueError(str(err)) from None
     role = "sweep" if name == SEARCH else "preset"
-    if uri is not None and StudyTracker(uri, experiment).existing_parent(study, role) and not args.resume:
+    from mlflow.exceptions import MlflowException
+
+    from tuning.tracking import StudyTracker
+    try:
+        exists = uri is not None and StudyTracker(uri, experiment).existing_parent(study, role)
+    except MlflowException as err:
+        raise ValueError(f"--mlflow-uri {redact_uri(uri)} cannot be read as an MLflow store "
+                         f"({str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__}); "
+                         f"point it at an MLflow store or server, or leave it out for the study's own store") from None
+    if exists and not args.resume:
         raise ValueError(f"study {study!r} already exists in MLflow experiment {experiment!r} ({redact_uri(uri)}); "
                          f"pass --resume to continue it, or choose another --study name")
     if (storage / "tune").exists() and not args.resume:
@@ -250,6 +280,10 @@ def check_server(uri: str, timeout: float = 10.0) -> None:
 
 def open_study(name: str, args: argparse.Namespace, base: dict, concurrent: int) -> Study:
     """The storage, MLflow parent run and settings of study `name` (a preset or the search)."""
+    from tuning.studies import Study
+    from tuning.tracking import StudyTracker
+    from tuning.trainable import StudySettings
+
     study, storage, uri, experiment = study_place(name, args)
     storage.mkdir(parents=True, exist_ok=True)
     tracker = StudyTracker(uri, experiment)
@@ -271,6 +305,8 @@ def open_study(name: str, args: argparse.Namespace, base: dict, concurrent: int)
 
 def concurrency(args: argparse.Namespace) -> int:
     """Trials at once: --max-concurrent, else the cluster's CPUs (or GPUs) / what one trial's training holds."""
+    import ray
+
     resources = ray.cluster_resources()
     demand = ("GPU", args.gpus_per_worker * args.workers_per_trial) if args.gpus_per_worker else (
         "CPU", args.workers_per_trial)
@@ -288,18 +324,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         preset = resolve(args.preset)
-        cfg = load_config(REPO / "configs" / f"{args.profile}.yaml", args.overrides)
+        cfg = load_config(profile_path(args.profile), args.overrides)
         levels = check_args(args, cfg, preset)
         for name in study_names(preset):
             preflight(name, args)
         tic = time.perf_counter()
         # The data and the classifier (trained and cached once here, before trials could race to do it; a
         # user's file checked against the data) before Ray starts: a bad file is one line, not a traceback.
+        from decrop.pipeline import prepare
         prep = prepare(cfg)
         print(f"sweep: data and classifier ready in {time.perf_counter() - tic:.0f}s", flush=True)
-    except (ConfigError, ValueError, DatasetNotFoundError, FolderDataError, ClassifierError, CheckpointError) as err:
+    except (*BAD_INPUT, ValueError) as err:
         print(f"error: {redact_uri(str(err))}", file=sys.stderr)
         return 2
+    import optuna
+
+    from tuning.studies import confirm, run_preset, run_search
     base = to_flat(cfg)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # no line per Optuna study created in memory
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # nor per store opened

@@ -20,6 +20,7 @@ URI on a cluster.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -41,6 +42,10 @@ from ray.tune import Callback
 
 from decrop.rows import CertRow, average_certified_radius, certified_accuracy, read_rows, write_rows
 
+# The URI helpers live in a light module (the sweep checks its arguments without importing mlflow); they are
+# part of this module's interface.
+from .uris import default_tracking_uri, redact_uri, resolve_tracking_uri  # noqa: F401
+
 log = logging.getLogger(__name__)
 
 STUDY_TAG, ROLE_TAG, TRIAL_TAG, COMMIT_TAG = "decrop.study", "decrop.role", "decrop.trial_id", "decrop.git_commit"
@@ -48,53 +53,17 @@ STUDY_TAG, ROLE_TAG, TRIAL_TAG, COMMIT_TAG = "decrop.study", "decrop.role", "dec
 # config key), the factor's level, the method, the seed, and for the search's confirmation which configuration.
 PRESET_TAG, FACTOR_TAG, LEVEL_TAG, METHOD_TAG, SEED_TAG, VARIANT_TAG = (
     "decrop.preset", "decrop.factor", "decrop.level", "decrop.method", "decrop.seed", "decrop.variant")
+# A trial's attempts: `trial/attempts` = n at step n when attempt n starts (Tune retries a failed trial, a resumed
+# study reruns an unfinished one), `trial/failed_attempts` = n at step n when failure n ends one (its last error line
+# in the tag `decrop.failure_<n>`). The run of a trial is one run across all of them.
+ATTEMPTS_METRIC, FAILURES_METRIC, FAILURE_TAG = "trial/attempts", "trial/failed_attempts", "decrop.failure_"
+RESULT_TAG = "decrop.trial_result"  # the final result a trial reported to Tune, as JSON
 CURVE_STEPS_PER_UNIT = 100  # certify*/curve: one step per hundredth of radius
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own tag: the UI folds child runs under their parent
 TERMINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
 _PARAMS_PER_BATCH = 100  # MLflow rejects a log_batch with more than 100 params
 _MAX_PARAM_VALUE = 6000  # ... or a param value longer than this
 _BAD_KEY_CHARS = re.compile(r"[^\w./\- ]")  # what MLflow accepts in a param key (colons aside: not on Windows)
-
-
-def default_tracking_uri(root: Path) -> str:
-    """``sqlite:///<root>/mlflow.db``, absolute. MLflow 3.17's own default is relative to the current directory,
-    and Ray moves workers into trial folders, which would scatter the runs over several stores."""
-    return f"sqlite:///{(Path(root).expanduser().resolve() / 'mlflow.db').as_posix()}"
-
-
-def resolve_tracking_uri(uri: str | None, root: Path) -> str:
-    """The given tracking URI with any local path made absolute, or `default_tracking_uri(root)` when None/empty.
-
-    ``http(s)://`` and other remote URIs pass unchanged; ``sqlite:///rel.db`` and plain paths are resolved against
-    the current directory *now* (in the driver), before Ray changes it. A plain path ending in ``.db`` means a SQLite
-    store; any other path is a ``file:`` store (which MLflow 3.17 refuses unless explicitly allowed).
-    """
-    if not uri:
-        return default_tracking_uri(root)
-    if uri.startswith("sqlite:///"):
-        path = uri[len("sqlite:///"):]
-        return uri if path.startswith("/") else f"sqlite:///{Path(path).resolve().as_posix()}"
-    if uri.startswith("file:"):
-        return Path(uri[len("file:"):].removeprefix("//")).expanduser().resolve().as_uri()
-    if "://" in uri:
-        return uri
-    path = Path(uri).expanduser().resolve()
-    return f"sqlite:///{path.as_posix()}" if path.suffix == ".db" else path.as_uri()
-
-
-# The password of `scheme://user:password@host` anywhere in a text (a URI, or an error message quoting one), and
-# the values of query parameters that carry secrets (`?token=...`). Like urllib, the user part ends at the last
-# '@' before the path, so an unencoded '@' in a password is hidden too.
-_URI_PASSWORD = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.\-]*://[^\s:/@]*):[^\s/]*@")
-_SECRET_QUERY = re.compile(r"(?P<head>[?&](?:password|passwd|pwd|token|access_token|secret|api_key)=)[^&#\s]*",
-                           re.IGNORECASE)
-
-
-def redact_uri(text: str) -> str:
-    """`text` (a tracking URI, or any message that may quote one) with every URI password and secret query value
-    replaced by ``***``: ``http://user:pw@host:5000`` -> ``http://user:***@host:5000``. Use it wherever a URI is
-    printed, written into a report or put into an error message; connect with the original."""
-    return _SECRET_QUERY.sub(r"\g<head>***", _URI_PASSWORD.sub(r"\g<head>:***@", str(text)))
 
 
 def git_commit(repo: Path | None = None) -> str:
@@ -272,6 +241,21 @@ class StudyTracker:
                 self.client.set_tag(run_id, key, str(value))
         return run_id
 
+    def start_attempt(self, run_id: str) -> int:
+        """Count a new attempt of the run's trial (`ATTEMPTS_METRIC`); returns its number, 1 for the first."""
+        attempt = len(self.client.get_metric_history(run_id, ATTEMPTS_METRIC)) + 1
+        self.log_metrics(run_id, {ATTEMPTS_METRIC: attempt}, step=attempt)
+        return attempt
+
+    def save_result(self, run_id: str, result: Mapping[str, float]) -> None:
+        """Record the final result a trial reports to Tune (`RESULT_TAG`): proof that the trial finished."""
+        self.client.set_tag(run_id, RESULT_TAG, json.dumps(dict(result)))
+
+    def saved_result(self, run_id: str) -> dict[str, float] | None:
+        """The final result the trial of this run recorded (`save_result`), or None if it never finished."""
+        text = self.client.get_run(run_id).data.tags.get(RESULT_TAG)
+        return json.loads(text) if text else None
+
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
         """Log the `params` the run does not have yet (params are immutable in MLflow)."""
         self._log_new_params(self.client.get_run(run_id), params)
@@ -382,13 +366,24 @@ class StudyTracker:
         self.client.log_text(run_id, text, artifact_file)
 
 
+def _last_error(trial: Any) -> str:
+    """The last line of a Tune trial's error file (``RuntimeError: ...``), for a tag; never raises."""
+    try:
+        lines = [line.strip() for line in Path(trial.error_file).read_text().splitlines() if line.strip()]
+        return lines[-1][:500] if lines else "unknown error"
+    except (OSError, TypeError, AttributeError):
+        return "unknown error (see the trial's error.txt)"
+
+
 class MlflowStatusCallback(Callback):
     """Driver-side Tune callback that ends each trial's child run with the trial's fate.
 
     Trials cannot always end their own run: an errored trial's process may be gone, and a trial stopped by the
     scheduler (ASHA) is terminated without running its own clean-up. Errored trials become FAILED (a run is
     created if the trial died before making one, so every failure shows in MLflow); completed trials FINISHED,
-    unless already FAILED or KILLED. Tracking problems are logged, never raised: they must not abort the sweep.
+    unless already FAILED or KILLED. Every failed attempt is recorded in the run (`FAILURES_METRIC`, `FAILURE_TAG`),
+    the ones Tune retries (``FailureConfig(max_failures=...)``) too: their run stays RUNNING, and the next attempt
+    counts itself (`ATTEMPTS_METRIC`). Tracking problems are logged, never raised: they must not abort the sweep.
     """
 
     def __init__(self, tracker: StudyTracker, parent_run_id: str) -> None:
@@ -398,10 +393,14 @@ class MlflowStatusCallback(Callback):
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._end(trial, "FAILED", create=True)
 
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._end(trial, None, create=True)
+
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._end(trial, "FINISHED", create=False)
 
-    def _end(self, trial: Any, status: str, create: bool) -> None:
+    def _end(self, trial: Any, status: str | None, create: bool) -> None:
+        """Mark the trial's run `status` (None: a failed attempt that Tune retries, the run goes on)."""
         try:
             run_id = self.tracker.find_trial_run(self.parent_run_id, trial.trial_id)
             if run_id is None and create:
@@ -411,6 +410,11 @@ class MlflowStatusCallback(Callback):
                 return
             if status == "FINISHED" and self.tracker.run_status(run_id) in ("FAILED", "KILLED"):
                 return
-            self.tracker.finish(run_id, status)
+            if status in ("FAILED", None):
+                failures = max(1, int(getattr(trial, "num_failures", 0) or 0))
+                self.tracker.log_metrics(run_id, {FAILURES_METRIC: failures}, step=failures)
+                self.tracker.set_tag(run_id, f"{FAILURE_TAG}{failures}", _last_error(trial))
+            if status is not None:
+                self.tracker.finish(run_id, status)
         except (MlflowException, OSError, ValueError) as err:
-            log.warning("could not mark the MLflow run of trial %s %s: %s", trial.trial_id, status, err)
+            log.warning("could not mark the MLflow run of trial %s %s: %s", trial.trial_id, status or "retried", err)

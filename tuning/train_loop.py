@@ -5,7 +5,8 @@ denoiser's BatchNorm made global and the denoiser wrapped in DistributedDataPara
 on CPU, nccl on GPU); every rank iterates the same global batches and computes its contiguous share of each
 (`decrop.distributed`), so W workers optimise exactly the objective of one process. Every epoch every rank calls ``ray.train.report`` (a barrier); rank 0 attaches a checkpoint every
 ``checkpoint_every`` epochs and logs the epoch's metrics to the trial's MLflow run. A retried trial finds
-its latest checkpoint with ``ray.train.get_checkpoint()`` and continues from it, bit for bit.
+its latest checkpoint with ``ray.train.get_checkpoint()`` and continues from it, bit for bit (logged as
+``train/resumed_from_epoch`` in the trial's run).
 """
 
 from __future__ import annotations
@@ -88,6 +89,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
                        shard=shard, resume=_load_state(ray.train.get_checkpoint()), on_epoch_end=on_epoch_end)
     if hooks.resume is not None:
         log(f"resuming from the checkpoint of epoch {hooks.resume['epoch']}")
+        if rank == 0 and loop_config.get("run_id"):  # the trial's run says where its training picked up again
+            tracker.log_metrics(loop_config["run_id"], {"train/resumed_from_epoch": hooks.resume["epoch"]},
+                                step=hooks.resume["epoch"])
     denoiser, result = train_method(loop_config["method"], prep, MultiSink(*sinks), log=log, hooks=hooks)
     return result.final if rank == 0 else None
 

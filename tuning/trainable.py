@@ -21,6 +21,7 @@ reports them (presets, confirmation), after training: nothing is selected on the
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,7 +127,11 @@ def _save_weights(settings: StudySettings, cfg: ExperimentConfig, method: str, t
 
 
 def run_trial(params: dict[str, Any], settings: StudySettings) -> None:
-    """The Tune function trainable (see module doc). Raises on failure so Tune marks the trial errored."""
+    """The Tune function trainable (see module doc). Raises on failure so Tune marks the trial errored.
+
+    Idempotent once finished: the final result is recorded in the trial's MLflow run, and an attempt that finds it
+    reports it again and does nothing else (Tune saves its own state only every few seconds, so a driver killed
+    just after a trial ended restarts that trial on --resume)."""
     point = trial_point(params, settings.base)
     method, label = point["method"], point.get("label", point["method"])
     flat = trial_config(settings, params)
@@ -134,9 +139,16 @@ def run_trial(params: dict[str, Any], settings: StudySettings) -> None:
     trial_id = ray.tune.get_context().get_trial_id()
     clock = PhaseClock()
     tracker = StudyTracker(settings.tracking_uri, settings.experiment)
+    earlier = tracker.find_trial_run(settings.parent_run_id, trial_id)
+    done = tracker.saved_result(earlier) if earlier else None
+    if done is not None:  # it finished, but the driver died before Tune saved that: report it again, redo nothing
+        ray.tune.report(done)
+        return
     tags = {PRESET_TAG: settings.preset, FACTOR_TAG: settings.factor, LEVEL_TAG: point["level"],
             METHOD_TAG: method, SEED_TAG: point["seed"], VARIANT_TAG: point.get("variant")}
     run_id = tracker.trial_run(settings.parent_run_id, trial_id, point["name"], flat, tags)
+    tracker.start_attempt(run_id)
+    inject_fault(point["name"])
     tracker.log_text(run_id, to_yaml(cfg), "config.yaml")
     clock.sink = (tracker, run_id)
     prep = prepare(cfg, log=_quiet, evaluate=False)
@@ -156,6 +168,7 @@ def run_trial(params: dict[str, Any], settings: StudySettings) -> None:
                                                            prep.info.channels)), "denoiser")
         metrics = tracker.log_certification(run_id, rows, cfg.certify.radii, f"test_{label}")
         clock.lap("reused")
+        tracker.save_result(run_id, {**metrics, **clock.times})
         ray.tune.report({**metrics, **clock.times})
         return
 
@@ -186,7 +199,32 @@ def run_trial(params: dict[str, Any], settings: StudySettings) -> None:
         clock.lap("certify_test")
         if key is not None:
             trial_cache.store(cfg.cache_dir, key, state, rows, f"{settings.experiment}/{trial_id}")
-    ray.tune.report({**metrics, **clock.times, "val/agreement": last.get("val/agreement", float("nan"))})
+    result = {**metrics, **clock.times, "val/agreement": last.get("val/agreement", float("nan"))}
+    tracker.save_result(run_id, result)
+    ray.tune.report(result)
+
+
+FAIL_ONCE_ENV, FAIL_ALWAYS_ENV = "DECROP_TEST_FAIL_ONCE", "DECROP_TEST_FAIL_ALWAYS"
+
+
+def inject_fault(name: str) -> None:
+    """Test-only fault injection (tests/tuning/test_faults.py); does nothing unless one of these is set:
+
+    ``DECROP_TEST_FAIL_ALWAYS=<file>``: a trial whose name contains a line of that file (read at every attempt;
+    no file, no failure) raises on every attempt. ``DECROP_TEST_FAIL_ONCE=<marker file>``: the first attempt (of
+    any trial) that finds the marker absent creates it and raises; later attempts run normally.
+    Called in each attempt once its MLflow run exists, so the failure shows in that run."""
+    always, once = os.environ.get(FAIL_ALWAYS_ENV), os.environ.get(FAIL_ONCE_ENV)
+    if always and os.path.exists(always):
+        with open(always) as f:
+            if any(line.strip() and line.strip() in name for line in f):
+                raise RuntimeError(f"injected failure ({FAIL_ALWAYS_ENV}) of trial {name!r}")
+    if once:
+        try:
+            open(once, "x").close()  # exclusive: of trials racing for the marker, one fails
+        except FileExistsError:
+            return
+        raise RuntimeError(f"injected failure ({FAIL_ONCE_ENV}) of trial {name!r}")
 
 
 class PhaseClock:

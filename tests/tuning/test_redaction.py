@@ -48,11 +48,21 @@ def test_sweep_start_line_shows_no_password(tmp_path, monkeypatch, capsys):
     class Stop(Exception):
         pass
 
-    def stop():
+    def stop(*args, **kwargs):
         raise Stop
 
-    monkeypatch.setattr(sweep, "StudyTracker", Tracker)
-    monkeypatch.setattr(sweep, "connect", stop)  # the start line is printed before Ray starts
+    import decrop.pipeline
+    import tuning.studies
+    import tuning.tracking
+    from types import SimpleNamespace
+
+    # No server, no data, no Ray: the study's start line (open_study) is printed before its first trial.
+    monkeypatch.setattr(tuning.tracking, "StudyTracker", Tracker)
+    monkeypatch.setattr(sweep, "preflight", lambda name, args: None)
+    monkeypatch.setattr(decrop.pipeline, "prepare", lambda cfg: SimpleNamespace(clean_accuracy=1.0))
+    monkeypatch.setattr(sweep, "connect", lambda: None)
+    monkeypatch.setattr(sweep, "concurrency", lambda args: 1)
+    monkeypatch.setattr(tuning.studies, "run_search", stop)
     with pytest.raises(Stop):
         sweep.main(["--storage", str(tmp_path), "--mlflow-uri", uri])
     out = capsys.readouterr()

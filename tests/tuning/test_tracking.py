@@ -13,6 +13,9 @@ from mlflow import MlflowClient
 from decrop.rows import CertRow, average_certified_radius, certified_accuracy, read_rows
 from decrop.config import ExperimentConfig, to_flat
 from tuning.tracking import (
+    ATTEMPTS_METRIC,
+    FAILURE_TAG,
+    FAILURES_METRIC,
     MlflowStatusCallback,
     StudyTracker,
     default_tracking_uri,
@@ -177,6 +180,26 @@ def test_status_callback_marks_trial_runs(tracker):
     assert early is not None and tracker.run_status(early) == "FAILED"
     assert tracker.client.get_run(early).data.params == {"sigma": "0.5"}
     assert count_runs(tracker) == 4
+
+
+def test_every_attempt_and_failure_of_a_trial_is_in_its_one_run(tracker, tmp_path):
+    """A retried trial: attempt 1, its failure (metric and tag with the error's last line; the run stays RUNNING
+    for the retry), attempt 2, its result; a later attempt finds the result (the trial is not redone)."""
+    parent = tracker.start_sweep("s", {}, resume=False)
+    run = tracker.trial_run(parent, "t1", "t1", {})
+    assert tracker.start_attempt(run) == 1 and tracker.saved_result(run) is None
+    error = tmp_path / "error.txt"
+    error.write_text("Failure # 1 (occurred at 2026-01-01)\nTraceback ...\nRuntimeError: injected\n")
+    trial = SimpleNamespace(trial_id="t1", config={}, num_failures=1, error_file=str(error))
+    MlflowStatusCallback(tracker, parent).on_trial_recover(iteration=1, trials=[], trial=trial)
+    assert tracker.run_status(run) == "RUNNING"
+    assert tracker.start_attempt(tracker.trial_run(parent, "t1", "t1", {})) == 2
+    tracker.save_result(run, {"objective": 0.25, "val/agreement": float("nan")})
+    data = tracker.client.get_run(run).data
+    assert data.tags[f"{FAILURE_TAG}1"] == "RuntimeError: injected"
+    assert [(m.step, m.value) for m in tracker.client.get_metric_history(run, FAILURES_METRIC)] == [(1, 1.0)]
+    assert [m.step for m in tracker.client.get_metric_history(run, ATTEMPTS_METRIC)] == [1, 2]
+    assert tracker.saved_result(run)["objective"] == 0.25 and count_runs(tracker) == 2
 
 
 def test_plot_certified_curve_two_labels(tmp_path):
