@@ -106,11 +106,11 @@ def subset_for(cfg: ExperimentConfig, labels: Tensor) -> np.ndarray:
 
 
 def check_percent(percent: float, labels: Tensor) -> None:
-    """ConfigError unless `percent` % of the smallest class of `labels` rounds to at least one image: below that,
+    """ConfigError unless `percent` % of the smallest class of `labels` is at least one image: below that,
     `stratified_subset` would still take one image per class and the run would train on more than it reports."""
     counts = np.bincount(labels.numpy())
     smallest = int(counts[counts > 0].min())
-    if round(percent / 100 * smallest) < 1:
+    if percent / 100 * smallest < 1 - 1e-9:
         lowest = math.ceil(100 / smallest * 1e4) / 1e4  # one image of the smallest class, rounded up
         raise ConfigError(f"config key 'data.percent' = {percent} is less than one image per class (the smallest "
                           f"class has {smallest} of {len(labels)} training images): use data.percent >= {lowest:g}")
