@@ -14,6 +14,7 @@ epochs and data each arm used. Families of tests, each Holm-adjusted on its own:
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from decrop.bounds import max_certifiable_radius
 from tuning.presets import PRESETS
 
 from .arms import CONFIRMATION, PRESET, Arm, StudyArms, accuracy_values, budget_frame
@@ -94,9 +96,12 @@ def study_tests(study: StudyArms) -> tuple[pd.DataFrame, list[str]]:
     table's otherwise): family, level, level_name, method, reference_level, reference_level_name, reference,
     radius, n_seeds, n_images, favour_method, favour_reference, difference_pp, ci_low_pp, ci_high_pp, p_value,
     p_holm (Holm within the family), n_tests, sentence; and notes on arms that could not be paired."""
-    frames, notes = [], []
+    frames, notes, beyond = [], [], set()
     for family, arm, ref in _pairs(study, notes):
         radii = study.profile_radii if family == BEST_VS_DEFAULT else study.radii
+        limit = max(certifiable(arm), certifiable(ref))  # a radius neither can certify is no test: left out of
+        beyond.update(r for r in radii if r > limit)  # the family (decided by n, alpha and sigma, not the data)
+        radii = [r for r in radii if r <= limit]
         try:
             frame = paired_outcomes(arm.seeds, ref.seeds, radii)
         except ValueError as err:
@@ -112,6 +117,9 @@ def study_tests(study: StudyArms) -> tuple[pd.DataFrame, list[str]]:
         frames.append(frame.assign(family=family, level=arm.level, level_name=study.level_name(arm.level),
                                    method=arm.method, reference_level=ref.level,
                                    reference_level_name=study.level_name(ref.level), reference=ref.method))
+    if beyond:
+        notes.append(f"not tested at r = {', '.join(f'{r:g}' for r in sorted(beyond))} where no run of either side "
+                     f"can certify it (its n, alpha and sigma: decrop.bounds.max_certifiable_radius)")
     if not frames:
         return pd.DataFrame(), notes
     tests = pd.concat(frames, ignore_index=True)
@@ -123,6 +131,19 @@ def study_tests(study: StudyArms) -> tuple[pd.DataFrame, list[str]]:
     tests["n_tests"] = tests["n_tests"].astype(int)
     tests["sentence"] = [_sentence(study, row) for row in tests.to_dict("records")]
     return tests, notes
+
+
+def certifiable(arm: Arm) -> float:
+    """The largest radius a run of `arm` can certify with its n, alpha and sigma (all n votes for the top class);
+    infinite when a run does not record them."""
+    limits = []
+    for run in arm.runs.values():
+        try:
+            limits.append(max_certifiable_radius(int(float(run["params.certify.n"])),
+                                                 float(run["params.certify.alpha"]), float(run["params.sigma"])))
+        except (KeyError, TypeError, ValueError):
+            return math.inf
+    return max(limits, default=math.inf)
 
 
 def _arm_text(study: StudyArms, arm: Arm) -> str:

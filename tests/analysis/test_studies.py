@@ -409,3 +409,32 @@ def test_importance_next_to_the_regression(search_report):
     regression = pd.read_csv(search_report / "regression.csv")
     section = markdown.split("## What drives the objective")[1]
     assert section.index("PED-ANOVA") < section.index("OLS regression") and len(regression) > 0
+
+
+def test_radii_no_run_can_certify_are_left_out_of_the_holm_family():
+    """A radius above what n, alpha and sigma allow (all n votes: pA_lower = alpha^(1/n)) is certified by no run:
+    testing there adds p = 1 tests that only inflate Holm's multiplier. sigma 0.25 with n 1,000 tops out at ~0.62,
+    so of the table's radii 0.75 is left out (with a note); sigma 0.5 reaches 0.75 and keeps it."""
+    from analysis.arms import PRESET, Arm, StudyArms
+    from analysis.studies import certifiable, study_tests
+    from decrop.bounds import max_certifiable_radius
+
+    rng = np.random.default_rng(0)
+    difficulty = rng.uniform(0, 1, len(IMAGES))
+    arms = {}
+    for level in ("0.25", "0.5"):
+        for method in ("decrop", "baseline"):
+            arm = Arm(level, method)
+            for seed in (0, 1):
+                arm.seeds[seed] = make_rows(difficulty, SKILL[method], rng)
+                arm.runs[seed] = pd.Series({"params.certify.n": "1000", "params.certify.alpha": "0.001",
+                                            "params.sigma": level})
+            arms[(level, method)] = arm
+    study = StudyArms(PRESET, "s", "p", "sigma", "sigma", ["0.25", "0.5"], arms, TABLE_RADII, RADII)
+    assert certifiable(arms[("0.25", "decrop")]) == pytest.approx(max_certifiable_radius(1000, 0.001, 0.25))
+    assert 0.5 < certifiable(arms[("0.25", "decrop")]) < 0.75 < certifiable(arms[("0.5", "decrop")])
+    tests, notes = study_tests(study)
+    assert sorted(tests.loc[tests["level"] == "0.25", "radius"]) == [0.0, 0.25, 0.5]
+    assert sorted(tests.loc[tests["level"] == "0.5", "radius"]) == TABLE_RADII
+    assert (tests["n_tests"] == 7).all() and any("not tested at r = 0.75" in n for n in notes)
+    assert certifiable(Arm("0.25", "decrop", runs={0: pd.Series({"params.sigma": "0.25"})})) == float("inf")
