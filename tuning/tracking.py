@@ -59,6 +59,7 @@ PRESET_TAG, FACTOR_TAG, LEVEL_TAG, METHOD_TAG, SEED_TAG, VARIANT_TAG = (
 ATTEMPTS_METRIC, FAILURES_METRIC, FAILURE_TAG = "trial/attempts", "trial/failed_attempts", "decrop.failure_"
 RESULT_TAG = "decrop.trial_result"  # the final result a trial reported to Tune, as JSON
 CURVE_STEPS_PER_UNIT = 100  # certify*/curve: one step per hundredth of radius
+TEST_CURVE_METRIC = "certify_test/curve"  # every method's test curve under one name (the chart view overlays it)
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own tag: the UI folds child runs under their parent
 TERMINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
 _PARAMS_PER_BATCH = 100  # MLflow rejects a log_batch with more than 100 params
@@ -328,7 +329,9 @@ class StudyTracker:
                           artifact_dir: str = "certify", step: int = 0) -> dict[str, float]:
         """Certified accuracy at each radius and the ACR of `rows` as metrics (``certify/...`` for the
         "validation" label, ``certify_<label>/...`` otherwise), plus ``<artifact_dir>/<label>.tsv`` (Cohen's
-        table) and ``<artifact_dir>/<label>_curve.png``. Returns the metrics logged."""
+        table) and ``<artifact_dir>/<label>_curve.png``. A test label's curve is also logged as
+        `TEST_CURVE_METRIC`, one name for every method, so the chart view overlays DE-CROP's and the baseline's
+        trials in one chart (a trial certifies one test label). Returns the metrics logged."""
         if not re.fullmatch(r"[\w\-]+", label):
             raise ValueError(f"label must be letters, digits, '_' or '-', got {label!r}")
         prefix = certification_prefix(label)
@@ -336,6 +339,8 @@ class StudyTracker:
         metrics[f"{prefix}/acr"] = average_certified_radius(rows)
         self.log_metrics(run_id, metrics, step)
         self.log_curve(run_id, rows, f"{prefix}/curve")
+        if label.startswith("test_"):
+            self.log_curve(run_id, rows, TEST_CURVE_METRIC)
         with tempfile.TemporaryDirectory() as tmp:
             table = Path(tmp) / f"{label}.tsv"
             write_rows(rows, table)

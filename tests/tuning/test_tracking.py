@@ -126,6 +126,17 @@ def test_log_certification_metrics_and_artifacts(tracker, tmp_path):
     assert (local / "validation_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_every_methods_test_curve_is_also_logged_under_one_name(tracker):
+    """The chart view overlays runs' curves only under one metric name: a trial's test curve is logged as
+    certify_test_<method>/curve and as certify_test/curve, step = radius in hundredths."""
+    run = tracker.trial_run(tracker.start_sweep("s", {}, resume=False), "t0", "t0", {})
+    tracker.log_certification(run, ROWS, RADII, "test_decrop")
+    own, shared = (sorted((m.step, m.value) for m in tracker.client.get_metric_history(run, key))
+                   for key in ("certify_test_decrop/curve", "certify_test/curve"))
+    assert own == shared and own[0] == (0, certified_accuracy(ROWS, [0.0])[0.0])
+    assert [s for s, _ in own] == list(range(len(own)))
+
+
 def test_resume_reuses_parent_and_trial_runs(tracker):
     parent = tracker.start_sweep("s", {"num_samples": 4}, resume=False)
     child = tracker.trial_run(parent, "t0", "t0", {"sigma": 0.25})
