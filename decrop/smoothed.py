@@ -207,13 +207,14 @@ def predict_folder(model: SmoothedModel, folder: str | Path, *, n: int, alpha: f
 def format_rows(files: Sequence[Path], rows: Sequence[CertRow], root: str | Path, classes: Sequence[str],
                 radius: bool = True) -> str:
     """Tab-separated rows: Cohen's columns (``idx label predict [radius] correct time``), ``samples``, the
-    predicted class's name (``abstain`` for -1) and the file (relative to `root`)."""
+    predicted class's name (``abstain`` for -1) and the file (relative to `root`). The radius at full precision,
+    as `decrop.rows` writes it: a rounded radius could read as a certificate it is not."""
     head = ["idx", "label", "predict", *(["radius"] if radius else []), "correct", "time", "samples", "class",
             "file"]
     lines = ["\t".join(head)]
     for path, r in zip(files, rows):
         name = classes[r.predict] if r.predict >= 0 else "abstain"
-        cells = [r.idx, r.label, r.predict, *([f"{r.radius:.4f}"] if radius else []), r.correct, f"{r.time:.4f}",
+        cells = [r.idx, r.label, r.predict, *([repr(float(r.radius))] if radius else []), r.correct, f"{r.time:.4f}",
                  r.samples, name, Path(path).relative_to(root).as_posix()]
         lines.append("\t".join(map(str, cells)))
     return "\n".join(lines) + "\n"
