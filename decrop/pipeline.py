@@ -29,11 +29,12 @@ from .certify import certify_indices
 from .checkpoint import save_checkpoint
 from .classifier import accuracy, build_classifier, classifier_key, get_classifier
 from .config import DenoiserConfig, ExperimentConfig, config_hash, expand_path, to_yaml
-from .data import (AugmentedTensorDataset, DatasetInfo, as_tensors, augmentation_policy,
-                   dataset_info, load_dataset, load_image_folder, load_indices, read_images, save_indices,
-                   stratified_subset, test_indices, unlabeled_indices, validation_indices)
+from .data import (AugmentedTensorDataset, DatasetInfo, as_tensors, augmentation_policy, dataset_info,
+                   load_dataset, load_indices, save_indices, stratified_subset, test_indices, unlabeled_indices,
+                   validation_indices)
 from .distributed import Shard
 from .errors import ConfigError, FolderDataError
+from .folders import load_image_folder, read_images
 from .metrics import MetricSink, PrintSink
 from .models import DomainDiscriminator, create_model, fold_batchnorm
 from .objectives import DecropObjective, Objective, baseline_objective
@@ -159,7 +160,7 @@ class _Images:
 
 
 def _load_images(cfg: ExperimentConfig) -> _Images:
-    """A built-in dataset through torchvision, or the user's folder (`decrop.data.load_image_folder`)."""
+    """A built-in dataset through torchvision, or the user's folder (`decrop.folders.load_image_folder`)."""
     root = expand_path(cfg.data.root)
     if cfg.data.dataset == "folder":
         folder = load_image_folder(root, cfg.data.classes)

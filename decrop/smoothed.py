@@ -24,7 +24,8 @@ from .certify import CertRow, Smooth, certify_indices
 from .checkpoint import load_checkpoint
 from .classifier import load_classifier
 from .config import ExperimentConfig, expand_path, load_config, to_flat
-from .data import dataset_info, folder_info, read_images, scan_class_folders, scan_images
+from .data import dataset_info
+from .folders import folder_info, read_images, scan_class_folders, scan_images
 from .errors import ConfigError, SmoothedModelError
 from .pipeline import build_denoiser
 from .user_model import FrozenProgram, detect_format, exportable, file_sha256

@@ -7,7 +7,7 @@ import torch
 from torchvision.io import encode_jpeg, encode_png
 
 from decrop.config import from_dict, from_flat, load_config, to_dict, to_flat
-from decrop.data import folder_info, load_image_folder, read_image, scan_class_folders, scan_images
+from decrop.folders import folder_info, load_image_folder, read_image, scan_class_folders, scan_images
 from decrop.errors import ConfigError, FolderDataError
 from decrop.models import create_model
 from decrop.pipeline import prepare

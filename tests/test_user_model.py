@@ -18,7 +18,8 @@ from decrop.checkpoint import save_checkpoint
 from decrop.classifier import build_classifier, classifier_key, classifier_path, train_classifier
 from decrop.cli import main
 from decrop.config import load_config, to_yaml
-from decrop.data import DatasetInfo, as_tensors, load_dataset, read_image
+from decrop.data import DatasetInfo, as_tensors, load_dataset
+from decrop.folders import read_image
 from decrop.errors import ClassifierError
 from decrop.models import create_model, logits_and_features
 from decrop.pipeline import build_denoiser, prepare, run_experiment, smoothed_model, subset_for
