@@ -7,6 +7,7 @@ shared with other studies (load ~7): as the docstrings say.
 """
 
 import os
+import re
 import secrets
 import signal
 import socket
@@ -62,6 +63,9 @@ def _kill_all(procs: list[psutil.Process], grace: float = 30.0) -> None:
     psutil.wait_procs(alive, timeout=10)
 
 
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
 class Lines(threading.Thread):
     """Collects a process's output lines; `wait_for(text)` blocks until a line holds `text`."""
 
@@ -73,7 +77,7 @@ class Lines(threading.Thread):
     def run(self):
         for line in self.stream:
             with self.changed:
-                self.lines.append(line)
+                self.lines.append(ANSI.sub("", line))  # `ray start` colours its output even into a pipe
                 self.changed.notify_all()
         with self.changed:
             self.lines.append(None)  # end of output
@@ -193,17 +197,18 @@ def test_a_study_finishes_when_a_node_is_removed(tmp_path):
     3-trial preset grid; the second node's whole process tree SIGKILLed once it runs a Train worker or a
     certification task: the study still finishes (Train restarts the worker group, Ray reruns the tasks, Tune
     retries a trial), every trial FINISHED. ~6-10 min."""
-    head_port, agent_port, agent_port2, client_port, metrics, metrics2 = _free_ports(6)
+    head_port, agent_port, agent_port2, client_port, metrics, metrics2, dashboard = _free_ports(7)
     temp = Path(tempfile.mkdtemp(prefix="rn", dir="/tmp"))
     # Two nodes on one machine: they must reach each other on its address (cluster/local.sh --with-worker).
     env = _env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="1")
     procs = []
     try:
         head, head_lines = _node(["--head", f"--port={head_port}", "--num-cpus=1", f"--temp-dir={temp / 'head'}",
-                         "--include-dashboard=false", f"--dashboard-agent-listen-port={agent_port}",
+                         "--include-dashboard=false", f"--dashboard-port={dashboard}",
+                         f"--dashboard-agent-listen-port={agent_port}",
                          f"--ray-client-server-port={client_port}", f"--metrics-export-port={metrics}"], env)
         procs.append(head)
-        address = f"{head_lines.wait_for('Local node IP:', 10).split(':', 1)[1].strip()}:{head_port}"
+        address = f"{head_lines.wait_for('Local node IP:', 10).split('Local node IP:', 1)[1].strip()}:{head_port}"
         worker, _ = _node([f"--address={address}", "--num-cpus=1", f"--temp-dir={temp / 'worker'}",
                            f"--dashboard-agent-listen-port={agent_port2}", f"--metrics-export-port={metrics2}",
                            "--min-worker-port=21000", "--max-worker-port=21999"], env)

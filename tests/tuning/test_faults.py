@@ -36,7 +36,9 @@ from tuning.tracking import (ATTEMPTS_METRIC, FAILURE_TAG, FAILURES_METRIC, Mlfl
                              StudyTracker, default_tracking_uri)
 from tuning.trainable import FAIL_ALWAYS_ENV, FAIL_ONCE_ENV, StudySettings, tune_trainable  # noqa: E402
 
-pytestmark = [pytest.mark.slow, pytest.mark.ray]
+# The killed worker and the killed certification task (~2-3 min with the module's Ray) run in `make test` (CI);
+# the two retried-trial tests (~2 and ~5 min) are slow: `make test-all`.
+pytestmark = pytest.mark.ray
 QUICK = REPO / "configs" / "quick.yaml"
 
 
@@ -119,6 +121,7 @@ class Killer(threading.Thread):
             time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_a_failing_grid_trial_is_retried_reported_and_rerun_alone_on_resume(faults, local_ray, tmp_path, capsys):
     """Every attempt of the baseline raises, and one other trial's first attempt: that one is retried
     (FailureConfig(max_failures=1)) and finishes, the grid finishes the others and ends with the "rerun with
@@ -163,6 +166,7 @@ def test_a_failing_grid_trial_is_retried_reported_and_rerun_alone_on_resume(faul
             assert _steps(client, run.info.run_id, ATTEMPTS_METRIC) == attempts[run.info.run_id]
 
 
+@pytest.mark.slow
 def test_a_search_goes_on_when_a_trial_fails_once(faults, local_ray, tmp_path):
     """Two search trials, the first attempt of one raises: it is retried and the search ends with both trials
     finished and a best trial. Runs the search alone (the confirmation is the grid above). ~3 min."""
