@@ -142,15 +142,24 @@ def test_tiny_search_confirms_on_fresh_seeds_and_resume_duplicates_nothing(local
 
 
 def _smoke_levels(name: str) -> list[str]:
+    """Two levels where the levels share the baseline (or are the methods), so the shared arms and the
+    comparison between levels run; where each level has its own baseline, one level (the same plumbing per level,
+    half the trials: CI stays under 20 minutes), the first that differs from the profile (MemNet, policy 2, ...).
+    `tests/tuning/test_presets.py` checks every preset's whole grid."""
+    from decrop.config import load_config, to_flat
     from tuning.presets import PRESETS
-    return [str(level) for level in PRESETS[name].levels[:2]]
+    preset = PRESETS[name]
+    if not preset.affects_baseline or preset.key == "method":
+        return [str(level) for level in preset.levels[:2]]
+    default = to_flat(load_config(REPO / "configs" / "quick.yaml"))[preset.key]
+    return [str(next(level for level in preset.levels if level != default))]
 
 
 @pytest.mark.ray
 @pytest.mark.parametrize("preset", ["sigma", "data", "mixing", "denoiser", "n_interp", "attack", "boundary",
                                     "augment", "blackbox"])
 def test_every_preset_runs_in_a_smoke_setting(local_ray, tmp_path, preset, capsys):
-    """Each paper study through the platform: its first two levels, one seed, tiny settings."""
+    """Each paper study through the platform: its first level or two (`_smoke_levels`), one seed, tiny settings."""
     from tuning.presets import PRESETS, points
     args = ["--preset", preset, "--seeds", "0", "--levels", *_smoke_levels(preset), "--storage", str(tmp_path)]
     for item in [*TINY, "data.test_every=2000", "data.percent=0.2", "blackbox.epochs=1", "denoiser.num_memblocks=1",
@@ -158,7 +167,7 @@ def test_every_preset_runs_in_a_smoke_setting(local_ray, tmp_path, preset, capsy
         args += ["--set", item]
     assert sweep.main(args) == 0, capsys.readouterr().err
     parent, children = _children(default_tracking_uri(tmp_path / f"quick-{preset}"), f"quick-{preset}")
-    levels = tuple(PRESETS[preset].levels[:2])
+    levels = tuple(level for level in PRESETS[preset].levels if str(level) in _smoke_levels(preset))
     assert len(children) == len(points(PRESETS[preset], [0], levels))
     assert all(c.info.status == "FINISHED" for c in children)
     assert parent.data.tags["decrop.role"] == "preset" and parent.data.params["factor"] == PRESETS[preset].key
