@@ -30,6 +30,7 @@ for arg in "$@"; do
   esac
 done
 PY=${PYTHON:-.venv/bin/python}
+if [[ "$PY" != */* ]] && command -v "$PY" > /dev/null; then PY=$(command -v "$PY"); fi  # PYTHON=python3 works
 if [[ -z "${PYTHON:-}" && ! -x "$PY" ]] && command -v python3 > /dev/null; then
   PY=$(command -v python3)
   echo "gpu_check: no .venv/bin/python here; trying $PY (set PYTHON to choose)"

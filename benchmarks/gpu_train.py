@@ -48,6 +48,7 @@ import torch  # noqa: E402
 from benchmarks.gpu_report import missing_modules  # noqa: E402
 from decrop.config import DecropConfig, load_config, to_flat  # noqa: E402
 from decrop.data import DATASETS  # noqa: E402
+from decrop.distributed import no_forward_buffer_sync  # noqa: E402
 from decrop.models import create_model  # noqa: E402
 from decrop.objectives import DecropObjective  # noqa: E402
 
@@ -85,7 +86,8 @@ def nccl_step(device: torch.device, quick: bool, steps: int = 5) -> dict:
         torch.manual_seed(0)
         denoiser = create_model("dncnn", in_channels=3, depth=depth, width=width).to(device)
         classifier = create_model(arch, in_channels=3, num_classes=10).to(device).eval().requires_grad_(False)
-        model = DistributedDataParallel(denoiser, device_ids=[device.index or 0] if device.type == "cuda" else None)
+        model = DistributedDataParallel(denoiser, device_ids=[device.index or 0] if device.type == "cuda" else None,
+                                        **no_forward_buffer_sync())
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
         objective = DecropObjective(0.25, DecropConfig())
         batch = 8 if quick else 64

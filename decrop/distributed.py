@@ -151,6 +151,25 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         return y.to(x.dtype)
 
 
+def no_forward_buffer_sync() -> dict:
+    """DistributedDataParallel keyword arguments that stop it re-broadcasting buffers at every forward call.
+
+    The DE-CROP objective runs the denoiser three times before one backward pass (x, boundary and interpolated
+    samples). With the default, DDP copies rank 0's buffers (BatchNorm's running statistics) into the module
+    in place at each forward call, and on CUDA the cuDNN BatchNorm's backward then finds a running-statistics
+    tensor it saved modified ("modified by an inplace operation", seen on an H100 with nccl). The sync is also
+    pointless here: `GlobalBatchNorm` updates every worker's running statistics with the same global-batch
+    values. Buffers are still synced once, when DDP wraps the module. PyTorch >= 2.14 names this
+    ``forward_sync_buffers``; earlier versions ``broadcast_buffers`` (deprecated in 2.14).
+    """
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
+
+
 def convert_global_batchnorm(module: nn.Module, shard: Shard) -> nn.Module:
     """`module` with every BatchNorm layer replaced by a `GlobalBatchNorm` with the same parameters and running
     statistics (in place where possible; returns the converted module). A no-op for one worker."""

@@ -22,7 +22,7 @@ from torch.utils.data import TensorDataset
 
 from decrop.config import load_config
 from decrop.data import DatasetInfo
-from decrop.distributed import GlobalBatchNorm, Shard, convert_global_batchnorm
+from decrop.distributed import GlobalBatchNorm, Shard, convert_global_batchnorm, no_forward_buffer_sync
 from decrop.models import DomainDiscriminator, create_model
 from decrop.objectives import DecropObjective, StabilityObjective
 from decrop.pipeline import Prepared, TrainHooks, build_denoiser, method_stages, run_stages
@@ -91,8 +91,11 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, global_bn: bool
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     shard = Shard(rank, world)
-    convert = (lambda m: convert_global_batchnorm(m, shard)) if global_bn else (lambda m: m)
-    result = _everything(shard, lambda m: DDP(convert(m)))
+    if global_bn:  # the train loop's recipe (tuning/train_loop.py)
+        wrap = lambda m: DDP(convert_global_batchnorm(m, shard), **no_forward_buffer_sync())  # noqa: E731
+    else:  # the naive recipe: per-worker BatchNorm statistics, DDP's defaults
+        wrap = DDP
+    result = _everything(shard, wrap)
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
@@ -154,3 +157,20 @@ def test_global_batchnorm_is_plain_batchnorm_for_one_worker_and_converts_back():
     assert type(converted[1]) is GlobalBatchNorm
     assert set(converted.state_dict()) == set(torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3),
                                                                   torch.nn.BatchNorm2d(3)).state_dict())
+
+
+def test_ddp_of_the_train_loop_does_not_rewrite_buffers_at_each_forward(tmp_path):
+    """DE-CROP runs the denoiser three times before one backward; DDP's default in-place re-broadcast of the
+    BatchNorm buffers at each forward broke that backward under cuDNN (seen on an H100 and an H200 with nccl;
+    CPU BatchNorm does not save the buffers, so only this setting can be checked here)."""
+    import warnings
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the spelling this torch wants: no deprecation warning
+            model = DDP(create_model("dncnn", in_channels=1, depth=3, width=8), **no_forward_buffer_sync())
+        assert not model.will_sync_module_buffers()
+        assert DDP(create_model("dncnn", in_channels=1, depth=3, width=8)).will_sync_module_buffers()  # the default
+    finally:
+        dist.destroy_process_group()

@@ -20,7 +20,7 @@ import ray.train.torch
 import torch
 
 from decrop.config import from_flat
-from decrop.distributed import Shard, convert_global_batchnorm
+from decrop.distributed import Shard, convert_global_batchnorm, no_forward_buffer_sync
 from decrop.metrics import MultiSink, PrintSink
 from decrop.pipeline import TrainHooks, prepare, train_method
 from decrop.runtime import tune_allocator
@@ -85,7 +85,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     # Every rank iterates the same global batches and computes its share of them; BatchNorm, the MMD and the
     # discriminator see the whole batch (decrop.distributed): the objective does not depend on the worker count.
     shard = Shard(rank, world)
-    hooks = TrainHooks(wrap=lambda module: ray.train.torch.prepare_model(convert_global_batchnorm(module, shard)),
+    hooks = TrainHooks(wrap=lambda module: ray.train.torch.prepare_model(
+        convert_global_batchnorm(module, shard), parallel_strategy_kwargs=no_forward_buffer_sync()),
                        shard=shard, resume=_load_state(ray.train.get_checkpoint()), on_epoch_end=on_epoch_end)
     if hooks.resume is not None:
         log(f"resuming from the checkpoint of epoch {hooks.resume['epoch']}")
