@@ -39,7 +39,7 @@ from .metrics import MetricSink, PrintSink
 from .models import DomainDiscriminator, create_model, fold_batchnorm
 from .objectives import DecropObjective, Objective, baseline_objective
 from .rows import CertRow, average_certified_radius, certified_accuracy, write_rows
-from .runtime import Progress, eval_mode, resolve_device, seed_everything, tune_allocator
+from .runtime import Progress, eval_mode, release_memory, resolve_device, seed_everything, tune_allocator
 from .samples import GeneratedSamples, load_or_generate_samples
 from .training import AdamThenSGD, TrainResult, train_denoiser
 
@@ -241,11 +241,14 @@ def prepare(cfg: ExperimentConfig, log: Log = print, evaluate: bool = True) -> P
         f"({cfg.data.percent}% of {len(train_labels)}, stratified, seed {cfg.seed}), {len(tests)} certified test "
         f"images")
     log(describe_budget(budget))
-    return Prepared(cfg=cfg, device=device, info=info, classifier=classifier,
-                    train_images=train_images[train], train_labels=train_labels[train], train_indices=train,
-                    val_images=val_images, val_targets=val_targets, val_indices=val,
-                    test_set=TensorDataset(data.test_images, data.test_labels), test_indices=tests,
-                    clean_accuracy=clean, budget=budget, timings=timings)
+    prepared = Prepared(cfg=cfg, device=device, info=info, classifier=classifier,
+                        train_images=train_images[train], train_labels=train_labels[train], train_indices=train,
+                        val_images=val_images, val_targets=val_targets, val_indices=val,
+                        test_set=TensorDataset(data.test_images, data.test_labels), test_indices=tests,
+                        clean_accuracy=clean, budget=budget, timings=timings)
+    del data, train_images, train_labels  # the full training split: only the drawn subsets are kept
+    release_memory()
+    return prepared
 
 
 def build_denoiser(cfg: DenoiserConfig, in_channels: int) -> nn.Module:

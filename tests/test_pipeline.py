@@ -63,3 +63,28 @@ def test_resume_inside_stage_two_restores_the_discriminator_and_its_ramp(prep):
     assert result.history[-1]["train/beta"] == full.history[-1]["train/beta"]  # p continues, not restarts
     for key, value in straight.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[key]), key
+
+
+def test_release_memory_hands_a_freed_peak_back_to_the_os():
+    """With `tune_allocator`'s thresholds a freed 256 MiB tensor stays in the process (the reuse that makes
+    certification fast); `release_memory` (called at the end of `prepare`, after the full split is dropped)
+    returns it. In a subprocess: the allocator setting is process-wide."""
+    import subprocess
+    import sys
+
+    code = """
+import re, torch
+from decrop.runtime import release_memory, tune_allocator
+anon = lambda: int(re.search(r"RssAnon:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) // 1024
+assert tune_allocator()
+x = torch.ones(64 * 2**20)  # 256 MiB, touched
+peak = anon()
+del x
+kept = anon()
+assert release_memory()
+print(peak, kept, anon())
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    peak, kept, released = map(int, out.stdout.split())
+    assert kept > peak - 32, (peak, kept)  # the tuned allocator keeps the freed pages...
+    assert released < peak - 200, (peak, released)  # ...until they are released

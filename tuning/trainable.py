@@ -37,6 +37,7 @@ from decrop.checkpoint import read_checkpoint, save_checkpoint
 from decrop.classifier import classifier_key
 from decrop.config import ExperimentConfig, config_hash, from_flat, to_flat, to_yaml
 from decrop.pipeline import NO_DENOISER, build_denoiser, prepare, samples_for
+from decrop.runtime import release_memory
 
 from . import trial_cache
 from .certify_tasks import certify_parallel
@@ -177,6 +178,7 @@ def run_trial(params: dict[str, Any], settings: StudySettings) -> None:
         if method == "decrop":  # generated (and cached) once here, so the DDP workers read the cache
             samples_for(prep, prep.classifier, classifier_key(prep.cfg), log=_quiet)
             clock.lap("samples")
+        release_memory()  # the attacks' activations: this actor only waits on the training and the certification
         state, last = _train(settings, flat, method, trial_id, point["name"], run_id)
         clock.lap("train")
         tracker.log_artifact(run_id, str(_save_weights(settings, cfg, method, trial_id, state,
