@@ -12,8 +12,10 @@ store) would be counted once per process by a plain sum of RSS:
 
 It prints the wall time, both peaks and the number of processes at the peak, and appends a Markdown line to
 ``--out`` with the sweep's own phase lines (data and classifier, search, confirmation, report); the study's
-report (``Where the time went``) breaks the trials down further. Nothing else should run on the machine while
-it measures.
+report (``Where the time went``) breaks the trials down further. With them: what held the memory at the peak
+(anonymous RSS by process kind, e.g. ``ray::RayTrainWorker``), and the CPU share of the sweep's processes
+(their CPU seconds over wall x cores) next to the load average before the start, so a run that shared the
+machine shows it. Nothing else should run on the machine while it measures.
 """
 
 from __future__ import annotations
@@ -39,10 +41,13 @@ def machine_used() -> int:
     return info["MemTotal"] - info["MemAvailable"]
 
 
-def tree_rss(root: int) -> tuple[int, int]:
-    """Sum of RSS over `root` and all its descendants, and how many processes that is."""
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def tree(root: int) -> dict[int, tuple[int, float]]:
+    """{pid: (RSS bytes, CPU seconds so far)} of `root` and all its descendants."""
     children: dict[int, list[int]] = {}
-    rss: dict[int, int] = {}
+    info: dict[int, tuple[int, float]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -51,15 +56,50 @@ def tree_rss(root: int) -> tuple[int, int]:
             statm = Path(f"/proc/{entry}/statm").read_text().split()
         except OSError:  # the process ended while we looked
             continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry))
-        rss[int(entry)] = int(statm[1]) * PAGE
-    total, count, stack = 0, 0, [root]
+        fields = stat.rsplit(")", 1)[1].split()
+        children.setdefault(int(fields[1]), []).append(int(entry))
+        info[int(entry)] = (int(statm[1]) * PAGE, (int(fields[11]) + int(fields[12])) / TICK)
+    found, stack = {}, [root]
     while stack:
         pid = stack.pop()
-        total, count = total + rss.get(pid, 0), count + 1
+        if pid in info:
+            found[pid] = info[pid]
         stack.extend(children.get(pid, []))
-    return total, count
+    return found
+
+
+def process_kind(argv: list[str]) -> str:
+    """A process's kind from its command line: Ray's title (``ray::RayTrainWorker``, ``ray-dashboard-X-0``),
+    ``python script.py`` -> the script, ``python -m mod`` -> mod, ``python -c ...`` -> ``python -c``."""
+    if not argv:
+        return "?"
+    first = argv[0].split(" ")[0]  # titles set by setproctitle hold the whole line in one word
+    if not Path(first).name.startswith("python") or len(argv) == 1:
+        return Path(first).name if "/" in first else first
+    for i, word in enumerate(argv[1:], 1):
+        if word == "-m" and i + 1 < len(argv):
+            return argv[i + 1]
+        if word == "-c":
+            return "python -c"
+        if not word.startswith("-"):
+            return Path(word).name
+    return "python"
+
+
+def holders(pids) -> str:
+    """Anonymous RSS by process kind (the command's first word, e.g. ``ray::RayTrainWorker``), largest first."""
+    kinds: dict[str, list[int]] = {}
+    for pid in pids:
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+            words = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        anon = re.search(r"RssAnon:\s+(\d+)", status)
+        kinds.setdefault(process_kind([w.decode(errors="replace") for w in words if w]),
+                         []).append(int(anon.group(1)) * 1024 if anon else 0)
+    ranked = sorted(kinds.items(), key=lambda kv: -sum(kv[1]))
+    return ", ".join(f"{name} {len(v)} x {sum(v) / len(v) / 2**20:.0f} MiB" for name, v in ranked if sum(v) > 50 * 2**20)
 
 
 def main() -> int:
@@ -70,7 +110,7 @@ def main() -> int:
     args = p.parse_args()
     sweep_args = args.sweep_args[1:] if args.sweep_args[:1] == ["--"] else args.sweep_args
 
-    idle = machine_used()
+    idle, load = machine_used(), os.getloadavg()[0]
     command = [sys.executable, str(REPO / "tuning" / "sweep.py"), *sweep_args]
     print(f"benchmark: {' '.join(command)} (machine memory in use before: {idle / 2**30:.2f} GiB)", flush=True)
     tic = time.perf_counter()
@@ -85,16 +125,19 @@ def main() -> int:
 
     relay_thread = threading.Thread(target=relay, daemon=True)
     relay_thread.start()
-    peak = {"used": 0, "rss": 0, "procs": 0}
+    peak = {"used": 0, "rss": 0, "procs": 0, "holders": ""}
+    cpu: dict[int, float] = {}  # the last CPU seconds seen of every process of the sweep
 
     def sample() -> None:
         while child.poll() is None:
             used = machine_used() - idle
-            rss, procs = tree_rss(child.pid)
+            procs = tree(child.pid)
+            cpu.update({pid: seconds for pid, (_, seconds) in procs.items()})
+            rss = sum(r for r, _ in procs.values())
             if used > peak["used"]:
-                peak["used"] = used
+                peak["used"], peak["holders"] = used, holders(procs)
             if rss > peak["rss"]:
-                peak["rss"], peak["procs"] = rss, procs
+                peak["rss"], peak["procs"] = rss, len(procs)
             time.sleep(args.interval)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -106,8 +149,11 @@ def main() -> int:
     line = (f"| {time.strftime('%Y-%m-%d')} | `{' '.join(sweep_args) or '(defaults)'}` | {os.cpu_count()} | "
             f"{wall / 60:.1f} min | {peak['used'] / 2**30:.2f} GiB | {peak['rss'] / 2**30:.2f} GiB "
             f"({peak['procs']} processes) | {rc} |")
+    share = sum(cpu.values()) / (wall * (os.cpu_count() or 1))
+    notes = (f"CPU share of the sweep's processes {share:.0%} of {os.cpu_count()} cores (load average before the "
+             f"start {load:.2f}); at the memory peak, anonymous RSS: {peak['holders']}")
     print(f"benchmark: exit {rc}, wall {wall:.0f} s, peak machine memory above idle {peak['used'] / 2**30:.2f} GiB, "
-          f"peak summed RSS {peak['rss'] / 2**30:.2f} GiB over {peak['procs']} processes", flush=True)
+          f"peak summed RSS {peak['rss'] / 2**30:.2f} GiB over {peak['procs']} processes; {notes}", flush=True)
     if not args.out.exists():
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text("# Whole-sweep wall time and peak memory (`python benchmarks/sweep.py -- ARGS`)\n\n"
@@ -115,8 +161,10 @@ def main() -> int:
                             "|---|---|---|---|---|---|---|\n")
     with args.out.open("a") as fh:
         fh.write(line + "\n")
+        fh.write("\n" + notes + ".\n")
         if phases:
-            fh.write("\nPhases: " + "; ".join(phases) + "\n\n")
+            fh.write("\nPhases: " + "; ".join(phases) + "\n")
+        fh.write("\n")
     return rc
 
 
