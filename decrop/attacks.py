@@ -38,16 +38,29 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
+from importlib import metadata
+from typing import TYPE_CHECKING
+
 import torch
-import torchattacks
 from torch import Tensor, nn
 
 from .runtime import eval_mode
 
+if TYPE_CHECKING:
+    import torchattacks
+
 Attack = Callable[..., Tensor]
 # Part of the boundary samples' cache key (decrop.samples.boundary_settings): another implementation makes other samples.
 # Bump the leading number when an attack of ours (deepfool, none) changes.
-ATTACK_IMPLEMENTATION = f"2+torchattacks-{torchattacks.__version__}"
+ATTACK_IMPLEMENTATION = f"2+torchattacks-{metadata.version('torchattacks')}"
+
+
+def _torchattacks():
+    """torchattacks, imported where an attack runs: ~34 MiB in every process that imports it, and the training
+    and certification workers never attack."""
+    import torchattacks
+
+    return torchattacks
 
 
 def _seed_from(generator: torch.Generator | None) -> int:
@@ -76,7 +89,7 @@ def pgd(model: nn.Module, x: Tensor, y: Tensor, *, eps: float = 8 / 255, step_si
 
     Returns the last iterate, inside the `eps`-ball around `x` and in [0, 1]."""
     with _attacking(model, generator):
-        attack = torchattacks.PGD(model, eps=eps, alpha=step_size, steps=steps, random_start=True)
+        attack = _torchattacks().PGD(model, eps=eps, alpha=step_size, steps=steps, random_start=True)
         return attack(x, y).detach()
 
 
@@ -87,13 +100,13 @@ def apgd_ce(model: nn.Module, x: Tensor, y: Tensor, *, eps: float = 8 / 255, ste
     Inside the `eps`-ball and [0, 1]; images it does not fool (or the model already misclassifies) come back
     unchanged."""
     with _attacking(model, generator) as seed:
-        attack = torchattacks.APGD(model, norm="Linf", eps=eps, steps=steps, n_restarts=1, seed=seed, loss="ce")
+        attack = _torchattacks().APGD(model, norm="Linf", eps=eps, steps=steps, n_restarts=1, seed=seed, loss="ce")
         return attack(x, y).detach()
 
 
 def build_autoattack(model: nn.Module, *, eps: float, num_classes: int, seed: int) -> torchattacks.AutoAttack:
     """torchattacks' standard L-inf AutoAttack (APGD-CE, APGD-T, FAB-T, Square) for a `num_classes` model."""
-    return torchattacks.AutoAttack(model, norm="Linf", eps=eps, version="standard", n_classes=num_classes,
+    return _torchattacks().AutoAttack(model, norm="Linf", eps=eps, version="standard", n_classes=num_classes,
                                    seed=seed)
 
 
