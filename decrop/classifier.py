@@ -46,7 +46,7 @@ def accuracy(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int =
     """Clean top-1 accuracy of `model` on (N, C, H, W) images in [0, 1]; restores the model's mode."""
     device = next(model.parameters()).device
     correct = 0
-    with torch.no_grad(), eval_mode(model):  # no autograd graph of 1,000 images' activations
+    with eval_mode(model):
         for start in range(0, len(images), batch_size):
             x = images[start:start + batch_size].to(device)
             correct += (model(x).argmax(1).cpu() == labels[start:start + batch_size]).sum().item()
