@@ -113,3 +113,13 @@ def test_agreement_builds_no_autograd_graph():
     agreement(Probe(logits=False), Probe(logits=True), images, sigma=0.1, seed=0, batch_size=4)
     accuracy(Probe(logits=True), images, torch.zeros(6, dtype=torch.long), batch_size=4)
     assert seen and not any(seen)
+
+
+def test_agreement_does_not_depend_on_its_batch_size():
+    """Its batches are a memory setting only: the noise stream and so the metric are the same for any size."""
+    torch.manual_seed(0)
+    denoiser = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 1, 3, padding=1))
+    classifier = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    images = torch.rand(50, 1, 8, 8)
+    values = {agreement(denoiser, classifier, images, sigma=0.5, seed=3, batch_size=b) for b in (50, 20, 7, 1)}
+    assert len(values) == 1 and 0 < values.pop() < 1
