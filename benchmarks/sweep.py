@@ -13,9 +13,9 @@ store) would be counted once per process by a plain sum of RSS:
 It prints the wall time, both peaks and the number of processes at the peak, and appends a Markdown line to
 ``--out`` with the sweep's own phase lines (data and classifier, search, confirmation, report); the study's
 report (``Where the time went``) breaks the trials down further. With them: what held the memory at the peak
-(anonymous RSS by process kind, e.g. ``ray::RayTrainWorker``), and the CPU share of the sweep's processes
+(anonymous RSS by process kind, e.g. ``ray::RayTrainWorker``), the CPU share of the sweep's processes
 (their CPU seconds over wall x cores) next to the load average before the start, so a run that shared the
-machine shows it. Nothing else should run on the machine while it measures.
+machine shows it, and where the CPU seconds went by process kind. Nothing else should run on the machine while it measures.
 """
 
 from __future__ import annotations
@@ -127,12 +127,19 @@ def main() -> int:
     relay_thread.start()
     peak = {"used": 0, "rss": 0, "procs": 0, "holders": ""}
     cpu: dict[int, float] = {}  # the last CPU seconds seen of every process of the sweep
+    kind: dict[int, str] = {}  # and its kind, read when first seen
 
     def sample() -> None:
         while child.poll() is None:
             used = machine_used() - idle
             procs = tree(child.pid)
             cpu.update({pid: seconds for pid, (_, seconds) in procs.items()})
+            for pid in procs.keys() - kind.keys():
+                try:
+                    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                except OSError:
+                    continue
+                kind[pid] = process_kind([w.decode(errors="replace") for w in argv if w])
             rss = sum(r for r, _ in procs.values())
             if used > peak["used"]:
                 peak["used"], peak["holders"] = used, holders(procs)
@@ -150,8 +157,14 @@ def main() -> int:
             f"{wall / 60:.1f} min | {peak['used'] / 2**30:.2f} GiB | {peak['rss'] / 2**30:.2f} GiB "
             f"({peak['procs']} processes) | {rc} |")
     share = sum(cpu.values()) / (wall * (os.cpu_count() or 1))
+    by_kind: dict[str, list[float]] = {}
+    for pid, seconds in cpu.items():
+        by_kind.setdefault(kind.get(pid, "?"), []).append(seconds)
+    ranked = sorted(by_kind.items(), key=lambda kv: -sum(kv[1]))[:12]
+    cpu_notes = ", ".join(f"{name} {len(v)} x {sum(v) / len(v):.0f} s" for name, v in ranked)
     notes = (f"CPU share of the sweep's processes {share:.0%} of {os.cpu_count()} cores (load average before the "
-             f"start {load:.2f}); at the memory peak, anonymous RSS: {peak['holders']}")
+             f"start {load:.2f}); CPU seconds by process kind (processes x mean): {cpu_notes}; at the memory peak, "
+             f"anonymous RSS: {peak['holders']}")
     print(f"benchmark: exit {rc}, wall {wall:.0f} s, peak machine memory above idle {peak['used'] / 2**30:.2f} GiB, "
           f"peak summed RSS {peak['rss'] / 2**30:.2f} GiB over {peak['procs']} processes; {notes}", flush=True)
     if not args.out.exists():
