@@ -36,10 +36,8 @@ model's mixed submodule modes with ``model.train()`` afterwards, and draws its r
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Callable, Iterator
-
 from importlib import metadata
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -107,7 +105,7 @@ def apgd_ce(model: nn.Module, x: Tensor, y: Tensor, *, eps: float = 8 / 255, ste
 def build_autoattack(model: nn.Module, *, eps: float, num_classes: int, seed: int) -> torchattacks.AutoAttack:
     """torchattacks' standard L-inf AutoAttack (APGD-CE, APGD-T, FAB-T, Square) for a `num_classes` model."""
     return _torchattacks().AutoAttack(model, norm="Linf", eps=eps, version="standard", n_classes=num_classes,
-                                   seed=seed)
+                                      seed=seed)
 
 
 def autoattack(model: nn.Module, x: Tensor, y: Tensor, *, eps: float = 8 / 255,

@@ -85,9 +85,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     # Every rank iterates the same global batches and computes its share of them; BatchNorm, the MMD and the
     # discriminator see the whole batch (decrop.distributed): the objective does not depend on the worker count.
     shard = Shard(rank, world)
-    hooks = TrainHooks(wrap=lambda module: ray.train.torch.prepare_model(
-        convert_global_batchnorm(module, shard), parallel_strategy_kwargs=no_forward_buffer_sync()),
-                       shard=shard, resume=_load_state(ray.train.get_checkpoint()), on_epoch_end=on_epoch_end)
+
+    def wrap(module: torch.nn.Module) -> torch.nn.Module:  # DDP (more than one worker) without per-forward syncs
+        return ray.train.torch.prepare_model(convert_global_batchnorm(module, shard),
+                                             parallel_strategy_kwargs=no_forward_buffer_sync())
+    hooks = TrainHooks(wrap=wrap, shard=shard, resume=_load_state(ray.train.get_checkpoint()),
+                       on_epoch_end=on_epoch_end)
     if hooks.resume is not None:
         log(f"resuming from the checkpoint of epoch {hooks.resume['epoch']}")
         if rank == 0 and loop_config.get("run_id"):  # the trial's run says where its training picked up again
