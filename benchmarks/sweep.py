@@ -127,14 +127,14 @@ def main() -> int:
     relay_thread.start()
     peak = {"used": 0, "rss": 0, "procs": 0, "holders": ""}
     cpu: dict[int, float] = {}  # the last CPU seconds seen of every process of the sweep
-    kind: dict[int, str] = {}  # and its kind, read when first seen
+    kind: dict[int, str] = {}  # and its kind, as last seen (a Ray worker takes its title once it has started)
 
     def sample() -> None:
         while child.poll() is None:
             used = machine_used() - idle
             procs = tree(child.pid)
             cpu.update({pid: seconds for pid, (_, seconds) in procs.items()})
-            for pid in procs.keys() - kind.keys():
+            for pid in procs:
                 try:
                     argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
                 except OSError:
