@@ -86,18 +86,26 @@ def process_kind(argv: list[str]) -> str:
     return "python"
 
 
+def kind_of(pid: int) -> str | None:
+    """`process_kind` of a running process; None once it has ended."""
+    try:
+        words = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    return process_kind([w.decode(errors="replace") for w in words if w])
+
+
 def holders(pids) -> str:
-    """Anonymous RSS by process kind (the command's first word, e.g. ``ray::RayTrainWorker``), largest first."""
+    """Anonymous RSS by process kind (`process_kind`, e.g. ``ray::RayTrainWorker``), largest first."""
     kinds: dict[str, list[int]] = {}
     for pid in pids:
         try:
             status = Path(f"/proc/{pid}/status").read_text()
-            words = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        anon = re.search(r"RssAnon:\s+(\d+)", status)
-        kinds.setdefault(process_kind([w.decode(errors="replace") for w in words if w]),
-                         []).append(int(anon.group(1)) * 1024 if anon else 0)
+        name, anon = kind_of(pid), re.search(r"RssAnon:\s+(\d+)", status)
+        if name is not None:
+            kinds.setdefault(name, []).append(int(anon.group(1)) * 1024 if anon else 0)
     ranked = sorted(kinds.items(), key=lambda kv: -sum(kv[1]))
     return ", ".join(f"{name} {len(v)} x {sum(v) / len(v) / 2**20:.0f} MiB" for name, v in ranked if sum(v) > 50 * 2**20)
 
@@ -135,11 +143,9 @@ def main() -> int:
             procs = tree(child.pid)
             cpu.update({pid: seconds for pid, (_, seconds) in procs.items()})
             for pid in procs:
-                try:
-                    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-                except OSError:
-                    continue
-                kind[pid] = process_kind([w.decode(errors="replace") for w in argv if w])
+                name = kind_of(pid)
+                if name is not None:
+                    kind[pid] = name
             rss = sum(r for r, _ in procs.values())
             if used > peak["used"]:
                 peak["used"], peak["holders"] = used, holders(procs)
