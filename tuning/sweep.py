@@ -334,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
         from decrop.pipeline import prepare
         from decrop.runtime import release_memory
         clean_accuracy = prepare(cfg).clean_accuracy  # the driver keeps nothing else of it
-        release_memory()  # the classifier's training and the full split's peak: ~0.5 GiB of the driver's heap
+        release_memory()  # the prepared images and classifier (prepare itself released its training peak)
         print(f"sweep: data and classifier ready in {time.perf_counter() - tic:.0f}s", flush=True)
     except (*BAD_INPUT, ValueError) as err:
         print(f"error: {redact_uri(str(err))}", file=sys.stderr)

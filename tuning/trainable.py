@@ -178,7 +178,7 @@ def run_trial(params: dict[str, Any], settings: StudySettings) -> None:
         if method == "decrop":  # generated (and cached) once here, so the DDP workers read the cache
             samples_for(prep, prep.classifier, classifier_key(prep.cfg), log=_quiet)
             clock.lap("samples")
-        release_memory()  # the attacks' activations: this actor only waits on the training and the certification
+            release_memory()  # the attacks' activations: this actor only waits on the training and certification
         state, last = _train(settings, flat, method, trial_id, point["name"], run_id)
         clock.lap("train")
         tracker.log_artifact(run_id, str(_save_weights(settings, cfg, method, trial_id, state,

@@ -161,13 +161,14 @@ def _smoke_levels(name: str) -> list[str]:
 def test_every_preset_runs_in_a_smoke_setting(local_ray, tmp_path, preset, capsys):
     """Each paper study through the platform: its first level or two (`_smoke_levels`), one seed, tiny settings."""
     from tuning.presets import PRESETS, points
-    args = ["--preset", preset, "--seeds", "0", "--levels", *_smoke_levels(preset), "--storage", str(tmp_path)]
+    smoke = _smoke_levels(preset)
+    args = ["--preset", preset, "--seeds", "0", "--levels", *smoke, "--storage", str(tmp_path)]
     for item in [*TINY, "data.test_every=2000", "data.percent=0.2", "blackbox.epochs=1", "denoiser.num_memblocks=1",
                  "denoiser.num_resblocks=1"]:
         args += ["--set", item]
     assert sweep.main(args) == 0, capsys.readouterr().err
     parent, children = _children(default_tracking_uri(tmp_path / f"quick-{preset}"), f"quick-{preset}")
-    levels = tuple(level for level in PRESETS[preset].levels if str(level) in _smoke_levels(preset))
+    levels = tuple(level for level in PRESETS[preset].levels if str(level) in smoke)
     assert len(children) == len(points(PRESETS[preset], [0], levels))
     assert all(c.info.status == "FINISHED" for c in children)
     assert parent.data.tags["decrop.role"] == "preset" and parent.data.params["factor"] == PRESETS[preset].key
