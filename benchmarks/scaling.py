@@ -36,6 +36,7 @@ import torch  # noqa: E402
 from ray.train.torch import TorchTrainer  # noqa: E402
 
 from decrop.certify import certify_indices  # noqa: E402
+from decrop.checkpoint import save_checkpoint  # noqa: E402
 from decrop.classifier import classifier_key  # noqa: E402
 from decrop.config import from_flat, load_config, to_flat  # noqa: E402
 from decrop.pipeline import build_denoiser, prepare, samples_for, smoothed_model  # noqa: E402
@@ -50,7 +51,7 @@ def certification(flat: dict, images: int) -> list[tuple[str, float, float]]:
     prep = prepare(cfg, log=lambda _: None, evaluate=False)
     torch.manual_seed(0)
     denoiser = build_denoiser(cfg.denoiser, prep.info.channels)  # throughput does not depend on the weights
-    state = {k: v.clone() for k, v in denoiser.state_dict().items()}
+    weights = save_checkpoint(Path("/tmp") / "decrop-scaling" / "denoiser.pt", denoiser, {"kind": "denoiser"})
     indices = [int(i) for i in prep.val_indices[:images]]
     c = cfg.certify
 
@@ -67,7 +68,7 @@ def certification(flat: dict, images: int) -> list[tuple[str, float, float]]:
     results.append((f"in-process, {os.cpu_count()} threads (no Ray)", wall, images / wall))
     for shards in (1, 2):
         tic = time.perf_counter()
-        rows = certify_parallel(flat, {"d": state}, "val", indices, shards)["d"]
+        rows = certify_parallel(flat, {"d": weights}, "val", indices, shards)["d"]
         wall = time.perf_counter() - tic
         same = [(r.idx, r.predict, r.radius) for r in rows] == [(r.idx, r.predict, r.radius) for r in reference]
         if not same:

@@ -3,7 +3,7 @@
 ``certify_indices`` certifies ``dataset[i]`` for the given indices with `decrop.smooth.Smooth` (Cohen's fixed-n
 CERTIFY, or its sequential early-stopping form) and returns one `decrop.rows.CertRow` per image. It seeds every
 image from ``(seed, idx)``, so a dataset can be split into shards (e.g. one per Ray task), certified anywhere,
-and merged with ``merge_rows`` into exactly the unsharded result. ``fit_batch_size`` picks the largest forward
+and merged with `decrop.rows.merge_rows` into exactly the unsharded result. ``fit_batch_size`` picks the largest forward
 batch whose activations fit a memory budget.
 """
 
@@ -136,12 +136,3 @@ def fit_batch_size(model: nn.Module, image_shape: Sequence[int], device: torch.d
             used = 1.5 * (peak[0] + x.numel() * x.element_size())
     per_sample = max(used / probe, 1.0)
     return int(max(1, min(upper, budget_mb * 2**20 // per_sample)))
-
-
-def merge_rows(shards: Iterable[Sequence[CertRow]]) -> list[CertRow]:
-    """Concatenate shards' rows sorted by idx; ValueError if an idx appears twice."""
-    rows = sorted((row for shard in shards for row in shard), key=lambda row: row.idx)
-    for prev, row in zip(rows, rows[1:]):
-        if prev.idx == row.idx:
-            raise ValueError(f"duplicate idx {row.idx} across shards")
-    return rows

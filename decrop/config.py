@@ -54,6 +54,7 @@ Dataset = Literal["fashion_mnist", "cifar10", "folder"]
 ClassifierArch = Literal["small_cnn", "resnet20", "resnet56", "resnet110"]
 DenoiserArch = Literal["dncnn", "memnet"]
 Method = Literal["baseline", "decrop", "decrop_blackbox"]
+NO_DENOISER = "none"  # the smoothed classifier alone, the reference every table shows
 AttackName = Literal["pgd", "autoattack", "apgd_ce", "deepfool", "none"]
 ClassifierSource = Literal["train", "export", "torchscript", "state_dict", "torchvision"]
 

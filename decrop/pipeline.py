@@ -28,7 +28,7 @@ from .blackbox import BlackBox, distill_surrogate
 from .certify import certify_indices
 from .checkpoint import save_checkpoint
 from .classifier import accuracy, build_classifier, classifier_key, get_classifier
-from .config import DenoiserConfig, ExperimentConfig, config_hash, expand_path, to_yaml
+from .config import NO_DENOISER, DenoiserConfig, ExperimentConfig, config_hash, expand_path, to_yaml
 from .data import (AugmentedTensorDataset, DatasetInfo, as_tensors, augmentation_policy, dataset_info,
                    load_dataset, load_indices, save_indices, stratified_subset, test_indices, unlabeled_indices,
                    validation_indices)
@@ -44,7 +44,6 @@ from .samples import GeneratedSamples, load_or_generate_samples
 from .training import AdamThenSGD, TrainResult, train_denoiser
 
 Log = Callable[[str], None]
-NO_DENOISER = "none"  # the smoothed classifier alone, the reference every table shows
 
 
 @dataclass

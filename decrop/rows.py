@@ -99,3 +99,12 @@ def average_certified_radius(rows: Sequence[CertRow]) -> float:
     if not rows:
         raise ValueError("average_certified_radius needs at least one row")
     return math.fsum(row.radius if row.correct == 1 else 0.0 for row in rows) / len(rows)
+
+
+def merge_rows(shards: Iterable[Sequence[CertRow]]) -> list[CertRow]:
+    """Concatenate shards' rows sorted by idx; ValueError if an idx appears twice."""
+    rows = sorted((row for shard in shards for row in shard), key=lambda row: row.idx)
+    for prev, row in zip(rows, rows[1:]):
+        if prev.idx == row.idx:
+            raise ValueError(f"duplicate idx {row.idx} across shards")
+    return rows

@@ -10,8 +10,8 @@ from statsmodels.stats.proportion import proportion_confint
 from torch import nn
 
 from decrop.bounds import certified_radius, lower_confidence_bound
-from decrop.certify import certify_indices, fit_batch_size, merge_rows
-from decrop.rows import CertRow
+from decrop.certify import certify_indices, fit_batch_size
+from decrop.rows import CertRow, merge_rows
 from decrop.smooth import ABSTAIN, Smooth
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: threads only cost time on a shared CPU

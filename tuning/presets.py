@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-NO_DENOISER = "none"
+from decrop.config import NO_DENOISER
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,8 @@ on CPU, nccl on GPU); every rank iterates the same global batches and computes i
 (`decrop.distributed`), so W workers optimise exactly the objective of one process. Every epoch every rank calls ``ray.train.report`` (a barrier); rank 0 attaches a checkpoint every
 ``checkpoint_every`` epochs and logs the epoch's metrics to the trial's MLflow run. A retried trial finds
 its latest checkpoint with ``ray.train.get_checkpoint()`` and continues from it, bit for bit (logged as
-``train/resumed_from_epoch`` in the trial's run).
+``train/resumed_from_epoch`` in the trial's run). When ``weights`` is given, rank 0 writes the trained denoiser
+there at the end (`decrop.checkpoint.save_checkpoint`, with what it is in its metadata).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import ray.train
 import ray.train.torch
 import torch
 
-from decrop.config import from_flat
+from decrop.checkpoint import save_checkpoint
+from decrop.config import config_hash, from_flat
 from decrop.distributed import Shard, convert_global_batchnorm, no_forward_buffer_sync
 from decrop.metrics import MultiSink, PrintSink
 from decrop.pipeline import TrainHooks, prepare, train_method
@@ -48,9 +50,10 @@ def _load_state(checkpoint: ray.train.Checkpoint | None) -> dict | None:
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
-    """`loop_config`: ``config`` (flat experiment config), ``method``, ``label`` (progress lines), ``checkpoint_every``, ``threads`` and,
-    for MLflow, ``tracking_uri``, ``experiment``, ``run_id``. Rank 0 returns the final epoch's metrics; the
-    trained denoiser is in the last checkpoint (always written at the last epoch: `trained_state`)."""
+    """`loop_config`: ``config`` (flat experiment config), ``method``, ``label`` (progress lines),
+    ``checkpoint_every``, ``threads``, ``weights`` (where rank 0 writes the trained denoiser; optional, with
+    ``trial_id`` for its metadata) and, for MLflow, ``tracking_uri``, ``experiment``, ``run_id``. Rank 0 returns the
+    final epoch's metrics."""
     cfg = from_flat(loop_config["config"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -97,9 +100,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
             tracker.log_metrics(loop_config["run_id"], {"train/resumed_from_epoch": hooks.resume["epoch"]},
                                 step=hooks.resume["epoch"])
     denoiser, result = train_method(loop_config["method"], prep, MultiSink(*sinks), log=log, hooks=hooks)
+    if rank == 0 and loop_config.get("weights"):
+        save_checkpoint(Path(loop_config["weights"]), denoiser, {
+            "kind": "denoiser", "method": loop_config["method"], "arch": cfg.denoiser.arch,
+            "key": config_hash(cfg.denoiser), "dataset": cfg.data.dataset, "sigma": cfg.sigma,
+            "trial_id": loop_config.get("trial_id")})
     return result.final if rank == 0 else None
-
-
-def trained_state(result: ray.train.Result) -> dict[str, torch.Tensor]:
-    """The denoiser weights of a finished Train run (its last checkpoint; Train returns no tensors)."""
-    return _load_state(result.checkpoint)["denoiser"]

@@ -3,10 +3,15 @@
 Every study runs its trials through this one trainable: the Optuna search (a trial's parameters are the
 searched config keys), the paper's presets and the search's confirmation (a trial's parameters are a *point*
 of `tuning.presets`: method, seed, level and config overrides). The trial function is the driver of a Ray
-Train run (PLATFORM_NOTES: Train V2 inside Tune): it builds a `TorchTrainer` whose per-epoch reports reach Tune
-through ``TuneReportCallback`` (so ASHA can stop weak search trials on ``val/agreement``), calls ``fit()``,
-certifies the trained denoiser as parallel Ray tasks and reports with ``ray.tune.report``. The no-denoiser
-reference (method ``none``) trains nothing and is only certified.
+Train run (PLATFORM_NOTES: Train V2 inside Tune): it builds a PyTorch DDP trainer (`tuning.torch_backend`) whose
+per-epoch reports reach Tune through ``TuneReportCallback`` (so ASHA can stop weak search trials on
+``val/agreement``), calls ``fit()``, certifies the trained denoiser as parallel Ray tasks and reports with
+``ray.tune.report``. The no-denoiser reference (method ``none``) trains nothing and is only certified.
+
+The trial function itself (the Tune trial actor, which mostly waits) never loads torch, the data or the
+classifier: a short-lived task prepares the data and generates DE-CROP's samples, rank 0 of the training saves
+the denoiser's weights file, and the certification tasks read that file. Loading torch costs ~0.4 GiB per
+process, and two trials train at once at the default study's peak (`benchmarks/results/sweep_cpu.md`).
 
 **Objective** (the search): certified agreement of the smoothed classifier on the first ``certify.val_images``
 validation images (`data.val_source`: extra unlabelled images or a held-out part of the limited subset),
@@ -15,35 +20,32 @@ classifier agrees with the classifier's own prediction, certified at r, so no la
 is read. The average over radii is an ACR on the reported grid: it rewards certifying more images and
 certifying them further, and moves more smoothly than accuracy at one radius. It is certified in the
 sequential mode, which decides each image at those radii and stops sampling as soon as the answer is known
-(same per-image guarantee; its radii are the grid's, so the logged ``certify/acr`` is a lower bound). **Test images** are certified only by trials of a study that
-reports them (presets, confirmation), after training: nothing is selected on them.
+(same per-image guarantee; its radii are the grid's, so the logged ``certify/acr`` is a lower bound). **Test
+images** are certified only by trials of a study that reports them (presets, confirmation), after training:
+nothing is selected on them.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import ray
 import ray.train
 import ray.tune
-import torch
-from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from decrop.checkpoint import read_checkpoint, save_checkpoint
-from decrop.classifier import classifier_key
-from decrop.config import ExperimentConfig, config_hash, from_flat, to_flat, to_yaml
-from decrop.pipeline import NO_DENOISER, build_denoiser, prepare, samples_for
-from decrop.runtime import release_memory
+from decrop.config import NO_DENOISER, ExperimentConfig, config_hash, from_flat, to_flat, to_yaml
 
 from . import trial_cache
 from .certify_tasks import certify_parallel
 from .space import trial_overrides
+from .torch_backend import torch_trainer
 from .tracking import (FACTOR_TAG, LEVEL_TAG, METHOD_TAG, PRESET_TAG, SEED_TAG, VARIANT_TAG, StudyTracker)
-from .train_loop import train_loop_per_worker, trained_state
 
 
 @dataclass(frozen=True)
@@ -87,19 +89,53 @@ def trial_config(settings: StudySettings, params: dict[str, Any]) -> dict[str, A
     return to_flat(from_flat(flat))
 
 
+def _train_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
+    """The Train workers' function, `tuning.train_loop.train_loop_per_worker`, imported there (it loads torch)."""
+    from .train_loop import train_loop_per_worker
+
+    return train_loop_per_worker(loop_config)
+
+
+# In a process of its own that ends with the task (max_calls=1), so that the trial actor never loads torch, the
+# data or the classifier: ~0.4 GiB less per trial waiting on its training. No CPU, as when the actor did it itself.
+@ray.remote(num_cpus=0, max_calls=1)
+def _trial_data(flat: dict[str, Any], generate_samples: bool) -> dict[str, Any]:
+    """What a trial needs of `decrop.pipeline.prepare` (budget, validation and test indices) and the wall seconds
+    of its phases; with `generate_samples`, DE-CROP's boundary and interpolated samples are generated and cached
+    here, so the Train workers read the cache."""
+    from decrop.classifier import classifier_key
+    from decrop.pipeline import prepare, samples_for
+
+    tic = time.perf_counter()
+    prep = prepare(from_flat(flat), log=_quiet, evaluate=False)
+    times = {"prepare": time.perf_counter() - tic}
+    if generate_samples:
+        tic = time.perf_counter()
+        samples_for(prep, prep.classifier, classifier_key(prep.cfg), log=_quiet)
+        times["samples"] = time.perf_counter() - tic
+    return {"budget": prep.budget, "val_indices": [int(i) for i in prep.val_indices],
+            "test_indices": [int(i) for i in prep.test_indices], "times": times}
+
+
 def _quiet(_: str) -> None:
     pass
 
 
-def _train(settings: StudySettings, flat: dict, method: str, trial_id: str, name: str, run_id: str
-           ) -> tuple[dict[str, torch.Tensor], dict]:
-    """The trial's denoiser, trained by a Ray Train run of `train_loop_per_worker`; (weights, last metrics)."""
-    trainer = TorchTrainer(
-        train_loop_per_worker,
+def _weights_path(settings: StudySettings, trial_id: str) -> Path:
+    """Where a trial's denoiser is saved (`python -m decrop export --trial` reads it and the config beside it)."""
+    return Path(settings.storage) / "denoisers" / f"{trial_id}.pt"
+
+
+def _train(settings: StudySettings, flat: dict, method: str, trial_id: str, name: str, run_id: str) -> dict:
+    """Train the trial's denoiser in a Ray Train run of `train_loop_per_worker`, whose rank 0 saves it to
+    `_weights_path`; returns the last epoch's metrics."""
+    trainer = torch_trainer(
+        _train_worker,
         train_loop_config={"config": flat, "method": method, "label": name,
                            "checkpoint_every": settings.checkpoint_every,
                            "threads": 1, "tracking_uri": settings.tracking_uri,
-                           "experiment": settings.experiment, "run_id": run_id},
+                           "experiment": settings.experiment, "run_id": run_id,
+                           "weights": str(_weights_path(settings, trial_id)), "trial_id": trial_id},
         scaling_config=ray.train.ScalingConfig(
             num_workers=settings.workers, use_gpu=settings.gpus_per_worker > 0,
             resources_per_worker={"CPU": 1, **({"GPU": settings.gpus_per_worker}
@@ -111,20 +147,7 @@ def _train(settings: StudySettings, flat: dict, method: str, trial_id: str, name
             failure_config=ray.train.FailureConfig(max_failures=1, controller_failure_limit=1),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1)),
     )
-    result = trainer.fit()
-    return trained_state(result), result.return_value or {}
-
-
-def _save_weights(settings: StudySettings, cfg: ExperimentConfig, method: str, trial_id: str,
-                  state: dict[str, torch.Tensor], channels: int) -> Path:
-    weights = Path(settings.storage) / "denoisers" / f"{trial_id}.pt"
-    denoiser = build_denoiser(cfg.denoiser, channels)
-    denoiser.load_state_dict(state)
-    save_checkpoint(weights, denoiser, {"kind": "denoiser", "method": method, "arch": cfg.denoiser.arch,
-                                        "key": config_hash(cfg.denoiser), "dataset": cfg.data.dataset,
-                                        "sigma": cfg.sigma, "trial_id": trial_id})
-    weights.with_suffix(".yaml").write_text(to_yaml(cfg))  # what `python -m decrop export --trial` reads
-    return weights
+    return trainer.fit().return_value or {}
 
 
 def run_trial(params: dict[str, Any], settings: StudySettings) -> None:
@@ -152,58 +175,64 @@ def run_trial(params: dict[str, Any], settings: StudySettings) -> None:
     inject_fault(point["name"])
     tracker.log_text(run_id, to_yaml(cfg), "config.yaml")
     clock.sink = (tracker, run_id)
-    prep = prepare(cfg, log=_quiet, evaluate=False)
-    tracker.log_params(run_id, {f"budget.{k}": v for k, v in prep.budget.items()})
-    clock.lap("prepare")
 
     # A trial that only reports the test subset and whose result another study already computed with the same
     # config, seed and code takes it (tuning.trial_cache): the paper's studies share the profile's defaults.
     key = trial_cache.trial_key(flat, settings.workers, settings.gpus_per_worker) if (
         settings.test and not settings.validate) else None
     cached = trial_cache.load(cfg.cache_dir, key) if key else None
+    # DE-CROP's samples are generated (and cached) once, before training, so that the DDP workers read the cache.
+    data = ray.get(_trial_data.options(scheduling_strategy="SPREAD").remote(
+        flat, method == "decrop" and cached is None))
+    tracker.log_params(run_id, {f"budget.{k}": v for k, v in data["budget"].items()})
+    clock.record(data["times"])
+    weights = _weights_path(settings, trial_id) if method != NO_DENOISER else None
     if cached is not None:
-        state, rows, source = cached
+        source_weights, rows, source = cached
         tracker.set_tag(run_id, trial_cache.REUSED_TAG, source)
-        if state is not None:
-            tracker.log_artifact(run_id, str(_save_weights(settings, cfg, method, trial_id, state,
-                                                           prep.info.channels)), "denoiser")
+        if weights is not None:
+            weights.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source_weights, weights)
+            _log_weights(tracker, run_id, weights, cfg)
         metrics = tracker.log_certification(run_id, rows, cfg.certify.radii, f"test_{label}")
         clock.lap("reused")
         tracker.save_result(run_id, {**metrics, **clock.times})
         ray.tune.report({**metrics, **clock.times})
         return
 
-    state, last = None, {}
-    if method != NO_DENOISER:
-        if method == "decrop":  # generated (and cached) once here, so the DDP workers read the cache
-            samples_for(prep, prep.classifier, classifier_key(prep.cfg), log=_quiet)
-            clock.lap("samples")
-            release_memory()  # the attacks' activations: this actor only waits on the training and certification
-        state, last = _train(settings, flat, method, trial_id, point["name"], run_id)
+    last = {}
+    if weights is not None:
+        last = _train(settings, flat, method, trial_id, point["name"], run_id)
         clock.lap("train")
-        tracker.log_artifact(run_id, str(_save_weights(settings, cfg, method, trial_id, state,
-                                                       prep.info.channels)), "denoiser")
+        _log_weights(tracker, run_id, weights, cfg)
     metrics: dict[str, float] = {}
     if settings.validate:
         # Decisions at the study's radii, stopped as soon as they are known (decrop.sequential): same guarantee
         # per image, ~1.8x fewer forward passes at the quick profile's n.
-        val = [int(i) for i in prep.val_indices[:cfg.certify.val_images]]
-        rows = certify_parallel({**flat, "certify.mode": "sequential"}, {label: state}, "val", val,
+        val = data["val_indices"][:cfg.certify.val_images]
+        rows = certify_parallel({**flat, "certify.mode": "sequential"}, {label: weights}, "val", val,
                                 settings.cert_shards, gpus_per_task=settings.gpus_per_worker)[label]
         metrics.update(tracker.log_certification(run_id, rows, cfg.certify.radii, "validation"))
         metrics["objective"] = validation_objective(metrics, cfg.certify.radii)
         tracker.log_metrics(run_id, {"certify/objective": metrics["objective"]}, step=0)
         clock.lap("certify_validation")
     if settings.test:
-        rows = certify_parallel(flat, {label: state}, "test", [int(i) for i in prep.test_indices],
+        rows = certify_parallel(flat, {label: weights}, "test", data["test_indices"],
                                 settings.cert_shards, gpus_per_task=settings.gpus_per_worker)[label]
         metrics.update(tracker.log_certification(run_id, rows, cfg.certify.radii, f"test_{label}"))
         clock.lap("certify_test")
         if key is not None:
-            trial_cache.store(cfg.cache_dir, key, state, rows, f"{settings.experiment}/{trial_id}")
+            trial_cache.store(cfg.cache_dir, key, weights, rows, f"{settings.experiment}/{trial_id}")
     result = {**metrics, **clock.times, "val/agreement": last.get("val/agreement", float("nan"))}
     tracker.save_result(run_id, result)
     ray.tune.report(result)
+
+
+def _log_weights(tracker: StudyTracker, run_id: str, weights: Path, cfg: ExperimentConfig) -> None:
+    """The trial's denoiser and, beside it, its config (what `python -m decrop export --trial` reads) into its
+    run."""
+    weights.with_suffix(".yaml").write_text(to_yaml(cfg))
+    tracker.log_artifact(run_id, str(weights), "denoiser")
 
 
 FAIL_ONCE_ENV, FAIL_ALWAYS_ENV = "DECROP_TEST_FAIL_ONCE", "DECROP_TEST_FAIL_ALWAYS"
@@ -240,11 +269,23 @@ class PhaseClock:
 
     def lap(self, phase: str) -> None:
         now = time.perf_counter()
-        self.times[f"time/{phase}"] = now - self.last
+        self._log(phase, now - self.last)
         self.last = now
+
+    def record(self, seconds: dict[str, float]) -> None:
+        """Phases timed elsewhere (a task's), in order; the wall time since the last lap that they do not cover
+        (starting the task's process, waiting for it) goes to the first."""
+        now = time.perf_counter()
+        phases = list(seconds)
+        for phase in phases:
+            self._log(phase, seconds[phase] + (now - self.last - sum(seconds.values()) if phase == phases[0] else 0))
+        self.last = now
+
+    def _log(self, phase: str, seconds: float) -> None:
+        self.times[f"time/{phase}"] = seconds
         if self.sink is not None:
             tracker, run_id = self.sink
-            tracker.log_metrics(run_id, {f"time/{phase}": self.times[f"time/{phase}"]}, step=0)
+            tracker.log_metrics(run_id, {f"time/{phase}": seconds}, step=0)
 
 
 def validation_objective(metrics: dict[str, float], radii: tuple[float, ...]) -> float:
@@ -261,6 +302,9 @@ def tune_trainable(settings: StudySettings):
                                    {"cpu": 0, "node:__internal_head__": 0.01})
 
 
-def load_denoiser_state(path: Path) -> dict[str, torch.Tensor]:
-    """The weights a trial saved; a missing or corrupt file raises `CheckpointError` naming it."""
+def load_denoiser_state(path: Path) -> dict:
+    """The weights a trial saved (a dict of tensors); a missing or corrupt file raises `CheckpointError` naming
+    it."""
+    from decrop.checkpoint import read_checkpoint
+
     return read_checkpoint(path)["state_dict"]

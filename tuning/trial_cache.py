@@ -22,11 +22,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from decrop.rows import CertRow, read_rows, write_rows
-from decrop.checkpoint import read_checkpoint, save_tensors
 from decrop.config import config_hash, expand_path
+from decrop.rows import CertRow, read_rows, write_rows
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCES = ("decrop", "tuning/train_loop.py", "tuning/certify_tasks.py")  # what computes a trial's rows
@@ -55,29 +52,27 @@ def _folder(cache_dir: str, key: str) -> Path:
     return expand_path(cache_dir) / "trials" / key
 
 
-def load(cache_dir: str, key: str) -> tuple[dict[str, torch.Tensor] | None, list[CertRow], str] | None:
-    """(denoiser weights or None for no denoiser, test rows, the trial that computed them), or None."""
+def load(cache_dir: str, key: str) -> tuple[Path | None, list[CertRow], str] | None:
+    """(the denoiser's weights file or None for no denoiser, test rows, the trial that computed them), or None."""
     folder = _folder(cache_dir, key)
     if not (folder / "meta.json").is_file():
         return None
     meta = json.loads((folder / "meta.json").read_text())
-    state = read_checkpoint(folder / "denoiser.pt")["state_dict"] if meta["denoiser"] else None
-    return state, read_rows(folder / "test.tsv"), meta["source"]
+    return folder / "denoiser.pt" if meta["denoiser"] else None, read_rows(folder / "test.tsv"), meta["source"]
 
 
-def store(cache_dir: str, key: str, state: dict[str, torch.Tensor] | None, rows: list[CertRow],
-          source: str) -> None:
-    """Keep a finished trial's weights and test rows under `key` (first writer wins)."""
+def store(cache_dir: str, key: str, weights: Path | None, rows: list[CertRow], source: str) -> None:
+    """Keep a finished trial's weights file (a copy) and test rows under `key` (first writer wins)."""
     folder = _folder(cache_dir, key)
     if folder.exists():
         return
     folder.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=folder.parent))
     try:
-        if state is not None:
-            save_tensors(work / "denoiser.pt", state, {"kind": "trial_cache", "key": key})
+        if weights is not None:
+            shutil.copyfile(weights, work / "denoiser.pt")
         write_rows(rows, work / "test.tsv")
-        (work / "meta.json").write_text(json.dumps({"source": source, "denoiser": state is not None,
+        (work / "meta.json").write_text(json.dumps({"source": source, "denoiser": weights is not None,
                                                     "code": code_hash()}))
         os.replace(work, folder)
     except OSError:

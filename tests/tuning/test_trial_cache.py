@@ -28,9 +28,12 @@ def test_key_covers_config_layout_and_code(monkeypatch):
 def test_round_trip_first_writer_wins_and_nothing_half_written(tmp_path):
     key = trial_cache.trial_key({"seed": 0}, 1, 0.0)
     assert trial_cache.load(str(tmp_path), key) is None
-    trial_cache.store(str(tmp_path), key, {"w": torch.arange(3.0)}, ROWS, "study-a/trial-1")
-    state, rows, source = trial_cache.load(str(tmp_path), key)
-    assert torch.equal(state["w"], torch.arange(3.0)) and rows == ROWS and source == "study-a/trial-1"
+    weights = tmp_path / "trial-1.pt"
+    torch.save({"w": torch.arange(3.0)}, weights)
+    trial_cache.store(str(tmp_path), key, weights, ROWS, "study-a/trial-1")
+    weights.unlink()  # the cache keeps its own copy
+    cached, rows, source = trial_cache.load(str(tmp_path), key)
+    assert torch.equal(torch.load(cached)["w"], torch.arange(3.0)) and rows == ROWS and source == "study-a/trial-1"
     trial_cache.store(str(tmp_path), key, None, ROWS[:1], "study-b/trial-9")  # a second writer changes nothing
     assert trial_cache.load(str(tmp_path), key)[2] == "study-a/trial-1"
     reference = trial_cache.trial_key({"seed": 1}, 1, 0.0)
