@@ -381,7 +381,11 @@ def _last_error(trial: Any) -> str:
 
 
 class MlflowStatusCallback(Callback):
-    """Driver-side Tune callback that ends each trial's child run with the trial's fate.
+    """Driver-side Tune callback that logs each trial's training curves and ends its child run with its fate.
+
+    Every per-epoch result of a trial's training (a report of the Train workers' rank 0, forwarded by
+    ``TuneReportCallback``: it has ``epoch``) is logged to the trial's run at that step (its ``train/*`` and
+    ``val/*`` metrics, and ``train/resumed_from_epoch`` after a resume), so the training workers never load MLflow.
 
     Trials cannot always end their own run: an errored trial's process may be gone, and a trial stopped by the
     scheduler (ASHA) is terminated without running its own clean-up. Errored trials become FAILED (a run is
@@ -394,6 +398,22 @@ class MlflowStatusCallback(Callback):
     def __init__(self, tracker: StudyTracker, parent_run_id: str) -> None:
         self.tracker = tracker
         self.parent_run_id = parent_run_id
+        self._runs: dict[str, str] = {}  # trial id -> its run, once found
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        if "epoch" not in result:  # a trial's final result: the trial logged it itself
+            return
+        metrics = {k: float(v) for k, v in result.items()
+                   if "/" in k and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        try:
+            run_id = self._runs.get(trial.trial_id) or self.tracker.find_trial_run(self.parent_run_id,
+                                                                                   trial.trial_id)
+            if run_id is None:
+                return
+            self._runs[trial.trial_id] = run_id
+            self.tracker.log_metrics(run_id, metrics, step=int(result["epoch"]))
+        except (MlflowException, OSError, ValueError) as err:
+            log.warning("could not log epoch %s of trial %s: %s", result["epoch"], trial.trial_id, err)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._end(trial, "FAILED", create=True)

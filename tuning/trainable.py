@@ -126,15 +126,14 @@ def _weights_path(settings: StudySettings, trial_id: str) -> Path:
     return Path(settings.storage) / "denoisers" / f"{trial_id}.pt"
 
 
-def _train(settings: StudySettings, flat: dict, method: str, trial_id: str, name: str, run_id: str) -> dict:
+def _train(settings: StudySettings, flat: dict, method: str, trial_id: str, name: str) -> dict:
     """Train the trial's denoiser in a Ray Train run of `train_loop_per_worker`, whose rank 0 saves it to
-    `_weights_path`; returns the last epoch's metrics."""
+    `_weights_path`; returns the last epoch's metrics. Its per-epoch metrics reach Tune, whose driver logs them to
+    the trial's run (`MlflowStatusCallback`)."""
     trainer = torch_trainer(
         _train_worker,
         train_loop_config={"config": flat, "method": method, "label": name,
-                           "checkpoint_every": settings.checkpoint_every,
-                           "threads": 1, "tracking_uri": settings.tracking_uri,
-                           "experiment": settings.experiment, "run_id": run_id,
+                           "checkpoint_every": settings.checkpoint_every, "threads": 1,
                            "weights": str(_weights_path(settings, trial_id)), "trial_id": trial_id},
         scaling_config=ray.train.ScalingConfig(
             num_workers=settings.workers, use_gpu=settings.gpus_per_worker > 0,
@@ -202,7 +201,7 @@ def run_trial(params: dict[str, Any], settings: StudySettings) -> None:
 
     last = {}
     if weights is not None:
-        last = _train(settings, flat, method, trial_id, point["name"], run_id)
+        last = _train(settings, flat, method, trial_id, point["name"])
         clock.lap("train")
         _log_weights(tracker, run_id, weights, cfg)
     metrics: dict[str, float] = {}

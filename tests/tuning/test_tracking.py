@@ -193,6 +193,28 @@ def test_status_callback_marks_trial_runs(tracker):
     assert count_runs(tracker) == 4
 
 
+def test_status_callback_logs_each_epoch_result_at_its_epoch(tracker):
+    """Per-epoch results (rank 0's reports, forwarded to Tune) go to the trial's run at step = epoch; Tune's own
+    fields and a trial's final result (no epoch: the trial logs it itself) do not."""
+    parent = tracker.start_sweep("s", {}, resume=False)
+    run = tracker.trial_run(parent, "t1", "t1", {})
+    callback = MlflowStatusCallback(tracker, parent)
+    trial = SimpleNamespace(trial_id="t1", config={})
+    tune_fields = {"training_iteration": 1, "time_this_iter_s": 2.0, "done": False, "trial_id": "t1",
+                   "config": {"seed": 0}, "checkpoint_path": "/x"}
+    for epoch, agreement in ((1, 0.5), (2, 0.75)):
+        callback.on_trial_result(iteration=epoch, trials=[], trial=trial, result={
+            "train/loss": 1.0 / epoch, "val/agreement": agreement, "epoch": epoch, **tune_fields})
+    callback.on_trial_result(iteration=3, trials=[], trial=trial, result={
+        "train/resumed_from_epoch": 2, "train/loss": 0.25, "val/agreement": 0.8, "epoch": 3, **tune_fields})
+    callback.on_trial_result(iteration=4, trials=[], trial=trial, result={"val/agreement": 0.1, **tune_fields})
+    history = tracker.client.get_metric_history
+    assert [(m.step, m.value) for m in history(run, "val/agreement")] == [(1, 0.5), (2, 0.75), (3, 0.8)]
+    assert [(m.step, m.value) for m in history(run, "train/resumed_from_epoch")] == [(3, 2.0)]
+    assert set(tracker.client.get_run(run).data.metrics) == {"train/loss", "val/agreement",
+                                                               "train/resumed_from_epoch"}
+
+
 def test_every_attempt_and_failure_of_a_trial_is_in_its_one_run(tracker, tmp_path):
     """A retried trial: attempt 1, its failure (metric and tag with the error's last line; the run stays RUNNING
     for the retry), attempt 2, its result; a later attempt finds the result (the trial is not redone)."""

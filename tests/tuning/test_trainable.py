@@ -20,7 +20,7 @@ from decrop.rows import read_rows  # noqa: E402
 from decrop.config import load_config, to_flat  # noqa: E402
 from decrop.pipeline import prepare  # noqa: E402
 from tuning.space import default_point  # noqa: E402
-from tuning.tracking import StudyTracker, default_tracking_uri  # noqa: E402
+from tuning.tracking import MlflowStatusCallback, StudyTracker, default_tracking_uri  # noqa: E402
 from tuning.trainable import StudySettings, load_denoiser_state, tune_trainable  # noqa: E402
 
 pytestmark = pytest.mark.ray
@@ -45,7 +45,8 @@ def test_trainable_trains_certifies_validation_images_and_logs_one_run(local_ray
     settings = StudySettings(base=to_flat(cfg), storage=str(tmp_path), tracking_uri=uri, experiment="direct",
                              parent_run_id=parent, cert_shards=2, checkpoint_every=1)
     tuner = ray.tune.Tuner(tune_trainable(settings), param_space=default_point(settings.base),
-                           run_config=ray.tune.RunConfig(name="direct", storage_path=str(tmp_path), verbose=0))
+                           run_config=ray.tune.RunConfig(name="direct", storage_path=str(tmp_path), verbose=0,
+                                                         callbacks=[MlflowStatusCallback(tracker, parent)]))
     result = tuner.fit()[0]
     assert result.error is None, result.error
 
