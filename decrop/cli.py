@@ -16,11 +16,16 @@ the config is valid, so a typo costs a fraction of a second.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import shutil
+import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
-from .config import MAX_SEED, ExperimentConfig, describe, load_config, to_yaml
+from .config import MAX_SEED, ExperimentConfig, check_name, describe, load_config, to_yaml
 from .errors import BAD_INPUT, ConfigError, FolderDataError
 
 # Errors of bad input, printed as one line: config keys, data folders, model files, output folders.
@@ -88,21 +93,23 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .smoothed import export_run, run_sources, trial_sources
-
     if sum(x is not None for x in (args.run, args.trial, args.denoiser)) != 1:
         raise ConfigError("export needs exactly one of --run DIR, --trial ID --storage DIR, --denoiser FILE --config "
                           "FILE")
+    if args.trial is not None:
+        check_name(args.trial, "--trial", "a1b2c_00000")  # a file name in <storage>/denoisers: no '/', no '..'
+        if args.storage is None:
+            raise ConfigError("--trial needs --storage, the study's folder (e.g. ~/decrop-runs/quick-study)")
+    if args.denoiser is not None and args.config is None:
+        raise ConfigError("--denoiser needs --config, the config it was trained with")
     check_output(args.out, "file")
+    from .smoothed import export_run, run_sources, trial_sources  # torch-heavy: only once the flags are valid
+
     if args.run is not None:
         config, weights = run_sources(args.run, args.method)
     elif args.trial is not None:
-        if args.storage is None:
-            raise ConfigError("--trial needs --storage, the study's folder (e.g. ~/decrop-runs/quick-study)")
         config, weights = trial_sources(args.storage.expanduser(), args.trial, args.config)
     else:
-        if args.config is None:
-            raise ConfigError("--denoiser needs --config, the config it was trained with")
         config, weights = args.config, args.denoiser
     export_run(config, weights, args.out)
     return 0
@@ -112,6 +119,9 @@ def _smooth(args: argparse.Namespace) -> int:
     for name in ("n", "batch_size", *(("n0",) if args.command == "certify" else ())):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.command == "certify" and args.n0 > args.n:
+        raise ConfigError(f"--n0 {args.n0} exceeds --n {args.n}: n0 samples only pick the top class, n estimate its "
+                          f"probability; lower --n0 or raise --n")
     if not 0 < args.alpha < 1:
         raise ConfigError(f"--alpha must be in (0, 1), got {args.alpha}")
     if not 0 <= args.seed <= MAX_SEED:
@@ -171,6 +181,33 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def _sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)  # the shell's code of a SIGTERM death, after the cleanup below
+
+
+@contextlib.contextmanager
+def _stopped_cleanly(out: Path) -> Iterator[None]:
+    """A run stopped by Ctrl-C or SIGTERM (a scheduler, `kill`, `timeout`) removes the unfinished folder it was
+    writing into (`run_experiment` writes ``.<out>.partial-*`` beside `out` and renames it when done); SIGTERM is
+    turned into SystemExit for the time of the run, so that this cleanup runs. A run that fails with an error
+    keeps that folder for inspection, as before."""
+    before = set(out.parent.glob(f".{out.name}.partial-*"))
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _sigterm) if main_thread else None
+    try:
+        yield
+    except (KeyboardInterrupt, SystemExit) as err:
+        for folder in set(out.parent.glob(f".{out.name}.partial-*")) - before:
+            shutil.rmtree(folder, ignore_errors=True)
+        if isinstance(err, SystemExit) and err.code == 128 + signal.SIGTERM:
+            print(f"decrop run: stopped by SIGTERM; its unfinished output was removed ({out} was not written)",
+                  file=sys.stderr, flush=True)
+        raise
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
 def _run(args: argparse.Namespace, cfg: ExperimentConfig) -> int:
     """`run`: the checks that need no data (profile, output folder, device), then the experiment."""
     if args.config is None:
@@ -185,7 +222,8 @@ def _run(args: argparse.Namespace, cfg: ExperimentConfig) -> int:
     resolve_device(cfg.device)  # 'cuda' without a GPU fails here, not after the data is loaded
     print(f"decrop run: writing to {out}", flush=True)
     tic = time.perf_counter()
-    table = run_experiment(cfg, out)
+    with _stopped_cleanly(out):
+        table = run_experiment(cfg, out)
     data = (f"{cfg.data.percent}% of {cfg.data.dataset} training data" if cfg.data.dataset != "folder"
             else f"the images of {cfg.data.root}/train")
     print(f"\nCertified accuracy (%) under sigma={cfg.sigma}, {data}, n={cfg.certify.n}, "

@@ -33,11 +33,12 @@ MAX_SEED = 2**32 - 1  # numpy's legacy seeding and most samplers take 32-bit see
 NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")
 
 
-def check_name(value: str, what: str) -> str:
-    """`value` if it is a valid experiment or study name, else ConfigError naming `what` (a key or a flag)."""
+def check_name(value: str, what: str, example: str = "quick-sigma") -> str:
+    """`value` if it is a valid experiment, study or trial name, else ConfigError naming `what` (a key or a
+    flag)."""
     if not NAME.fullmatch(value):
         raise ConfigError(f"{what} = {value!r} is not a valid name: use 1-100 letters, digits, '.', '_' or '-', "
-                          f"not starting with '.' (it becomes a folder name), e.g. quick-sigma")
+                          f"not starting with '.' (it becomes a folder name), e.g. {example}")
     return value
 
 
@@ -55,7 +56,7 @@ ClassifierArch = Literal["small_cnn", "resnet20", "resnet56", "resnet110"]
 DenoiserArch = Literal["dncnn", "memnet"]
 Method = Literal["baseline", "decrop", "decrop_blackbox"]
 NO_DENOISER = "none"  # the smoothed classifier alone, the reference every table shows
-AttackName = Literal["pgd", "autoattack", "apgd_ce", "deepfool", "none"]
+AttackName = Literal["pgd", "autoattack", "apgd_ce", "deepfool", "none", "same_class"]
 ClassifierSource = Literal["train", "export", "torchscript", "state_dict", "torchvision"]
 
 
@@ -196,8 +197,10 @@ class DecropConfig:
     attack: AttackName = _field("pgd", "how boundary samples are made (decrop.attacks): pgd; autoattack (the standard "
                                        "ensemble APGD-CE, APGD-T, FAB-T, Square; unfooled images stay clean); "
                                        "apgd_ce (its first member alone, cheaper); deepfool (minimal L2 step just "
-                                       "past the boundary, not bounded by eps); or none (a random partner of the "
-                                       "same class, the paper's ablation)")
+                                       "past the boundary, not bounded by eps); none (the paper's ablation "
+                                       "without boundary samples: a random partner of the same class feeds the "
+                                       "interpolation only); or same_class (that partner also trained as if it "
+                                       "were a boundary sample, through L_cs and L_mmd)")
     eps: float = _field(8 / 255, "L-inf radius of the boundary attacks (a property of the dataset: 8/255 flips "
                                  "too few Fashion-MNIST predictions, 16/255 most)", gt=0, le=1)
     attack_steps: int = _field(20, "iterations of pgd and apgd_ce (autoattack keeps torchattacks' own budgets)", ge=1)
@@ -250,6 +253,11 @@ class CertifyConfig:
                 "reduced-precision model, not the fp32 one")
     fold_bn: bool = _field(False, "fold eval-mode BatchNorm into the preceding convs before certifying (the same "
                                   "function up to float rounding, which the certificate then covers)")
+
+    def __post_init__(self) -> None:
+        if self.n0 > self.n:
+            raise ConfigError(f"config key 'certify.n0' = {self.n0} exceeds certify.n = {self.n}: n0 samples only "
+                              f"pick the top class, n estimate its probability; lower certify.n0 or raise certify.n")
 
 
 @dataclass(frozen=True)
@@ -312,6 +320,10 @@ def _unknown_key_error(key: str, prefix: str, cls: type) -> ConfigError:
                        f"{' in ' + repr(prefix[:-1]) if prefix else ''}: {', '.join(allowed)}")
 
 
+# A decimal number as Python's float() reads it: what YAML 1.1 leaves a string when it has an exponent but no '.'.
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check `value` against the annotation `tp` and convert lossless cases (int -> float, list -> tuple)."""
     origin = get_origin(tp)
@@ -333,6 +345,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, bool):
             raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
         return value
+    if tp in (int, float) and isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        # YAML 1.1 (PyYAML) reads 1e-3 (no '.') as a string, where YAML 1.2 and Python read the number 0.001
+        text = value.strip()
+        value = int(text) if tp is int and text.lstrip("+-").isdigit() else float(text)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, float) and value.is_integer():
@@ -344,8 +360,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"config key '{key}' must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return str(value)  # name=2024: YAML reads an integer, whose digits are the name
         if not isinstance(value, str):
-            raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
+            hint = (f" (YAML read the value as a {type(value).__name__}): put it in quotes, e.g. "
+                    f"{key.rsplit('.', 1)[-1]}: \"...\" in the file or --set '{key}=\"...\"'"
+                    if isinstance(value, (bool, float)) else "")
+            raise ConfigError(f"config key '{key}' must be a string, got {value!r}{hint}")
         return value
     raise TypeError(f"unsupported config annotation {tp!r} for '{key}'")
 
@@ -406,6 +427,30 @@ def from_flat(flat: Mapping[str, Any], base: ExperimentConfig | None = None) -> 
     return from_dict(tree)
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (first on line {seen[key]}; keep one)",
+                        key_node.start_mark)
+                seen[key] = key_node.start_mark.line + 1
+            except TypeError:  # an unhashable key: the constructor below says so
+                continue
+        return super().construct_mapping(node, deep=deep)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
+
+
 def _yaml_problem(err: yaml.YAMLError) -> str:
     """PyYAML's error in one line: the problem and where (its own message spans several lines)."""
     mark = getattr(err, "problem_mark", None)
@@ -419,7 +464,7 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(f"override {text!r} must look like key=value, e.g. train.epochs=5")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else raw
+        value = _load_yaml(raw) if raw.strip() else raw
     except yaml.YAMLError as err:
         raise ConfigError(f"override {text!r}: cannot parse the value: {_yaml_problem(err)}") from None
     return key.strip(), value
@@ -430,13 +475,19 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     tree: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"config file {str(path)!r} is a folder, not a YAML file: give a profile file, "
+                              f"e.g. configs/quick.yaml")
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist (profiles live in configs/, "
                               f"e.g. configs/quick.yaml)")
         try:
-            tree = yaml.safe_load(path.read_text()) or {}
+            tree = _load_yaml(path.read_text())
         except yaml.YAMLError as err:
             raise ConfigError(f"config file {str(path)!r} is not valid YAML: {_yaml_problem(err)}") from None
+        if tree is None:  # empty, or comments only: the defaults alone are the paper's scale (GPU hours)
+            raise ConfigError(f"config file {str(path)!r} is empty (no keys): write the keys to change into it, "
+                              f"or start from a profile, e.g. configs/quick.yaml")
         if not isinstance(tree, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys")
     for text in overrides:

@@ -109,7 +109,17 @@ CASES: dict[str, Case] = {
     "config-folder-without-classifier": Case("decrop", run("data.dataset=folder", "data.percent=100"),
                                              ("data.dataset=folder needs your pretrained classifier",
                                               "classifier.source")),
+    "config-name-given-a-float": Case("decrop", config("name=1.10"), ("'name' must be a string", "put it in quotes")),
+    "config-file-is-a-folder": Case("decrop", ("config", "--config", "{tmp}"), ("is a folder, not a YAML file",
+                                                                              "configs/quick.yaml")),
+    "config-file-duplicate-key": Case("decrop", ("config", "--config", "{tmp}/dup.yaml"),
+                                      ("duplicate key 'epochs'", "first on line 2", "keep one", "line 4"),
+                                      setup="dup_yaml"),
+    "config-n0-beyond-n": Case("decrop", run("certify.n0=200", "certify.n=100"),
+                               ("'certify.n0' = 200 exceeds certify.n = 100", "lower certify.n0")),
     # ---- run: profile, output folder, device, data
+    "run-empty-config": Case("decrop", ("run", "--config", "{tmp}/empty.yaml", "--out", "{tmp}/out"),
+                             ("empty.yaml' is empty (no keys)", "configs/quick.yaml"), setup="empty_yaml"),
     "run-without-config": Case("decrop", ("run", "--set", "train.epochs=3", "--out", "{tmp}/out"),
                                ("run needs --config", "configs/quick.yaml")),
     "run-out-exists": Case("decrop", RUN, ("--out", "already exists", "choose a new folder"), setup="out_exists"),
@@ -155,6 +165,8 @@ CASES: dict[str, Case] = {
                                  ("is not a `python -m decrop run` output folder", "no config.yaml")),
     "export-trial-missing": Case("decrop", ("export", "--trial", "t1", "--storage", "{tmp}", "--out", "{tmp}/s.pt2"),
                                  ("t1.pt does not exist",)),
+    "export-trial-outside-storage": Case("decrop", ("export", "--trial", "../..", "--storage", "{tmp}", "--out",
+                                                    "{tmp}/s.pt2"), ("--trial = '../..' is not a valid name",)),
     "export-out-exists": Case("decrop", ("export", "--run", "{tmp}", "--out", "{tmp}/s.pt2"),
                               ("--out", "s.pt2 already exists", "choose a new file"), setup="export_out_exists"),
     "export-denoiser-corrupt": Case("decrop", ("export", "--denoiser", "{tmp}/d.pt", "--config", "{tmp}/cfg.yaml",
@@ -171,6 +183,8 @@ CASES: dict[str, Case] = {
                            ("--n must be >= 1",)),
     "certify-n0-zero": Case("decrop", ("certify", "--model", "{tmp}/m.pt2", "--images", "{tmp}", "--n0", "0"),
                             ("--n0 must be >= 1",)),
+    "certify-n0-beyond-n": Case("decrop", ("certify", "--model", "{tmp}/m.pt2", "--images", "{tmp}", "--n", "50",
+                                           "--n0", "100"), ("--n0 100 exceeds --n 50", "lower --n0")),
     "certify-alpha-above-one": Case("decrop", ("certify", "--model", "{tmp}/m.pt2", "--images", "{tmp}",
                                                "--alpha", "1.5"), ("--alpha must be in (0, 1)",)),
     "predict-seed-negative": Case("decrop", ("predict", "--model", "{tmp}/m.pt2", "--images", "{tmp}",
@@ -257,6 +271,10 @@ def _setup(name: str, tmp: Path, ctx: dict) -> None:
         (tmp / "bad.yaml").write_text("train: {epochs: [1\n")
     elif name == "list_yaml":
         (tmp / "list.yaml").write_text("- 1\n- 2\n")
+    elif name == "dup_yaml":
+        (tmp / "dup.yaml").write_text("train:\n  epochs: 3\n  lr: 0.1\n  epochs: 4\n")
+    elif name == "empty_yaml":
+        (tmp / "empty.yaml").write_text("# train:\n#   epochs: 3\n\n")
     elif name == "garbage_model":
         (tmp / "model.pt2").write_bytes(b"these are not the weights you are looking for")
     elif name == "notes_db":

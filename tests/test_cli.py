@@ -101,3 +101,61 @@ def test_module_entry_point_and_config_listing():
     out = subprocess.run([sys.executable, "-m", "decrop", "config", "--keys"], capture_output=True, text=True,
                          check=True, cwd=REPO)
     assert "train.adam_epochs" in out.stdout and "certify.alpha" in out.stdout
+
+
+def test_export_checks_its_flags_before_importing_torch(tmp_path):
+    """A missing or bad flag of `export` is reported at once, not after the 5-45 s of importing torch."""
+    code = ("import sys\n"
+            "from decrop.cli import main\n"
+            f"out = {str(tmp_path / 's.pt2')!r}\n"
+            "codes = [main(['export', '--out', out]), main(['export', '--trial', 't1', '--out', out]),\n"
+            "         main(['export', '--trial', '../..', '--storage', '.', '--out', out]),\n"
+            "         main(['export', '--denoiser', 'd.pt', '--out', out])]\n"
+            "print(codes, 'torch' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.stdout.strip() == "[2, 2, 2, 2] False", out.stdout + out.stderr
+    assert "--trial = '../..' is not a valid name" in out.stderr and not (tmp_path / "s.pt2").exists()
+
+
+# A run whose certification never ends: the real run_experiment writes its .partial folder, then waits here.
+_STUCK_RUN = """
+import sys, time, types
+import decrop.pipeline as pipeline
+from decrop.cli import main
+
+def certify_model(*args, **kwargs):
+    print("certifying", flush=True)
+    time.sleep(300)
+
+pipeline.prepare = lambda cfg, log=print: types.SimpleNamespace(train_indices=[0, 1], classifier=None)
+pipeline.smoothed_model = lambda *args: None
+pipeline.certify_model = certify_model
+sys.exit(main(["run", "--config", sys.argv[1], "--out", sys.argv[2]]))
+"""
+
+
+def test_a_run_stopped_by_sigterm_removes_its_unfinished_folder(tmp_path):
+    import signal
+    import threading
+    older = tmp_path / ".out.partial-older"  # another run's: not this run's to remove
+    older.mkdir()
+    proc = subprocess.Popen([sys.executable, "-c", _STUCK_RUN, str(REPO / "configs/quick.yaml"),
+                             str(tmp_path / "out")], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    watchdog = threading.Timer(240, proc.kill)
+    watchdog.start()
+    try:
+        for line in proc.stdout:
+            if line.strip() == "certifying":
+                break
+        partial = [p for p in tmp_path.glob(".out.partial-*") if p != older]
+        assert len(partial) == 1 and (partial[0] / "config.yaml").exists(), proc.stderr.read() if proc.poll() else ""
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        watchdog.cancel()
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "stopped by SIGTERM" in err and "Traceback" not in err, err
+    assert sorted(tmp_path.iterdir()) == [older]  # the run's folder is gone, the other run's is kept

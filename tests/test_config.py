@@ -82,3 +82,54 @@ def test_every_key_is_documented():
     rows = describe()
     assert len(rows) == len(to_flat(ExperimentConfig()))
     assert all(text for _, _, text in rows)
+
+
+def test_numbers_in_exponent_form_are_numbers(tmp_path):
+    """YAML 1.1 (PyYAML) reads 1e-3 as the string '1e-3'; a number field takes it as the number it spells."""
+    cfg = load_config(CONFIGS / "quick.yaml", ["train.lr=1e-3", "certify.radii=[0, 5E-1]", "certify.n=1e3"])
+    assert cfg.train.lr == 0.001 and cfg.certify.radii == (0.0, 0.5) and cfg.certify.n == 1000
+    assert type(cfg.train.lr) is float and type(cfg.certify.n) is int
+    (tmp_path / "c.yaml").write_text("sigma: 5e-1\ndecrop:\n  disc_lr: 1e-5\n")
+    cfg = load_config(tmp_path / "c.yaml")
+    assert (cfg.sigma, cfg.decrop.disc_lr) == (0.5, 1e-5)
+    assert from_flat({"train.lr": "2e-4"}).train.lr == 2e-4
+    for bad, words in (("sigma=1e400", "finite number"), ("train.epochs=1.5e0", "integer"),
+                       ("sigma=1e-3x", "finite number")):
+        with pytest.raises(ConfigError, match=words):
+            load_config(CONFIGS / "quick.yaml", [bad])
+
+
+def test_a_string_key_takes_an_integer_and_says_to_quote_other_values():
+    cfg = load_config(CONFIGS / "quick.yaml", ["name=2024"])
+    assert cfg.name == "2024"
+    assert from_dict({"data": {"dataset": "folder", "percent": 100, "classes": [3, 7]},
+                      "classifier": {"source": "export", "path": "m.pt2"}}).data.classes == ("3", "7")
+    for value, kind in (("1.10", "float"), ("yes", "bool")):
+        with pytest.raises(ConfigError) as err:
+            load_config(CONFIGS / "quick.yaml", [f"name={value}"])
+        assert f"read the value as a {kind}" in str(err.value) and "put it in quotes" in str(err.value)
+
+
+def test_a_key_given_twice_is_refused_with_its_lines(tmp_path):
+    (tmp_path / "c.yaml").write_text("train:\n  epochs: 3\n  lr: 0.1\n  epochs: 4\n")
+    with pytest.raises(ConfigError, match=r"duplicate key 'epochs' \(first on line 2; keep one\) at line 4"):
+        load_config(tmp_path / "c.yaml")
+    with pytest.raises(ConfigError, match="duplicate key 'epochs'"):
+        load_config(CONFIGS / "quick.yaml", ["train={epochs: 1, epochs: 2}"])
+    (tmp_path / "merge.yaml").write_text("train: &t {epochs: 3}\ndecrop: {}\n")  # anchors stay allowed
+    assert load_config(tmp_path / "merge.yaml").train.epochs == 3
+
+
+def test_a_folder_or_an_empty_file_is_no_config(tmp_path):
+    with pytest.raises(ConfigError, match="is a folder, not a YAML file"):
+        load_config(tmp_path)
+    for text in ("", "\n", "# train:\n#   epochs: 3\n"):
+        (tmp_path / "c.yaml").write_text(text)
+        with pytest.raises(ConfigError, match=r"is empty \(no keys\)"):
+            load_config(tmp_path / "c.yaml")
+
+
+def test_n0_may_not_exceed_n():
+    assert load_config(CONFIGS / "quick.yaml", ["certify.n0=100", "certify.n=100"]).certify.n0 == 100
+    with pytest.raises(ConfigError, match="'certify.n0' = 101 exceeds certify.n = 100"):
+        load_config(CONFIGS / "quick.yaml", ["certify.n0=101", "certify.n=100"])
