@@ -24,6 +24,12 @@ Bernoulli(pA); K_m counts successes among the first m. For each threshold t:
 - *Futility* (stop caring about t): ``K_m <= c_t(m)``, the mirror test of H0: p >= t at level `futility`, also
   calibrated; or curtailment, when not even all-success continuations could certify t any more. Futility only
   stops sampling: it never makes a certificate, so it cannot hurt validity (an error costs a certificate).
+- *Uncertifiable thresholds* (`certifiable`): any boundary that some path crosses by m <= n is crossed by the
+  all-successes path, so its crossing probability at p = t is at least t^n; the final look certifies t only if
+  t^n <= alpha_fin. A threshold with ``t^n > max(alpha_seq, alpha_fin)`` can therefore never be certified (the
+  sequential test's form of `decrop.bounds.max_certifiable_radius`); it gets the "never" boundaries and is
+  settled before any sample, without calibration. This covers t that rounds to 1.0 (r / sigma >~ 8.3, e.g.
+  r = 1 at sigma = 0.12), whose log(1 - t) the calibration could not take.
 - *Final look*: at the cap n, Cohen's Clopper-Pearson bound at alpha_fin = alpha - alpha_seq. Since K_m <= K_n,
   ``CP(K_m, n, alpha_fin)`` (pretending the n - m samples not drawn all failed) is below the final bound on the
   path continued to n, so it may be reported at any stopping time and certifies a threshold early when it passes
@@ -140,6 +146,17 @@ def crossing_probability(boundary: np.ndarray, p: float) -> float:
     return min(1.0, total)
 
 
+def certifiable(t: float, n: int, alpha_seq: float, alpha_fin: float) -> bool:
+    """False when no outcome of n samples can certify threshold t: ``t^n > max(alpha_seq, alpha_fin)``.
+
+    The all-successes path crosses every boundary that any path crosses, so a valid sequential boundary at
+    level alpha_seq is never crossed when t^n > alpha_seq, and the final Clopper-Pearson bound of n successes in
+    n is alpha_fin^(1/n) < t when t^n > alpha_fin. Compared in logs: t = 1.0 (a rounded Phi(r / sigma)) gives
+    0 > log(alpha), not certifiable, and no log(1 - t) is taken.
+    """
+    return n * math.log(t) <= math.log(max(alpha_seq, alpha_fin))
+
+
 @functools.lru_cache(maxsize=256)
 def calibrated_level(t: float, n: int, alpha: float, upper: bool = True) -> float:
     """The smallest log-level (to 0.01) whose boundary has exact crossing probability <= alpha at p = t.
@@ -147,6 +164,8 @@ def calibrated_level(t: float, n: int, alpha: float, upper: bool = True) -> floa
     ``upper``: the rejection boundary of p <= t; else the futility boundary (crossing downwards). Starts from
     Ville's level ln(1/alpha), which is valid for the KT martingale, and bisects downwards.
     """
+    if not 0 < t < 1:
+        raise ValueError(f"the threshold must be in (0, 1), got t={t} (see `certifiable`)")
     def crossing(log_level: float) -> float:
         if upper:
             return crossing_probability(rejection_boundary(t, n, log_level), t)
@@ -179,11 +198,16 @@ def final_critical(t: float, n: int, alpha: float) -> int:
 def _boundaries(t: float, n: int, alpha_seq: float, alpha_fin: float, futility: float
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(certify, futility, reach) of threshold t: certify includes the final CP (K >= its critical k) and
-    reach = m - certify[m] finds the earliest possible certification by binary search."""
-    certify = rejection_boundary(t, n, calibrated_level(t, n, alpha_seq))
-    certify = np.minimum(certify, final_critical(t, n, alpha_fin))
-    fut = futility_boundary(t, n, calibrated_level(t, n, futility, upper=False))
-    reach = np.arange(n + 1) - certify  # nondecreasing (see `rejection_boundary`)
+    reach = m - certify[m] finds the earliest possible certification by binary search. A threshold that is not
+    `certifiable` gets certify = n + 1 (never) and futility = -1 (never): it is hopeless from the start."""
+    ramp = np.arange(n + 1)
+    if certifiable(t, n, alpha_seq, alpha_fin):
+        certify = rejection_boundary(t, n, calibrated_level(t, n, alpha_seq))
+        certify = np.minimum(certify, final_critical(t, n, alpha_fin))
+        fut = futility_boundary(t, n, calibrated_level(t, n, futility, upper=False))
+    else:
+        certify, fut = np.full(n + 1, n + 1, dtype=np.int64), np.full(n + 1, -1, dtype=np.int64)
+    reach = ramp - certify  # nondecreasing (see `rejection_boundary`)
     for array in (certify, fut, reach):
         array.setflags(write=False)
     return certify, fut, reach
@@ -195,7 +219,8 @@ class SequentialTest:
 
     Args:
         radii: the reported radii (>= 0); each one's threshold Phi(r / sigma) is decided. The abstain line
-            pA = 1/2 is decided only when 0 is among them.
+            pA = 1/2 is decided only when 0 is among them. A radius whose threshold n samples cannot certify
+            (`certifiable`) is answered "not certified" before any sample.
         sigma: the smoothing noise level.
         n: the most estimation samples the image may use (Cohen's n).
         alpha: the failure probability of the certificate, as in CERTIFY.

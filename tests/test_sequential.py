@@ -9,8 +9,8 @@ import pytest
 from scipy.stats import binom, norm
 
 from decrop.bounds import lower_confidence_bound
-from decrop.sequential import (SequentialTest, calibrated_level, crossing_probability, final_critical,
-                               futility_boundary, log_kt_ratio, rejection_boundary, thresholds)
+from decrop.sequential import (SequentialTest, _boundaries, calibrated_level, certifiable, crossing_probability,
+                               final_critical, futility_boundary, log_kt_ratio, rejection_boundary, thresholds)
 
 
 def test_thresholds_map_each_threshold_to_its_radius():
@@ -107,6 +107,47 @@ def test_a_radius_no_n_can_certify_is_settled_before_any_sample():
     rng = np.random.default_rng(2)
     both = run(SequentialTest([0.0, 1.0], 0.25, 10_000, 0.001), 1.0, rng)
     assert both.drawn < 100 and both.radius == 0.0
+
+
+def test_a_threshold_that_rounds_to_one_is_not_certified_and_does_not_crash():
+    """sigma 0.12 with the default radii: Phi(1.0 / 0.12) rounds to 1.0, and calibrating it took log(1 - 1)."""
+    assert norm.cdf(1.0 / 0.12) == 1.0
+    test = SequentialTest([0, 1.0], 0.12, 10_000, 0.001)  # raised "math domain error"
+    assert test.levels == [0.5, 1.0] and test.certified == [False, False] and test.settled == [False, True]
+    with pytest.raises(ValueError, match="threshold"):
+        calibrated_level(1.0, 10_000, 0.0002)
+    rng = np.random.default_rng(4)
+    sure = run(SequentialTest([0, 1.0], 0.12, 10_000, 0.001), 1.0, rng)  # even pA = 1: certified at 0 only
+    assert sure.certified == [True, False] and sure.radius == 0.0 and sure.drawn < 100
+    wrong = run(SequentialTest([0, 1.0], 0.12, 10_000, 0.001), 0.2, rng)
+    assert wrong.certified == [False, False] and wrong.radius is None and wrong.drawn < 100
+    # the r = 0 line behaves exactly as in a test without the uncertifiable radius
+    alone = run(SequentialTest([0], 0.12, 10_000, 0.001), 1.0, np.random.default_rng(5))
+    paired = run(SequentialTest([0, 1.0], 0.12, 10_000, 0.001), 1.0, np.random.default_rng(5))
+    assert (alone.drawn, alone.successes, alone.radius) == (paired.drawn, paired.successes, paired.radius)
+
+
+def test_uncertifiable_thresholds_are_exactly_those_the_calibrated_boundaries_never_certify():
+    """The shortcut for t^n > max(alpha_seq, alpha_fin) changes no answer: there the full calibration (where it
+    can run, t < 1) certifies nothing either, and below that cap the boundaries are the calibrated ones."""
+    n, alpha_seq, alpha_fin, fut = 200, 0.002, 0.008, 0.01
+    cap = alpha_fin ** (1 / n)  # = lower_confidence_bound(n, n, alpha_fin): ~0.9762
+    assert lower_confidence_bound(n, n, alpha_fin) == pytest.approx(cap)
+    for t in (0.9, 0.97, cap - 1e-6, cap + 1e-6, 0.98, 0.999, 1.0):
+        assert certifiable(t, n, alpha_seq, alpha_fin) == (t <= cap)
+        certify, futile, _ = _boundaries(t, n, alpha_seq, alpha_fin, fut)
+        if t >= 1.0:
+            assert np.all(certify == n + 1)
+            continue
+        full = np.minimum(rejection_boundary(t, n, calibrated_level(t, n, alpha_seq)),
+                          final_critical(t, n, alpha_fin))
+        if t <= cap:
+            assert np.array_equal(certify, full) and certify[n] <= n
+            assert np.array_equal(futile, futility_boundary(t, n, calibrated_level(t, n, fut, upper=False)))
+        else:
+            assert np.all(full > np.arange(n + 1)) and np.all(certify == n + 1)  # never certified either way
+            test = SequentialTest([norm.ppf(t)], 1.0, n, alpha_seq + alpha_fin)
+            assert test.done and test.drawn == 0 and test.radius is None
 
 
 def test_the_reported_bound_is_the_nested_thresholds_or_the_final_clopper_pearson():
