@@ -30,6 +30,59 @@ def save_tensors(path: str | Path, tensors: Mapping[str, torch.Tensor], meta: Ma
     return path
 
 
+def _cuda_index(device: torch.device | str | None) -> int | None:
+    """Index of the CUDA device whose default generator draws the training noise; None when not on CUDA."""
+    if device is None:
+        return torch.cuda.current_device()
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def rng_state(device: torch.device | str | None = None, generator: torch.Generator | None = None
+              ) -> dict[str, Any]:
+    """The random state a resumed run needs, as plain tensors, ints and None (loadable with weights_only=True).
+
+    ``torch``: the CPU generator (weight init, augmentation, noise on CPU). ``cuda``: every CUDA device's
+    generator (`torch.cuda.get_rng_state_all`), when CUDA is available and initialised, else None; on a GPU the
+    noise (``randn_like`` of a CUDA tensor) comes from the generator of the training `device`, whose index is
+    ``cuda_device`` (None: training not on CUDA; `device` None means the current CUDA device). ``loader``: the
+    DataLoader's shuffle generator, if any. `restore_rng_state` puts it back.
+    """
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    return {"torch": torch.get_rng_state(),
+            "cuda": list(torch.cuda.get_rng_state_all()) if cuda else None,
+            "cuda_device": _cuda_index(device) if cuda else None,
+            "loader": generator.get_state() if generator is not None else None}
+
+
+def restore_rng_state(state: Mapping[str, Any], device: torch.device | str | None = None,
+                      generator: torch.Generator | None = None) -> None:
+    """Set the generators from `rng_state`'s dict (also an older one without CUDA states).
+
+    The CUDA states are restored when CUDA is available and the checkpoint has them (a checkpoint written on a
+    CPU has none, and a GPU checkpoint resumed on a CPU has no CUDA to restore). The state of the generator that
+    drew the training noise goes to the generator of this run's training `device`, even where that is another
+    index: Ray Train workers that share a node's GPUs train on ``cuda:<local rank>``, all drawing the same
+    stream (`decrop.distributed`), while rank 0 alone saved its states. The other devices get the saved states
+    that exist for them (there are more or fewer devices after a move) and keep their own otherwise.
+    """
+    torch.set_rng_state(state["torch"])
+    saved = state.get("cuda")
+    on_cuda = device is None or torch.device(device).type == "cuda"
+    if saved and torch.cuda.is_available() and (on_cuda or torch.cuda.is_initialized()):  # no CUDA init for CPU
+        count = torch.cuda.device_count()
+        current = list(torch.cuda.get_rng_state_all())
+        states = [saved[i] if i < len(saved) else current[i] for i in range(count)]
+        here, there = _cuda_index(device), state.get("cuda_device")
+        if here is not None and there is not None and here < count and there < len(saved):
+            states[here] = saved[there]
+        torch.cuda.set_rng_state_all(states)
+    if generator is not None and state.get("loader") is not None:
+        generator.set_state(state["loader"])
+
+
 def save_checkpoint(path: str | Path, model: nn.Module, meta: Mapping[str, Any]) -> Path:
     module = getattr(model, "module", model)  # unwrap DistributedDataParallel
     return save_tensors(path, module.state_dict(), meta)

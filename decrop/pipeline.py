@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from .blackbox import BlackBox, distill_surrogate
 from .certify import certify_indices
-from .checkpoint import save_checkpoint
+from .checkpoint import restore_rng_state, rng_state, save_checkpoint
 from .classifier import accuracy, build_classifier, classifier_key, get_classifier
 from .config import NO_DENOISER, DenoiserConfig, ExperimentConfig, config_hash, expand_path, to_yaml
 from .data import (AugmentedTensorDataset, DatasetInfo, as_tensors, augmentation_policy, dataset_info,
@@ -288,10 +288,9 @@ def _unwrap(module: nn.Module) -> nn.Module:
     return getattr(module, "module", module)
 
 
-def _restore_rng(rng: dict, loader: DataLoader) -> None:
-    torch.set_rng_state(rng["torch"])
-    if loader.generator is not None and rng["loader"] is not None:
-        loader.generator.set_state(rng["loader"])
+def _restore_rng(rng: dict, loader: DataLoader, device: torch.device) -> None:
+    """The CPU, CUDA (the noise on a GPU) and shuffle generators as `rng_state` saved them."""
+    restore_rng_state(rng, device, loader.generator)
 
 
 def run_stages(prep: Prepared, classifier: nn.Module, images: tuple[Tensor, ...], stages: list[Stage],
@@ -320,13 +319,13 @@ def run_stages(prep: Prepared, classifier: nn.Module, images: tuple[Tensor, ...]
             # Restoring both where the interrupted run saved them (before building a stage that begins at the
             # resume point; after rebuilding one that was under way) continues it exactly.
             if resume is not None and done == offset:
-                _restore_rng(resume["rng"], loader)
+                _restore_rng(resume["rng"], loader, prep.device)
             objective = stage.make_objective()
             schedule = AdamThenSGD(model.parameters(), cfg.train)
             if resume is not None and in_stage > 0:
                 schedule.load_state_dict(resume["schedule"], in_stage)
                 objective.load_state_dict(resume["objective"] or {})
-                _restore_rng(resume["rng"], loader)
+                _restore_rng(resume["rng"], loader, prep.device)
 
             def on_epoch_end(epoch, schedule, metrics, objective=objective):
                 if hooks.on_epoch_end is not None:
@@ -334,8 +333,7 @@ def run_stages(prep: Prepared, classifier: nn.Module, images: tuple[Tensor, ...]
                     hooks.on_epoch_end(epoch, metrics, lambda: copy.deepcopy({
                         "epoch": epoch + 1, "denoiser": _unwrap(model).state_dict(),
                         "schedule": schedule.state_dict(), "objective": objective.state_dict(),
-                        "rng": {"torch": torch.get_rng_state(),
-                                "loader": loader.generator.get_state() if loader.generator is not None else None}}))
+                        "rng": rng_state(prep.device, loader.generator)}))
 
             part = train_denoiser(model, classifier, loader, objective, cfg.train, epochs=stage.epochs,
                                   val_images=prep.val_images, sigma=cfg.sigma, seed=cfg.seed, sink=sink,
