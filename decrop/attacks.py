@@ -29,8 +29,11 @@ model's mixed submodule modes with ``model.train()`` afterwards, and draws its r
   converges onto the boundary without crossing it. Measured: it left 65% of the quick profile's correctly
   classified Fashion-MNIST images (15 of 32 toy images in tests/test_attacks.py) on the boundary, still
   classified as `y`; this one crossed for all of them.
-- `none`: the paper's ablation without an attack: the partner of each image is a random *other* image of the
-  same class from the batch (itself only when it is alone in its class).
+- `none`: the paper's ablation without boundary samples: the partner of each image is a random *other* image of
+  the same class from the batch (itself only when it is alone in its class). The supplementary (table 2) uses
+  the pair only for the interpolated logits, so DE-CROP's objective has no boundary branch then
+  (`decrop.objectives.DecropObjective`); `same_class` is the same partner trained as if it were a boundary sample
+  (through L_cs and L_mmd), a variant kept for comparison.
 """
 
 from __future__ import annotations
@@ -168,8 +171,9 @@ def same_class_partner(model: nn.Module, x: Tensor, y: Tensor, *, eps: float = 0
     return x[partner].clone()
 
 
+SAME_CLASS = ("none", "same_class")  # partners drawn from the image's own class: no attack, the same samples
 ATTACKS: dict[str, Attack] = {"pgd": pgd, "autoattack": autoattack, "apgd_ce": apgd_ce, "deepfool": deepfool,
-                              "none": same_class_partner}
+                              "none": same_class_partner, "same_class": same_class_partner}
 
 
 def get_attack(name: str) -> Attack:

@@ -12,6 +12,11 @@ statistics, and `--workers-per-trial` becomes a hyperparameter. Here instead:
 - terms over the whole batch (the MMD, the domain discriminator) see the features of all workers, gathered with
   gradients (`Shard.gather`); every worker computes the same value, and the gather's backward sums the W
   identical contributions, which DDP's averaging divides by W again;
+- the domain discriminator (DE-CROP's stage 2, not wrapped in DDP) is a replica on every worker: rank 0's
+  weights are broadcast when the objective is built (`Shard.broadcast`) and its gradients averaged before its
+  own optimiser steps (`Shard.average_gradients`), so the replicas stay identical by construction, also where
+  GPU kernels are nondeterministic. Each worker's discriminator gradient is that of the one-process domain loss
+  (same gathered features, same weights), so their average is the one-process gradient;
 - BatchNorm layers of the trained network normalise with statistics over the global batch
   (`GlobalBatchNorm`, through an autograd all-reduce).
 
@@ -99,6 +104,29 @@ class Shard:
     def total(self, value: Tensor) -> Tensor:
         """The sum of `value` over workers (differentiable)."""
         return value if self.world == 1 else all_reduce(value)
+
+    def broadcast(self, module: nn.Module) -> nn.Module:
+        """`module` with rank 0's parameters and buffers on every worker (in place); a no-op for one worker."""
+        if self.world > 1:
+            with torch.no_grad():
+                for tensor in (*module.parameters(), *module.buffers()):
+                    dist.broadcast(tensor, src=0)
+        return module
+
+    def average_gradients(self, params) -> None:
+        """Replace the gradients of `params` by their mean over the workers, in one flat all-reduce (divided by
+        W before summing, as DDP does: identical gradients come out bit for bit). Parameters without a gradient
+        are skipped; every worker must have gradients for the same ones (they run the same computation). A no-op
+        for one worker."""
+        if self.world == 1:
+            return
+        params = [p for p in params if p.grad is not None]
+        if not params:
+            return
+        flat = torch.cat([p.grad.reshape(-1) for p in params]).div_(self.world)
+        dist.all_reduce(flat)
+        for p, chunk in zip(params, flat.split([p.numel() for p in params])):
+            p.grad.copy_(chunk.view_as(p.grad))
 
     def mean(self, local_sum: Tensor, size: int) -> tuple[Tensor, float]:
         """A per-image term summed over this worker's rows -> (the loss to backpropagate, the global mean).

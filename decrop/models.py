@@ -304,15 +304,18 @@ class MemNet(nn.Module):
 # --------------------------------------------------------------------------------------------- discriminator
 
 class DomainDiscriminator(nn.Module):
-    """DE-CROP's domain discriminator: ``in_features -> hidden -> BatchNorm1d -> ReLU -> num_domains``.
+    """DE-CROP's domain discriminator: ``in_features -> hidden -> ReLU -> num_domains``.
 
-    Input: features (B, in_features) (the classifier's L2-normalised ``features``); output: domain logits
-    (B, num_domains). The gradient-reversal layer lives in the losses, not here.
+    The paper's supplementary: "a vanilla multi-layer perceptron with one hidden layer of size 100 units", so
+    no normalisation layer: its output for a row does not depend on the rest of the batch, and train and eval
+    mode compute the same function. Input: features (B, in_features) (the classifier's L2-normalised
+    ``features``); output: domain logits (B, num_domains). The gradient-reversal layer lives in the losses, not
+    here.
     """
 
     def __init__(self, in_features: int, hidden: int = 100, num_domains: int = 2) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(in_features, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+        self.net = nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(inplace=True),
                                  nn.Linear(hidden, num_domains))
 
     def forward(self, z: Tensor) -> Tensor:

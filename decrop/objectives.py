@@ -124,12 +124,17 @@ def _unit_features(classifier: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
 class DecropObjective(BaseObjective):
     """DE-CROP: w_lc L_lc + w_cs (L_cs_b + L_cs_int) + w_mmd (L_mmd_b + L_mmd_int) [+ L_dd in stage 2].
 
-    `images` = ``(x, x_b, x_int_0, ..., x_int_{n-1})``. With a `discriminator` (stage 2) it adds the domain loss
-    on clean features (domain 0) vs features of D(x + delta) (domain 1) behind a gradient-reversal layer with
+    `images` = ``(x, x_b, x_int_0, ..., x_int_{n-1})``; with ``cfg.attack == "none"`` (no boundary samples)
+    ``x_b`` is not trained on (its partner only made the interpolated samples). With a `discriminator` (stage 2)
+    it adds the domain loss on clean features (domain 0) vs features of D(x + delta) (domain 1) behind a gradient-reversal layer with
     coefficient beta(p), p the stage's progress per iteration (Ganin & Lempitsky), and steps the
     discriminator's own Adam in `after_backward`. The MMD and the discriminator see the features of the whole
-    global batch; the discriminator is a replica on every worker that sees identical inputs, so it needs no
-    DDP wrapper of its own.
+    global batch. With several workers the discriminator is a replica on every worker, kept identical by
+    construction: rank 0's weights are broadcast here, and its gradients are averaged over the workers before
+    its step (`decrop.distributed.Shard.average_gradients`). Every worker's gradient is that of the one-process
+    domain loss, so the average is too: the objective stays that of one process (checked with 2 gloo workers in
+    tests/test_distributed.py). Not wrapped in DDP, which would average the same gradients but prefix the
+    checkpointed state dict with ``module.``: the explicit all-reduce sits where the step order needs it.
     """
 
     name = "decrop"
@@ -138,7 +143,7 @@ class DecropObjective(BaseObjective):
                  shard: Shard | None = None) -> None:
         super().__init__(sigma, shard)
         self.cfg = cfg
-        self.discriminator = discriminator
+        self.discriminator = self.shard.broadcast(discriminator) if discriminator is not None else None
         self.disc_optimizer = (torch.optim.Adam(discriminator.parameters(), lr=cfg.disc_lr)
                                if discriminator is not None else None)
         self.beta = 0.0
@@ -157,7 +162,14 @@ class DecropObjective(BaseObjective):
         losses, values = {}, {}
         losses["loss_lc"], values["loss_lc"] = shard.mean(lc, size)
         clean_all = shard.gather(phi_clean, size)
-        for kind, batch in (("b", [x_b]), ("int", x_ints)):
+        # Without boundary samples (attack "none", the supplementary's table 2) the same-class partner x_b only
+        # fed the interpolation: no boundary branch, its two terms are 0.
+        kinds = (("b", [x_b]), ("int", x_ints)) if cfg.attack != "none" else (("int", x_ints),)
+        if cfg.attack == "none":
+            zero = x.new_zeros(())
+            losses.update(loss_cs_b=zero, loss_mmd_b=zero)
+            values.update(loss_cs_b=0.0, loss_mmd_b=0.0)
+        for kind, batch in kinds:
             phi_g, logits_g = _unit_features(classifier, denoiser(torch.cat(batch) + delta.repeat(len(batch), 1, 1, 1)))
             cs = cosine_loss(logits_g, clean_logits.repeat(len(batch), 1), reduction="sum")
             losses[f"loss_cs_{kind}"], values[f"loss_cs_{kind}"] = shard.mean(cs, size * len(batch))
@@ -180,9 +192,10 @@ class DecropObjective(BaseObjective):
         return loss, {"loss": total, **values}
 
     def after_backward(self) -> None:
-        """Discriminator step first (its gradient is the plain domain loss), then the loop steps the denoiser
-        (whose gradient holds the reversed, beta-scaled domain gradient)."""
+        """Discriminator step first (its gradient is the plain domain loss, averaged over the workers), then the
+        loop steps the denoiser (whose gradient holds the reversed, beta-scaled domain gradient)."""
         if self.disc_optimizer is not None:
+            self.shard.average_gradients(self.discriminator.parameters())
             self.disc_optimizer.step()
 
     def state_dict(self) -> dict:

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attacks import ATTACK_IMPLEMENTATION, get_attack
+from .attacks import ATTACK_IMPLEMENTATION, SAME_CLASS, get_attack
 from .checkpoint import load_tensors, save_tensors
 from .config import DecropConfig, config_hash
 from .runtime import eval_mode
@@ -71,11 +71,11 @@ def generate_boundary(model: nn.Module, images: Tensor, labels: Tensor, cfg: Dec
     """Boundary samples (N, C, H, W) in [0, 1] of `images` (N, C, H, W) with true `labels` (N,), by ``cfg.attack``.
 
     Runs on the device of `model`; returns a CPU tensor. Batches are independent, each seeded from
-    ``(seed, batch index)``. The `none` attack pairs images within the whole class, so it runs as one batch.
+    ``(seed, batch index)``. The `none` and `same_class` partners pair images within the whole class, so they run as one batch.
     """
     device = next(model.parameters()).device
     attack = get_attack(cfg.attack)
-    order = [torch.arange(len(images))] if cfg.attack == "none" else list(torch.arange(len(images)).split(batch_size))
+    order = [torch.arange(len(images))] if cfg.attack in SAME_CLASS else list(torch.arange(len(images)).split(batch_size))
     kwargs = {"steps": cfg.attack_steps} if cfg.attack in ("pgd", "apgd_ce") else {}
     if cfg.attack == "pgd":
         kwargs["step_size"] = cfg.attack_step_size
@@ -114,7 +114,10 @@ def boundary_settings(cfg: DecropConfig) -> dict:
     an older one (same names, other algorithms) must not be reused. The mixing coefficient, the loss weights
     and n_interp do not: trials that differ only in those share one boundary file."""
     keys = ("attack", "eps", "attack_steps", "attack_step_size")
-    return {**{k: getattr(cfg, k) for k in keys}, "attack_implementation": ATTACK_IMPLEMENTATION}
+    settings = {k: getattr(cfg, k) for k in keys}
+    if cfg.attack in SAME_CLASS:  # the same partners whichever way the objective uses them
+        settings["attack"] = SAME_CLASS[0]
+    return {**settings, "attack_implementation": ATTACK_IMPLEMENTATION}
 
 
 def interpolation_settings(cfg: DecropConfig) -> dict:

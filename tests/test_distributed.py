@@ -2,13 +2,18 @@
 
 Two gloo workers (torch.multiprocessing, CPU) and this process compute, on the same global batch: the loss and
 the denoiser's (DDP-averaged) gradients of one step of the baseline, of DE-CROP's stage 1 and of its stage 2
-(with the discriminator's gradients), and a whole two-stage training run through `run_stages` (shuffling,
-augmentation and noise included). A negative control shows the comparison has teeth: with the BatchNorm
-statistics left per worker (the naive recipe) the gradients differ.
+(with the discriminator's averaged gradients and its step), and a whole two-stage training run through
+`run_stages` (shuffling, augmentation and noise included). A negative control shows the comparison has teeth:
+with the BatchNorm statistics left per worker (the naive recipe) the gradients differ. Stage 2's discriminator
+(no DDP of its own) is kept in sync by construction: started from different weights on each rank and with
+gradients perturbed in opposite directions on the two ranks (as nondeterministic GPU kernels would), its
+replicas stay bit-identical and follow the one-process run, which needs rank 0's weights broadcast and the
+gradients averaged before its step.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 
@@ -26,7 +31,7 @@ from decrop.distributed import GlobalBatchNorm, Shard, convert_global_batchnorm,
 from decrop.models import DomainDiscriminator, create_model
 from decrop.objectives import DecropObjective, StabilityObjective
 from decrop.pipeline import Prepared, TrainHooks, build_denoiser, method_stages, run_stages
-from conftest import quadrant_images  # tests/conftest.py: shared toy data
+from helpers import quadrant_images
 
 SIZE, CLASSES, N, BATCH = 8, 4, 22, 9  # 22 images in batches 9, 9, 4: unequal shares (5/4, 5/4, 2/2)
 RTOL, ATOL = 1e-4, 1e-5
@@ -67,10 +72,45 @@ def _one_step(prep: Prepared, case: str, shard: Shard, wrap) -> dict[str, object
     torch.manual_seed(1)  # the noise draw
     loss, parts = objective(model.train(), classifier, images, torch.zeros(BATCH).long())
     loss.backward()
+    objective.after_backward()  # stage 2: the discriminator's gradients averaged over the workers, its step
     grads = {name: p.grad.clone() for name, p in denoiser.named_parameters()}
     if discriminator is not None:
         grads.update({f"disc.{name}": p.grad.clone() for name, p in discriminator.named_parameters()})
+        grads.update({f"disc_stepped.{name}": p.detach().clone() for name, p in discriminator.named_parameters()})
     return {"parts": parts, "grads": grads}
+
+
+PERTURB = 1e-3  # added to rank 0's discriminator gradients and taken from rank 1's: their mean is unchanged
+
+
+def _discriminator_steps(prep: Prepared, shard: Shard, wrap, steps: int = 3) -> dict[str, torch.Tensor]:
+    """Stage 2's discriminator after `steps` training steps (discriminator step, then denoiser step) on
+    successive global batches. Each rank builds it from a different seed (rank 0's is the one-process seed) and
+    its gradients are perturbed by +PERTURB on rank 0 and -PERTURB on rank 1, standing in for nondeterministic
+    GPU kernels: without the broadcast and the gradient averaging the replicas would drift apart."""
+    torch.manual_seed(0)
+    denoiser = build_denoiser(prep.cfg.denoiser, 1)
+    model = wrap(denoiser)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    classifier = prep.classifier.requires_grad_(False)
+    torch.manual_seed(100 + shard.rank)
+    discriminator = DomainDiscriminator(classifier.feature_dim)
+    sign = (1.0, -1.0)[shard.rank] if shard.world == 2 else 0.0
+    for p in discriminator.parameters():
+        p.register_hook(lambda grad, sign=sign: grad + sign * PERTURB)
+    cfg = dataclasses.replace(prep.cfg.decrop, disc_lr=1e-2)  # steps large enough to show any drift
+    objective = DecropObjective(prep.cfg.sigma, cfg, discriminator, shard=shard)
+    images = _decrop_images(prep)
+    torch.manual_seed(1)
+    for step in range(steps):
+        objective.set_progress(step / steps)
+        batch = tuple(t[step * BATCH // 2:step * BATCH // 2 + BATCH] for t in images)
+        loss, _ = objective(model.train(), classifier, batch, torch.zeros(BATCH).long())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        objective.after_backward()
+        optimizer.step()
+    return {name: p.detach().clone() for name, p in discriminator.named_parameters()}
 
 
 def _run(prep: Prepared, shard: Shard, wrap) -> dict[str, object]:
@@ -83,6 +123,7 @@ def _run(prep: Prepared, shard: Shard, wrap) -> dict[str, object]:
 def _everything(shard: Shard, wrap) -> dict[str, object]:
     prep = _prep()
     out = {case: _one_step(prep, case, shard, wrap) for case in ("baseline", "stage1", "stage2")}
+    out["discriminator"] = _discriminator_steps(prep, shard, wrap)
     out["run"] = _run(prep, shard, wrap)
     return out
 
@@ -100,10 +141,11 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, global_bn: bool
     dist.destroy_process_group()
 
 
-def _spawn(global_bn: bool) -> dict[str, object]:
+def _spawn(global_bn: bool) -> list[dict[str, object]]:
+    """What each of the two ranks computed."""
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(_worker, args=(2, os.path.join(tmp, "init"), tmp, global_bn), nprocs=2, join=True)
-        return torch.load(os.path.join(tmp, "rank0.pt"), weights_only=False)
+        return [torch.load(os.path.join(tmp, f"rank{rank}.pt"), weights_only=False) for rank in range(2)]
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +161,7 @@ def _assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> Non
 
 
 def test_two_gloo_workers_compute_the_one_process_loss_and_gradients(single):
-    two = _spawn(global_bn=True)
+    two, other = _spawn(global_bn=True)
     for case in ("baseline", "stage1", "stage2"):
         assert two[case]["parts"] == pytest.approx(single[case]["parts"], rel=RTOL), case
         _assert_close(two[case]["grads"], single[case]["grads"])
@@ -130,8 +172,16 @@ def test_two_gloo_workers_compute_the_one_process_loss_and_gradients(single):
         for key in ("train/loss", "train/loss_lc", "train/loss_mmd_b", "val/agreement"):
             assert row_two[key] == pytest.approx(row_one[key], rel=RTOL, abs=ATOL), key
 
+    # Stage 2's discriminator: the replicas are identical, bit for bit, after steps on different shards, from
+    # different initial weights and with different gradients, and they are the one-process discriminator.
+    for name in two["discriminator"]:
+        assert torch.equal(two["discriminator"][name], other["discriminator"][name]), name
+    _assert_close(two["discriminator"], single["discriminator"])
+    for name in (key for key in two["stage2"]["grads"] if key.startswith("disc")):
+        assert torch.equal(two["stage2"]["grads"][name], other["stage2"]["grads"][name]), name
+
     # Negative control: BatchNorm statistics per worker (the naive recipe) change the gradients.
-    naive = _spawn(global_bn=False)
+    naive, _ = _spawn(global_bn=False)
     with pytest.raises(AssertionError):
         _assert_close(naive["stage1"]["grads"], single["stage1"]["grads"])
 

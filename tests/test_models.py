@@ -181,14 +181,20 @@ def test_memnet_gate_sees_all_memories() -> None:
         MemNet(1, num_memblocks=0)
 
 
-def test_domain_discriminator_shape() -> None:
+def test_domain_discriminator_is_the_papers_vanilla_mlp() -> None:
+    """The supplementary: "a vanilla multi-layer perceptron with one hidden layer of size 100 units"."""
     disc = DomainDiscriminator(128)
     z = torch.randn(8, 128)
     assert disc(z).shape == (8, 2)
-    assert disc.eval()(z[:1]).shape == (1, 2)  # BatchNorm1d in eval mode accepts a single row
     assert DomainDiscriminator(64, hidden=32, num_domains=3)(torch.randn(4, 64)).shape == (4, 3)
-    assert [type(m) for m in disc.net] == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear]
-    assert disc.net[0].out_features == 100
+    assert [type(m) for m in disc.net] == [nn.Linear, nn.ReLU, nn.Linear]
+    assert (disc.net[0].in_features, disc.net[0].out_features) == (128, 100)
+    assert (disc.net[2].in_features, disc.net[2].out_features) == (100, 2)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in disc.modules())
+    assert list(disc.buffers()) == []  # nothing but weights: no running statistics to sync or checkpoint
+    # no batch statistics: a row's logits do not depend on the batch, in train mode as in eval mode
+    torch.testing.assert_close(disc.train()(z)[:1], disc(z[:1]))
+    torch.testing.assert_close(disc.eval()(z), disc.train()(z))
 
 
 @pytest.mark.parametrize("denoiser", ["dncnn", "memnet"])

@@ -20,7 +20,7 @@ from decrop.metrics import MemorySink
 from decrop.models import DomainDiscriminator, create_model
 from decrop.objectives import BaseObjective, DecropObjective
 from decrop.training import AdamThenSGD, train_denoiser
-from conftest import quadrant_images  # tests/conftest.py: shared toy data
+from helpers import quadrant_images
 
 NUM_CLASSES, SIZE, SIGMA = 4, 8, 0.25
 PARTS = {"loss", "loss_lc", "loss_cs_b", "loss_cs_int", "loss_mmd_b", "loss_mmd_int"}
@@ -131,6 +131,30 @@ def test_each_generated_kind_pulls_on_the_denoiser():
     assert other_b["loss_lc"] == base["loss_lc"]
     assert other_b["loss_cs_int"] == base["loss_cs_int"] and other_b["loss_mmd_int"] == base["loss_mmd_int"]
     assert other_b["loss_cs_b"] != base["loss_cs_b"]
+
+
+def test_without_boundary_samples_the_partner_only_feeds_the_interpolation():
+    """attack=none (the supplementary's table 2): no boundary branch, so the partner x_b changes nothing and its
+    terms are 0; attack=same_class trains on the same partner as if it were a boundary sample."""
+    classifier, denoiser = _frozen(_classifier(train_steps=20)), _denoiser()
+    denoiser.eval()
+    x, x_b, x_int = _images(n_interp=1)
+    labels = torch.zeros(8).long()
+    results = {}
+    for attack in ("none", "same_class"):
+        objective = DecropObjective(SIGMA, DecropConfig(attack=attack))
+        for name, partner in (("own", x_b), ("other", x_b.flip(0))):
+            torch.manual_seed(1)
+            loss, parts = objective(denoiser, classifier, (x, partner, x_int), labels)
+            results[attack, name] = (loss.item(), parts)
+    loss, parts = results["none", "own"]
+    assert parts["loss_cs_b"] == 0 and parts["loss_mmd_b"] == 0 and results["none", "other"][0] == loss
+    cfg = DecropConfig()
+    assert loss == pytest.approx(cfg.w_lc * parts["loss_lc"] + cfg.w_cs * parts["loss_cs_int"]
+                                 + cfg.w_mmd * parts["loss_mmd_int"], rel=1e-5)
+    assert results["same_class", "own"][1]["loss_cs_b"] > 0
+    assert results["same_class", "other"][0] != results["same_class", "own"][0]
+    assert results["same_class", "own"][1]["loss_cs_int"] == parts["loss_cs_int"]  # the same interpolation
 
 
 # ---------------------------------------------------------------------------------------- domain adversarial

@@ -74,6 +74,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
 
     # Every rank iterates the same global batches and computes its share of them; BatchNorm, the MMD and the
     # discriminator see the whole batch (decrop.distributed): the objective does not depend on the worker count.
+    # Only the denoiser is wrapped in DDP; the objective keeps stage 2's discriminator replicas in sync itself
+    # (rank 0's weights broadcast, gradients averaged before its step: decrop.objectives.DecropObjective).
     shard = Shard(rank, world)
 
     def wrap(module: torch.nn.Module) -> torch.nn.Module:  # DDP (more than one worker) without per-forward syncs
