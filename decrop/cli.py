@@ -59,7 +59,12 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     for name, text in (("predict", "Cohen's PREDICT on a folder of images"),
                        ("certify", "Cohen's CERTIFY on a folder of images")):
         p = sub.add_parser(name, help=text)
-        p.add_argument("--model", type=Path, required=True, help="a smoothed model written by `export`")
+        p.add_argument("--model", type=Path, required=True,
+                       help="a smoothed model written by `export`. It is a torch.export program, so it is code: "
+                            "its graph runs on every image; load only files you trust. Before torch reads it, decrop "
+                            "refuses an archive with a member that torch would run while loading it (a pickle of "
+                            "anything but tensors, compiled code, code in the program's JSON), and metadata "
+                            "(sigma, classes, input shape) that disagrees with its config or program")
         p.add_argument("--images", type=Path, required=True,
                        help="a folder of PNG/JPEG images, or of class sub-folders named as the model's classes")
         p.add_argument("--n", type=int, default=10_000, help="noisy samples per image (default 10000)")

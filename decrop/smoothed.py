@@ -4,14 +4,19 @@ and Cohen's PREDICT and CERTIFY through it on a folder of new images.
 
 `export_smoothed` writes the program (``torch.export.save`` with ``extra_files={"decrop.json": ...}``), from a
 ``python -m decrop run`` folder or a sweep trial's denoiser (`run_sources`, `trial_sources`, `export_run`).
-`load_smoothed` reads it back and refuses a program without sigma: a certificate is only valid for the noise
-level the denoiser was trained and the radius is computed with. `predict_folder` and `certify_folder` use the
-certification engine (`Smooth`, `certify_indices`) as the runs do.
+`load_smoothed` reads it back through `decrop.archive.load_export` (which refuses an archive with a member that
+would run code while torch loads it) and checks its metadata (`check_metadata`): a program without sigma is
+refused, as a certificate is only valid for the noise level the denoiser was trained and the radius is computed
+with, and so is metadata of the wrong types or ranges, or disagreeing with the config stored in it or with the
+program's own input and output shapes. `predict_folder` and `certify_folder` use the certification engine
+(`Smooth`, `certify_indices`) as the runs do.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import re
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -26,6 +31,7 @@ from .classifier import load_classifier
 from .config import ExperimentConfig, expand_path, load_config, to_flat
 from .data import dataset_info
 from .folders import folder_info, read_images, scan_class_folders, scan_images
+from .archive import ArchiveRefused, load_export
 from .errors import ConfigError, SmoothedModelError
 from .pipeline import build_denoiser
 from .user_model import FrozenProgram, detect_format, exportable, file_sha256
@@ -129,31 +135,123 @@ def export_run(config_path: Path, weights: Path, out: str | Path, log: Log = pri
 
 def load_smoothed(path: str | Path, device: torch.device | str = "cpu") -> SmoothedModel:
     """A smoothed model written by `export_smoothed`, on `device`; SmoothedModelError for a file that is not a
-    ``torch.export`` program or carries no sigma."""
+    ``torch.export`` program, an archive with a member that would run code while loading (`load_export`), or
+    metadata without sigma, malformed or disagreeing with itself or the program (`check_metadata`)."""
     path, extra = Path(path), {METADATA_FILE: ""}
     if not path.is_file():
         raise SmoothedModelError(f"--model {path} does not exist")
     try:
         if detect_format(path) != "export":  # torch.export.load would first log a traceback of its own
             raise ValueError("no torch.export archive inside")
-        program = torch.export.load(str(path), extra_files=extra)
+        program = load_export(path, extra_files=extra)
+    except ArchiveRefused as err:
+        raise SmoothedModelError(f"--model {path} is refused: {err}; decrop never loads a file that would run code "
+                                 f"while loading (write smoothed models with `python -m decrop export`)") from None
     except Exception as err:
         raise SmoothedModelError(f"--model {path} is not a torch.export program ({type(err).__name__}): write it "
                                  f"with `python -m decrop export --run DIR --out {path.name}`") from None
     try:
         meta = json.loads(extra[METADATA_FILE] or "{}")
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         meta = {}
-    if not isinstance(meta, dict) or not isinstance(meta.get("sigma"), (int, float)) or meta["sigma"] <= 0:
+    if not isinstance(meta, dict) or "sigma" not in meta:
         raise SmoothedModelError(f"--model {path} carries no sigma in its metadata ({METADATA_FILE}): a certificate "
                                  f"is only valid for the noise level the denoiser was trained for; export the model "
                                  f"with `python -m decrop export --run DIR --out {path.name}`, which records it")
+    check_metadata(meta, f"--model {path}", _program_shapes(program))
     device = torch.device(device)
     if device.type != "cpu":
         from torch.export.passes import move_to_device_pass
         program = move_to_device_pass(program, device)
     return SmoothedModel(FrozenProgram(program.module()), float(meta["sigma"]), tuple(meta["classes"]),
                          tuple(meta["input_shape"]), meta)
+
+
+REQUIRED = ("format", "sigma", "classes", "input_shape", "config")  # what `export_run` has always written
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _positive_ints(value: object, length: int | None = None) -> bool:
+    return (isinstance(value, list) and (length is None or len(value) == length)
+            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value))
+
+
+def _program_shapes(program: torch.export.ExportedProgram) -> tuple[tuple | None, int | None]:
+    """((C, H, W) of the program's image input, None where a dimension is dynamic; its number of logits), each
+    None when the graph does not say."""
+    try:
+        nodes = {node.name: node for node in program.graph.nodes}
+        signature = program.graph_signature
+        image = nodes[signature.user_inputs[0]].meta["val"].shape
+        logits = nodes[signature.user_outputs[0]].meta["val"].shape
+        shape = tuple(s if isinstance(s, int) else None for s in image[1:])
+        return shape, (logits[-1] if isinstance(logits[-1], int) else None)
+    except Exception:
+        return None, None
+
+
+def check_metadata(meta: dict, where: str, shapes: tuple[tuple | None, int | None] = (None, None)) -> None:
+    """SmoothedModelError, naming the field (and both values where two disagree), unless `meta` (the smoothed
+    model's ``decrop.json``) has the keys `export_run` writes with the right types and ranges, and agrees with the
+    flat config stored in it (sigma, dataset, classes) and with `shapes` (`_program_shapes` of the program)."""
+    fix = "re-export the model with `python -m decrop export --run DIR --out FILE`"
+
+    def refuse(problem: str) -> SmoothedModelError:
+        return SmoothedModelError(f"{where}: its metadata ({METADATA_FILE}) {problem}; {fix}")
+
+    missing = [key for key in REQUIRED if key not in meta]
+    if missing:
+        raise refuse(f"has no {', '.join(missing)}")
+    if meta["format"] != FORMAT:
+        raise refuse(f"has format={meta['format']!r}, not {FORMAT!r} (a file of another program or version)")
+    sigma = meta["sigma"]
+    if not _number(sigma) or not math.isfinite(sigma) or sigma <= 0:
+        raise refuse(f"has sigma={sigma!r}: the noise level must be a positive finite number")
+    classes = meta["classes"]
+    if (not isinstance(classes, list) or not classes
+            or not all(isinstance(c, str) and c and c.isprintable() for c in classes)):
+        raise refuse(f"has classes={classes!r:.120}: they must be a non-empty list of class names (strings)")
+    if len(set(classes)) != len(classes):
+        raise refuse(f"names a class twice in classes={classes!r:.120}")
+    if not _positive_ints(meta["input_shape"], 3):
+        raise refuse(f"has input_shape={meta['input_shape']!r:.80}: it must be [channels, height, width], "
+                     f"three positive integers")
+    if not isinstance(meta["config"], dict):
+        raise refuse(f"has config of type {type(meta['config']).__name__}: it must be the run's flat config")
+    checks = {"num_classes": lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
+              "method": lambda v: isinstance(v, str) and bool(v), "dataset": lambda v: isinstance(v, str) and bool(v),
+              "epochs": lambda v: isinstance(v, list) and all(isinstance(e, int) and not isinstance(e, bool)
+                                                               and e >= 0 for e in v),
+              "classifier_sha256": lambda v: isinstance(v, str) and bool(_SHA256.fullmatch(v)),
+              "denoiser_sha256": lambda v: isinstance(v, str) and bool(_SHA256.fullmatch(v))}
+    for key, ok in checks.items():
+        if key in meta and not ok(meta[key]):
+            raise refuse(f"has {key}={meta[key]!r:.80}, not a valid value")
+
+    def disagree(key: str, value: object, other: str) -> SmoothedModelError:
+        return refuse(f"says {key}={value!r:.120} but {other:.160}: the file was edited or is corrupt")
+
+    config = meta["config"]
+    if "sigma" not in config:
+        raise refuse("has a config without sigma, so the noise level cannot be checked")
+    if config["sigma"] != sigma:
+        raise disagree("sigma", sigma, f"the config stored with it says sigma={config['sigma']!r}")
+    if "dataset" in meta and "data.dataset" in config and config["data.dataset"] != meta["dataset"]:
+        raise disagree("dataset", meta["dataset"], f"the config stored with it says "
+                                                   f"data.dataset={config['data.dataset']!r}")
+    if isinstance(config.get("data.classes"), list) and config["data.classes"] and config["data.classes"] != classes:
+        raise disagree("classes", classes, f"the config stored with it says data.classes={config['data.classes']!r}")
+    if "num_classes" in meta and meta["num_classes"] != len(classes):
+        raise disagree("num_classes", meta["num_classes"], f"it lists {len(classes)} classes")
+    image, logits = shapes
+    if image is not None and any(s is not None and s != m for s, m in zip(image, meta["input_shape"])):
+        raise disagree("input_shape", meta["input_shape"], f"the program takes images of shape {list(image)}")
+    if logits is not None and logits != len(classes):
+        raise disagree("classes", classes, f"the program outputs {logits} logits")
 
 
 def read_new_images(folder: str | Path, model: SmoothedModel) -> tuple[list[Path], Tensor, Tensor]:

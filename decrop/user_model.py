@@ -14,6 +14,12 @@ width = number of classes, the feature layer. DE-CROP's L_mmd and discriminator 
 a submodule (exported programs: ``torch.export.unflatten`` plus a forward hook; TorchScript models cannot name
 one); left empty, the features are the logits (registry models: their own penultimate features). The
 model is never trained or modified: `UserClassifier.train` does not reach it, and its sha256 is logged.
+
+Safety: weights (``state_dict``, ``torchvision``) load with ``torch.load(weights_only=True)``. An ``export`` file is
+read through `decrop.archive.load_export`, which refuses an archive with a member that would run code while torch
+loads it (pickles of anything but tensors, compiled code, code hidden in the program's JSON); its graph is still
+the author's code and runs on every call. A ``torchscript`` file is code that ``torch.jit.load`` runs as it loads,
+unchecked: load only files you trust.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from .archive import ArchiveRefused, load_export
 from .config import ClassifierConfig
 from .data import DatasetInfo
 from .errors import ClassifierError
@@ -211,10 +218,16 @@ def _check_program(program: torch.export.ExportedProgram, path: Path, image_shap
 
 
 def _load_program(path: Path, device: torch.device) -> torch.export.ExportedProgram:
+    """The exported program of `path`, its archive checked first (`decrop.archive.load_export`): a member that
+    would run code while torch loads it (a pickle of anything but tensors, compiled code, code in the program's
+    JSON) is refused, naming the member."""
     if detect_format(path) != "export":  # torch.export.load would first log a traceback of its own
         raise _not_a_model(path, "export", zipfile.BadZipFile("no torch.export archive inside"))
     try:
-        program = torch.export.load(str(path))
+        program = load_export(path)
+    except ArchiveRefused as err:
+        raise ClassifierError(f"classifier.path {path} is refused: {err}; decrop never loads a file that would run "
+                              f"code while loading (save a plain model with torch.export.save)") from None
     except Exception as err:  # not a zip, a TorchScript archive, a torch.save file, ...
         raise _not_a_model(path, "export", err) from None
     if device.type != "cpu":
