@@ -1,13 +1,15 @@
+import os
 import random
 
 import numpy as np
 import pytest
 import torch
 
-# Overrides that shrink the quick profile's sweep to seconds per trial (tests/tuning, tests/cluster).
-TINY_SWEEP = ["train.epochs=2", "decrop.stage2_epochs=1", "decrop.attack_steps=2", "decrop.interp_steps=2",
-              "certify.val_images=8", "certify.n=100", "certify.n0=20", "data.test_every=1000", "denoiser.depth=3",
-              "denoiser.width=8", "classifier.epochs=1"]
+# The test suite's own Ray clusters (tests that call ray.init in this process) listen on loopback with token
+# auth, like the sweep's private one (tuning.sweep.LOCAL_RAY_ENV); Ray reads both when it is imported, so they are
+# set here, before any test module imports it.
+for _key, _value in {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token"}.items():
+    os.environ.setdefault(_key, _value)
 
 
 @pytest.fixture(autouse=True)
@@ -25,16 +27,3 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def quadrant_images(n: int, seed: int, size: int, num_classes: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
-    """Separable toy data: images (n, 1, size, size) of noise in [0, 0.5] with the quadrant of the class
-    (labels (n,) cycling through 0..3) raised by 0.5."""
-    g = torch.Generator().manual_seed(seed)
-    y = torch.arange(n) % num_classes
-    x = torch.rand(n, 1, size, size, generator=g) * 0.5
-    half = size // 2
-    for i, c in enumerate(y.tolist()):
-        r, s = divmod(c, 2)
-        x[i, :, r * half:(r + 1) * half, s * half:(s + 1) * half] += 0.5
-    return x, y

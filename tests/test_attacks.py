@@ -8,7 +8,7 @@ from torchattacks.wrappers.multiattack import MultiAttack
 
 from decrop.attacks import ATTACKS, get_attack
 from decrop.models import create_model
-from conftest import quadrant_images  # tests/conftest.py: shared toy data
+from helpers import quadrant_images
 
 NUM_CLASSES, SIZE = 4, 12
 BUDGETED = ["pgd", "apgd_ce", "autoattack"]  # L-inf attacks inside their eps-ball

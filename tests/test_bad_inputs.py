@@ -23,22 +23,20 @@ import pytest
 import torch
 from torch import nn
 
+import decrop.classifier
+import decrop.pipeline
+import decrop.smoothed
+from analysis import report
+from decrop import cli
+from decrop.checkpoint import load_checkpoint, save_checkpoint
+from decrop.classifier import build_classifier, classifier_key, classifier_path
+from decrop.config import load_config, to_yaml
+from decrop.errors import CheckpointError
+from decrop.models import create_model
+from tuning import sweep
+from tuning.tracking import StudyTracker, default_tracking_uri
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # analysis/ is no installed package
-
-import decrop.classifier  # noqa: E402
-import decrop.pipeline  # noqa: E402
-import decrop.smoothed  # noqa: E402
-from analysis import report  # noqa: E402
-from decrop import cli  # noqa: E402
-from decrop.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from decrop.classifier import build_classifier, classifier_key, classifier_path  # noqa: E402
-from decrop.config import load_config, to_yaml  # noqa: E402
-from decrop.errors import CheckpointError  # noqa: E402
-from decrop.models import create_model  # noqa: E402
-from tuning import sweep  # noqa: E402
-from tuning.tracking import StudyTracker, default_tracking_uri  # noqa: E402
-
 QUICK = str(REPO / "configs" / "quick.yaml")
 FMNIST = Path(os.environ.get("DECROP_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 CUDA = torch.cuda.is_available()

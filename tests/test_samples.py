@@ -12,7 +12,7 @@ from decrop.errors import CheckpointError
 from decrop.models import create_model
 from decrop import samples as samples_module
 from decrop.samples import GeneratedSamples, generate_samples, interpolate, load_or_generate_samples
-from conftest import quadrant_images  # tests/conftest.py: shared toy data
+from helpers import quadrant_images
 
 NUM_CLASSES, SIZE = 4, 12
 

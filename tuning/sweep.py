@@ -23,6 +23,7 @@ flags and the config are checked before ray, mlflow or torch is even imported, s
 from __future__ import annotations
 
 import argparse
+import errno
 import ipaddress
 import logging
 import os
@@ -102,7 +103,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def connect() -> None:
-    """Join the cluster this runs on (under `ray job submit` RAY_ADDRESS is set), else start a local one.
+    """Join the cluster named by RAY_ADDRESS (set under `ray job submit`; ``auto``: the Ray already running on this
+    machine), else start a private local one. Never joins a running cluster unasked: a test suite's or a
+    notebook's Ray ends with them, and would take this study's trials along.
 
     A local cluster gets token auth with the token file readable by this user only, and listens on 127.0.0.1
     when LOCAL_RAY_ENV took effect (set before ray was imported); a line says where it listens."""
@@ -112,30 +115,27 @@ def connect() -> None:
 
     quiet = {"log_to_driver": False, "logging_level": "ERROR"}
     address = os.environ.get("RAY_ADDRESS", "")
-    if address and address != "local":  # RAY_ADDRESS=local: start a local cluster, never join a running one
+    if address and address != "local":  # a cluster named explicitly (auto: the one running on this machine)
         ray.init(**quiet)
+        if address == "auto":
+            print(f"sweep: joined the Ray cluster already running on this machine "
+                  f"({ray.get_runtime_context().gcs_address}), as RAY_ADDRESS=auto asks", flush=True)
         return
     if ray.is_initialized():  # a caller (a test, a notebook) started Ray already
         return
-    try:
-        if address == "local":
-            raise ConnectionError
-        ray.init(address="auto", **quiet)
-        print(f"sweep: joined the Ray cluster already running on this machine ({ray.get_runtime_context().gcs_address});"
-              f" set RAY_ADDRESS=local to start a private one instead", flush=True)
-    except ConnectionError:
-        private_token_file()  # before Ray writes one world-readable
-        # With the dashboard (on 127.0.0.1): Train's PlacementGroupCleaner queries the controller's state
-        # through it, and without it never removes the placement group of a trial that ASHA stopped; two such
-        # leaks held both CPUs of the 2-core machine and the next trials waited forever.
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1", **quiet)
-        address, auth = ray.util.get_node_ip_address(), os.environ.get("RAY_AUTH_MODE", "token")
-        if ipaddress.ip_address(address).is_loopback:
-            print(f"sweep: local Ray on {address} only (dashboard and metrics too), auth mode {auth}", flush=True)
-        else:
-            print(f"sweep: warning: the local Ray listens on {address}, not only on 127.0.0.1 (ray was imported "
-                  f"before tuning/sweep.py could set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0); auth mode {auth}",
-                  flush=True)
+    # A private local cluster.
+    private_token_file()  # before Ray writes one world-readable
+    # With the dashboard (on 127.0.0.1): Train's PlacementGroupCleaner queries the controller's state
+    # through it, and without it never removes the placement group of a trial that ASHA stopped; two such
+    # leaks held both CPUs of the 2-core machine and the next trials waited forever.
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1", **quiet)
+    address, auth = ray.util.get_node_ip_address(), os.environ.get("RAY_AUTH_MODE", "token")
+    if ipaddress.ip_address(address).is_loopback:
+        print(f"sweep: local Ray on {address} only (dashboard and metrics too), auth mode {auth}", flush=True)
+    else:
+        print(f"sweep: warning: the local Ray listens on {address}, not only on 127.0.0.1 (ray was imported "
+              f"before tuning/sweep.py could set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0); auth mode {auth}",
+              flush=True)
 
 
 def private_token_file() -> Path | None:
@@ -146,7 +146,7 @@ def private_token_file() -> Path | None:
     if os.environ.get("RAY_AUTH_TOKEN"):
         return None
     path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or "~/.ray/auth_token").expanduser()
-    if not path.exists():
+    if not os.path.lexists(path):
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         try:  # created 0600 from the start; a concurrent creator wins and is chmod-ed below
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -154,8 +154,25 @@ def private_token_file() -> Path | None:
                 f.write(secrets.token_hex(32))  # what Ray's own generator writes: 256 random bits as hex
         except FileExistsError:
             pass
-    if path.stat().st_mode & 0o077:
-        path.chmod(0o600)
+    try:  # never through a symbolic link: its target may be any file of this user's
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as err:
+        if err.errno != errno.ELOOP:
+            raise
+        try:
+            exposed = os.stat(path).st_mode & 0o077
+        except OSError:
+            exposed = True
+        if exposed:
+            print(f"sweep: warning: Ray's token file {path} is a symbolic link to a file that others can read (or "
+                  f"to nothing); its permissions are left as they are: make the file it points to mode 0600",
+                  flush=True)
+        return path
+    try:
+        if os.fstat(fd).st_mode & 0o077:
+            os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
     return path
 
 
@@ -282,7 +299,7 @@ def check_server(uri: str, timeout: float = 10.0) -> None:
                          f"(cluster/local.sh up --with-mlflow) or fix the address") from None
 
 
-def open_study(name: str, args: argparse.Namespace, base: dict, concurrent: int) -> Study:
+def open_study(name: str, args: argparse.Namespace, base: dict, concurrent: int, classifier_sha256: str) -> Study:
     """The storage, MLflow parent run and settings of study `name` (a preset or the search)."""
     from tuning.studies import Study
     from tuning.tracking import StudyTracker
@@ -296,13 +313,13 @@ def open_study(name: str, args: argparse.Namespace, base: dict, concurrent: int)
               "gpus_per_worker": args.gpus_per_worker,
               **({"num_trials": args.num_trials, "seed": args.seed, "confirm_seeds": args.confirm_seeds}
                  if preset is None else {"factor": preset.key, "seeds": args.seeds, "levels": args.levels or "all"}),
-              **{f"base.{k}": v for k, v in base.items()}}
+              "classifier_sha256": classifier_sha256, **{f"base.{k}": v for k, v in base.items()}}
     parent = tracker.start_sweep(study, params, args.resume, role="sweep" if preset is None else "preset")
     settings = StudySettings(base=base, storage=str(storage), tracking_uri=uri, experiment=experiment,
                              parent_run_id=parent, workers=args.workers_per_trial,
                              gpus_per_worker=args.gpus_per_worker, cert_shards=args.cert_shards, preset=name,
                              factor=None if preset is None else preset.key, validate=preset is None,
-                             test=preset is not None)
+                             test=preset is not None, classifier_sha256=classifier_sha256)
     print(f"{study}: storage {storage}, MLflow {redact_uri(uri)} (experiment {tracker.experiment_id})", flush=True)
     return Study(study, storage, tracker, parent, settings, args.resume, concurrent)
 
@@ -337,7 +354,10 @@ def main(argv: list[str] | None = None) -> int:
         # user's file checked against the data) before Ray starts: a bad file is one line, not a traceback.
         from decrop.pipeline import prepare
         from decrop.runtime import release_memory
-        clean_accuracy = prepare(cfg).clean_accuracy  # the driver keeps nothing else of it
+        prepared = prepare(cfg)
+        # The driver keeps nothing else of it: the clean accuracy, and the classifier's sha256 (trial cache keys).
+        clean_accuracy, classifier_sha256 = prepared.clean_accuracy, prepared.budget["classifier_sha256"]
+        del prepared
         release_memory()  # the prepared images and classifier (prepare itself released its training peak)
         print(f"sweep: data and classifier ready in {time.perf_counter() - tic:.0f}s", flush=True)
     except (*BAD_INPUT, ValueError) as err:
@@ -353,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     concurrent = concurrency(args)
     for name in study_names(preset):
         try:
-            study = open_study(name, args, base, concurrent)
+            study = open_study(name, args, base, concurrent, classifier_sha256)
         except ValueError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2

@@ -2,17 +2,12 @@
 each trial with the distributions of tuning/space.py, trials outside the space are left out with a note, and a
 parameter that alone determines the objective gets the largest importance from both of Optuna's evaluators."""
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from analysis.objective import importance, search_study  # noqa: E402
-from analysis.runs import SEARCHED  # noqa: E402
+from analysis.objective import importance, search_study
+from analysis.runs import SEARCHED
 
 
 def trials(n: int, seed: int = 0, objective: str = "decrop.mixing") -> pd.DataFrame:

@@ -18,16 +18,15 @@ from mlflow import MlflowClient
 from scipy.stats import binomtest
 from statsmodels.stats.proportion import proportion_confint
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
+import tuning.tracking
+from analysis import report
+from analysis.runs import SEARCHED, certification_frame, check_logged
+from analysis.stats import holm, image_level_test, regression
+from analysis.tables import interval_cell, spread_cell
+from decrop.rows import CertRow
+from tuning.tracking import StudyTracker, default_tracking_uri
 
-import tuning.tracking  # noqa: E402
-from analysis import report  # noqa: E402
-from analysis.runs import SEARCHED, certification_frame, check_logged  # noqa: E402
-from analysis.stats import holm, image_level_test, regression  # noqa: E402
-from analysis.tables import interval_cell, spread_cell  # noqa: E402
-from decrop.rows import CertRow  # noqa: E402
-from tuning.tracking import StudyTracker, default_tracking_uri  # noqa: E402
+REPO = Path(__file__).resolve().parents[2]
 
 RADII = [0.0, 0.25, 0.5]
 STUDY_RADII = [*RADII, 0.75]  # method_study.py's --radii: 0.75 is only in the metric names, not certify.radii

@@ -4,8 +4,6 @@ force, the image-level test against exact McNemar (one seed) and scipy's permuta
 paired by seed and image (the sweep's best-against-defaults table) and one arm's interval over images."""
 
 import itertools
-import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -14,10 +12,8 @@ from scipy.stats import binomtest, bootstrap, permutation_test
 from statsmodels.stats.contingency_tables import mcnemar
 from statsmodels.stats.proportion import proportion_confint
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from analysis.runs import certification_frame  # noqa: E402
-from analysis.stats import (  # noqa: E402
+from analysis.runs import certification_frame
+from analysis.stats import (
     IMAGE_LEVEL,
     PER_SEED,
     accuracy_interval,
@@ -29,7 +25,7 @@ from analysis.stats import (  # noqa: E402
     sign_flip_distribution,
     sign_flip_p,
 )
-from decrop.rows import CertRow  # noqa: E402
+from decrop.rows import CertRow
 
 
 def outcomes(rng: np.random.Generator, n: int, seeds: int, p_method: float, p_baseline: float):

@@ -13,14 +13,13 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
+import analysis.store
+import tuning.tracking
+from analysis import report
+from decrop.rows import CertRow, write_rows
+from tuning.tracking import StudyTracker, default_tracking_uri
 
-import analysis.store  # noqa: E402
-import tuning.tracking  # noqa: E402
-from analysis import report  # noqa: E402
-from decrop.rows import CertRow, write_rows  # noqa: E402
-from tuning.tracking import StudyTracker, default_tracking_uri  # noqa: E402
+REPO = Path(__file__).resolve().parents[2]
 
 PASSWORD = "hunter2-s3cret"
 

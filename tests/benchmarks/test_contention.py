@@ -7,11 +7,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
-
-from benchmarks import certify as bench  # noqa: E402
-from benchmarks.contention import Window, verdict  # noqa: E402
+from benchmarks import certify as bench
+from benchmarks.contention import Window, verdict
 
 
 def _window(share: float, others: float) -> dict:

@@ -13,13 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
+from benchmarks import gpu_train
+from benchmarks.gpu_report import TARGET_SPS, write
+from benchmarks.gpu_train import write_synthetic_cifar
+from decrop.data import as_tensors, load_dataset
 
-from benchmarks import gpu_train  # noqa: E402
-from benchmarks.gpu_report import TARGET_SPS, write  # noqa: E402
-from benchmarks.gpu_train import write_synthetic_cifar  # noqa: E402
-from decrop.data import as_tensors, load_dataset  # noqa: E402
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_synthetic_cifar_loads_through_decrops_own_loader(tmp_path):

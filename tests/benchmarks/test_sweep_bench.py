@@ -4,12 +4,8 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
-
-from benchmarks.sweep import process_kind, tree  # noqa: E402
+from benchmarks.sweep import process_kind, tree
 
 
 def test_process_kinds_name_what_holds_memory():

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import mlflow
 import pytest
-import ray  # noqa: F401  (puts Ray's bundled psutil on sys.path)
-import psutil  # noqa: E402
-from conftest import TINY_SWEEP as TINY  # tests/conftest.py: the tiny sweep's overrides
+import ray  # noqa: F401  (before psutil: Ray's bundled copy is importable once ray is)
+import psutil
+
+from helpers import TINY_SWEEP as TINY
 
 REPO = Path(__file__).resolve().parents[2]
 LOCAL_SH = REPO / "cluster" / "local.sh"

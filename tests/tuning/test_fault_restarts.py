@@ -21,17 +21,15 @@ from pathlib import Path
 import mlflow
 import optuna
 import pytest
-import ray  # noqa: F401  (puts Ray's bundled psutil on sys.path)
+import ray  # noqa: F401  (before psutil: Ray's bundled copy is importable once ray is)
+import psutil
+
+from helpers import TINY_SWEEP
+from tuning.space import FinalObjectiveOptunaSearch, define_space
+from tuning.sweep import RAY_ENV
+from tuning.tracking import ATTEMPTS_METRIC, default_tracking_uri
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
-
-import psutil  # noqa: E402
-
-from conftest import TINY_SWEEP  # noqa: E402  tests/conftest.py
-from tuning.space import FinalObjectiveOptunaSearch, define_space  # noqa: E402
-from tuning.sweep import RAY_ENV  # noqa: E402
-from tuning.tracking import ATTEMPTS_METRIC, default_tracking_uri  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 SWEEP = str(REPO / "tuning" / "sweep.py")

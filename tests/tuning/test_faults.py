@@ -11,7 +11,6 @@ cores shared with other studies (load ~7): Ray start ~20 s, classifier ~30 s, th
 
 import os
 import signal
-import sys
 import tempfile
 import threading
 import time
@@ -21,20 +20,18 @@ import mlflow
 import pytest
 import ray
 import ray.tune
+import psutil  # Ray's bundled copy: importable once ray is imported
+
+from helpers import TINY_SWEEP
+from decrop.config import from_flat, load_config, to_flat
+from decrop.pipeline import prepare
+from tuning import studies, sweep
+from tuning.certify_tasks import certify_parallel
+from tuning.tracking import (ATTEMPTS_METRIC, FAILURE_TAG, FAILURES_METRIC, MlflowStatusCallback,
+                             StudyTracker, default_tracking_uri)
+from tuning.trainable import FAIL_ALWAYS_ENV, FAIL_ONCE_ENV, StudySettings, tune_trainable
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
-
-import psutil  # noqa: E402  (Ray's bundled copy, on sys.path once ray is imported)
-
-from conftest import TINY_SWEEP  # noqa: E402  tests/conftest.py
-from decrop.config import from_flat, load_config, to_flat  # noqa: E402
-from decrop.pipeline import prepare  # noqa: E402
-from tuning import studies, sweep  # noqa: E402
-from tuning.certify_tasks import certify_parallel  # noqa: E402
-from tuning.tracking import (ATTEMPTS_METRIC, FAILURE_TAG, FAILURES_METRIC, MlflowStatusCallback,  # noqa: E402
-                             StudyTracker, default_tracking_uri)
-from tuning.trainable import FAIL_ALWAYS_ENV, FAIL_ONCE_ENV, StudySettings, tune_trainable  # noqa: E402
 
 # The killed worker and the killed certification task (~2-3 min with the module's Ray) run in `make test` (CI);
 # the two retried-trial tests (~2 and ~5 min) are slow: `make test-all`.

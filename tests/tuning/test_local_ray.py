@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
-import ray  # noqa: F401  (puts Ray's bundled psutil on sys.path)
-import psutil  # noqa: E402
+import ray  # noqa: F401  (before psutil: Ray's bundled copy is importable once ray is)
+import psutil
 
 REPO = Path(__file__).resolve().parents[2]
 

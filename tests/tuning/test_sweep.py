@@ -1,6 +1,5 @@
 """The sweep command: errors before any compute, the search space, and (slow) a real sweep with resume."""
 
-import sys
 from pathlib import Path
 
 import mlflow
@@ -8,13 +7,12 @@ import optuna
 import pytest
 import ray
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
+from helpers import TINY_SWEEP as TINY
+from tuning import studies, sweep
+from tuning.space import default_point, define_space, trial_overrides
+from tuning.tracking import StudyTracker, default_tracking_uri
 
-from conftest import TINY_SWEEP as TINY  # noqa: E402  tests/conftest.py
-from tuning import studies, sweep  # noqa: E402
-from tuning.space import default_point, define_space, trial_overrides  # noqa: E402
-from tuning.tracking import StudyTracker, default_tracking_uri  # noqa: E402
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_config_error_stops_the_sweep_before_ray_starts(tmp_path, capsys):
@@ -156,8 +154,11 @@ def _smoke_levels(name: str) -> list[str]:
 
 
 @pytest.mark.ray
-@pytest.mark.parametrize("preset", ["sigma", "data", "mixing", "denoiser", "n_interp", "attack", "boundary",
-                                    "augment", "blackbox"])
+# Two presets cover the two ways a study's arms are laid out: mixing shares the baseline and the reference between
+# its levels (and compares two levels), sigma gives each level its own. The rest run the same plumbing (their grids
+# are checked offline by test_presets.py): slow, `make test-all` or `-m slow`.
+@pytest.mark.parametrize("preset", ["mixing", "sigma", *(pytest.param(name, marks=pytest.mark.slow) for name in (
+    "data", "denoiser", "n_interp", "attack", "boundary", "augment", "blackbox"))])
 def test_every_preset_runs_in_a_smoke_setting(local_ray, tmp_path, preset, capsys):
     """Each paper study through the platform: its first level or two (`_smoke_levels`), one seed, tiny settings."""
     from tuning.presets import PRESETS, points
@@ -177,3 +178,43 @@ def test_every_preset_runs_in_a_smoke_setting(local_ray, tmp_path, preset, capsy
         assert f"certify_test_{method}/acr" in child.data.metrics  # every point certified the test subset
         assert child.info.run_name.startswith(method) and "seed=0" in child.info.run_name
     assert (tmp_path / f"quick-{preset}" / "report" / "report.html").exists()
+
+
+def test_the_ray_token_file_is_made_private_but_never_through_a_symlink(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    token = tmp_path / "auth_token"
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token))
+    assert sweep.private_token_file() == token  # created, 0600 from the start
+    assert token.stat().st_mode & 0o777 == 0o600 and len(token.read_text()) == 64
+    token.chmod(0o644)
+    sweep.private_token_file()
+    assert token.stat().st_mode & 0o777 == 0o600  # a world-readable token file is made private
+    target, link = tmp_path / "notes.txt", tmp_path / "link"
+    target.write_text("a file of the user's")
+    target.chmod(0o644)
+    link.symlink_to(target)
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(link))
+    capsys.readouterr()
+    assert sweep.private_token_file() == link
+    assert target.stat().st_mode & 0o777 == 0o644 and target.read_text() == "a file of the user's"  # untouched
+    assert "is a symbolic link" in capsys.readouterr().out
+    target.unlink()  # a dangling link: nothing is created through it
+    assert sweep.private_token_file() == link and not target.exists()
+
+
+def test_connect_never_joins_a_running_cluster_unless_asked(monkeypatch, capsys):
+    """A test suite's or a notebook's Ray ends with them: the sweep starts its own unless RAY_ADDRESS names one."""
+    import ray
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(ray.util, "get_node_ip_address", lambda: "127.0.0.1")
+    monkeypatch.setattr(sweep, "private_token_file", lambda: None)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    sweep.connect()
+    assert len(calls) == 1 and "address" not in calls[0] and calls[0]["num_cpus"] >= 1  # a private one
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: type("C", (), {"gcs_address": "127.0.0.1:6379"})())
+    monkeypatch.setenv("RAY_ADDRESS", "auto")
+    sweep.connect()
+    assert "num_cpus" not in calls[1] and "joined the Ray cluster" in capsys.readouterr().out

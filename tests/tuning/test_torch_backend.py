@@ -19,7 +19,6 @@ pytestmark = pytest.mark.ray
 
 SCRIPT = textwrap.dedent("""
     import json, os, sys
-    sys.path.insert(0, sys.argv[1])
     import ray, ray.train
     from tuning.torch_backend import torch_trainer
 

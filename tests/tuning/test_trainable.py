@@ -4,7 +4,6 @@ Starts a local Ray instance and a real `TorchTrainer` (~1 min on 2 cores): marke
 selection so CI runs one real Ray Train + Ray Tune + Ray task + MLflow round trip.
 """
 
-import sys
 from pathlib import Path
 
 import mlflow
@@ -12,16 +11,15 @@ import pytest
 import ray
 import ray.tune
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
+from helpers import TINY_SWEEP
+from decrop.rows import read_rows
+from decrop.config import load_config, to_flat
+from decrop.pipeline import prepare
+from tuning.space import default_point
+from tuning.tracking import MlflowStatusCallback, StudyTracker, default_tracking_uri
+from tuning.trainable import StudySettings, load_denoiser_state, tune_trainable
 
-from conftest import TINY_SWEEP  # noqa: E402  tests/conftest.py
-from decrop.rows import read_rows  # noqa: E402
-from decrop.config import load_config, to_flat  # noqa: E402
-from decrop.pipeline import prepare  # noqa: E402
-from tuning.space import default_point  # noqa: E402
-from tuning.tracking import MlflowStatusCallback, StudyTracker, default_tracking_uri  # noqa: E402
-from tuning.trainable import StudySettings, load_denoiser_state, tune_trainable  # noqa: E402
+REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.ray
 
