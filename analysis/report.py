@@ -46,7 +46,9 @@ from mlflow import MlflowClient  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 
 from analysis.arms import find_studies  # noqa: E402
+from analysis.budget import load_curves  # noqa: E402
 from analysis.figures import FigureOut, figures  # noqa: E402
+from analysis.results import write_results  # noqa: E402
 from analysis.render import Report, markdown_table, render_html, render_markdown, sections  # noqa: E402
 from analysis.runs import (  # noqa: E402
     PARENT_ROLES,
@@ -85,14 +87,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mlflow-uri", default=None,
                    help="tracking URI or path to mlflow.db (default: the newest ~/decrop-runs/*/mlflow.db)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: reports/<experiment>)")
+    p.add_argument("--results", type=Path, default=None, metavar="PATH",
+                   help="also write the verdict of every claim found to PATH (docs/results.md is written this way)")
     return p.parse_args(argv)
+
+
+def portable(uri: str) -> str:
+    """The store as a committed report may show it: a local file store by its folder and file name only (no path
+    of the machine it ran on); a server's URI as given (passwords already redacted)."""
+    for scheme in ("sqlite:///", "file://"):
+        if uri.startswith(scheme):
+            path = Path(uri.removeprefix(scheme))
+            return f"{path.parent.name}/{path.name} (a local store)"
+    return uri
+
+
+def provenance(runs: pd.DataFrame) -> str:
+    """What the runs were made with: the commit(s), the profile(s), the classifier's sha256 and the seeds."""
+    def values(*columns: str) -> str:
+        found = sorted({str(v) for c in columns if c in runs for v in runs[c].dropna()})
+        return ", ".join(found) or "not recorded"
+    commits = values("tags.decrop.git_commit")
+    seeds = sorted({int(float(s)) for s in runs.get("seed", pd.Series(dtype=float)).dropna()})
+    return (f"Provenance: commit {commits}; profile {values('params.profile')}; classifier sha256 "
+            f"{values('params.budget.classifier_sha256', 'params.classifier_sha256')}; seeds "
+            f"{', '.join(map(str, seeds)) or 'not recorded'}.")
 
 
 def _summary(names: list[str], runs: pd.DataFrame, cert: pd.DataFrame, missing: list[str],
              studies: list[StudySection]) -> list[str]:
     counts = runs["role"].value_counts()
     lines = [f"Experiment(s) {', '.join(names)}: {len(runs)} runs ("
-             + ", ".join(f"{n} {role}" for role, n in counts.items()) + ").",
+             + ", ".join(f"{n} {role}" for role, n in counts.items()) + ").", provenance(runs),
              f"{cert.groupby(['run_id', 'label']).ngroups} certification tables read; every number below is "
              f"recomputed from their rows."]
     if studies:
@@ -109,6 +135,8 @@ class Analysis:
     cert: pd.DataFrame  # the tidy frame (certified.csv)
     parent_run_ids: list[str]  # the sweep / preset / study parent runs, where the report is logged
     csvs: dict[str, pd.DataFrame]  # the studies' numeric frames and the time table, by file stem
+    studies: list[StudySection]
+    provenance: str
 
 
 def _generic_figures(figs: list[FigureOut], generic: pd.DataFrame, trials: pd.DataFrame,
@@ -155,17 +183,19 @@ def build_report(client: MlflowClient, uri: str, experiments: list, out: Path, p
     stats: Statistics = statistics(generic, rows, trials)
     progress(f"report: writing figures into {out}")
     out.mkdir(parents=True, exist_ok=True)
-    studies = [study_section(study, out) for study in find_studies(runs, rows)]
+    studies = [study_section(study, out, load_curves(client, study) if study.preset == "budget" else None)
+               for study in find_studies(runs, rows)]
     figs = _generic_figures(figures(generic, rows, trials, histories, out), generic, trials, studies)
     times, time_notes = time_table(runs)
     title = f"DE-CROP study report: {', '.join(names)}"
-    report = Report(title, uri, _summary(names, runs, cert, missing, studies), found, figs, stats, notes, studies,
+    report = Report(title, portable(uri), _summary(names, runs, cert, missing, studies), found, figs, stats, notes, studies,
                     times, time_notes, search=not trials.empty)
     headline = {name: table for s in studies for name, table in s.tables.items()}
     csvs = {name: frame for s in studies for name, frame in s.csvs.items()}
     if not times.empty:
         csvs["time"] = times
-    return Analysis(report, {**headline, **found}, cert, list(runs.index[runs["role"].isin(PARENT_ROLES)]), csvs)
+    return Analysis(report, {**headline, **found}, cert, list(runs.index[runs["role"].isin(PARENT_ROLES)]), csvs,
+                    studies, provenance(runs))
 
 
 def write_report(analysis: Analysis, out: Path) -> list[Path]:
@@ -214,6 +244,13 @@ def _run(args: argparse.Namespace) -> int:
         out = args.out or Path("reports") / "+".join(e.name.replace("/", "_") for e in experiments)
         analysis = build_report(store.client, store.shown, experiments, out)
         files = write_report(analysis, out)
+        if args.results is not None:
+            shown = args.results.resolve()  # the page names no path of this machine: relative, or its name
+            shown = shown.relative_to(Path.cwd()) if shown.is_relative_to(Path.cwd()) else Path(shown.name)
+            command = ("python analysis/report.py --mlflow-uri STORE --experiment "
+                       + " ".join(e.name for e in experiments) + f" --results {shown}")
+            written = write_results(args.results, analysis.studies, analysis.provenance, command)
+            print(f"report: verdicts written to {written}")
         if not store.writable:
             print(f"report: not logged to the store ({store.note})")
         elif analysis.parent_run_ids:

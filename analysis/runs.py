@@ -30,8 +30,8 @@ from statsmodels.stats.proportion import proportion_confint
 
 from decrop.rows import CertRow, average_certified_radius, certified_counts, read_rows
 from tuning.presets import PRESETS, SEARCH
-from tuning.tracking import (FACTOR_TAG, LEVEL_TAG, METHOD_TAG, PARENT_TAG, PRESET_TAG, ROLE_TAG, STUDY_TAG,
-                             TRIAL_TAG, VARIANT_TAG, certification_prefix, redact_uri)
+from tuning.tracking import (COMMIT_TAG, FACTOR_TAG, LEVEL_TAG, METHOD_TAG, PARENT_TAG, PRESET_TAG, ROLE_TAG,
+                             STUDY_TAG, TRIAL_TAG, VARIANT_TAG, certification_prefix, redact_uri)
 
 SETTING_TAG, BEST_TAG = "decrop.setting", "decrop.best_trial_id"
 PARENT_ROLES = ("sweep", "study", "preset")
@@ -129,7 +129,7 @@ def _run_record(run: Run, experiment: str) -> dict[str, object]:
     record = {"run_id": run.info.run_id, "run_name": run.info.run_name, "experiment": experiment, "role": role,
               "parent_run_id": tags.get(PARENT_TAG), "study": tags.get(STUDY_TAG), "trial_id": tags.get(TRIAL_TAG),
               "setting": tags.get(SETTING_TAG), "best_trial_id": tags.get(BEST_TAG),
-              "tags.decrop.reused_from": tags.get("decrop.reused_from"),
+              "tags.decrop.reused_from": tags.get("decrop.reused_from"), f"tags.{COMMIT_TAG}": tags.get(COMMIT_TAG),
               "preset": tags.get(PRESET_TAG, params.get("preset") if parent else None),
               "factor": tags.get(FACTOR_TAG, params.get("factor") if parent else None),
               "level": tags.get(LEVEL_TAG), "trial_method": tags.get(METHOD_TAG), "variant": tags.get(VARIANT_TAG),

@@ -29,6 +29,8 @@ from .arms import CONFIRMATION, PRESET, Arm, StudyArms, accuracy_values, budget_
 from .figures import FigureOut, arms_figure
 from .stats import format_p, holm, holm_verdict, paired_outcomes, paired_radii
 from .tables import method_name, radius_column
+from .budget import TOLERANCE, budget_figure, certified_by_budget, convergence_table
+from .verdicts import Verdict, degenerate_arms, verdict
 
 # The studies whose claim compares the levels with each other (the others compare DE-CROP with the baseline at
 # each level: sigma changes what is certified, data the budget, denoiser the architecture).
@@ -56,6 +58,10 @@ class StudySection:
     items: list[tuple[str, object]]
     tables: dict[str, pd.DataFrame]
     csvs: dict[str, pd.DataFrame] = field(default_factory=dict)
+    preset: str = ""  # the preset's name ("search" for a confirmation)
+    claim: object = None  # the preset's `tuning.presets.Claim`, when it tests one
+    verdict: Verdict | None = None
+    values: pd.DataFrame = field(default_factory=pd.DataFrame)  # `arms.accuracy_values`
 
 
 def _slug(text: str) -> str:
@@ -210,6 +216,99 @@ def accuracy_display(values: pd.DataFrame, confirmation: bool) -> pd.DataFrame:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# The claim and its verdict
+
+VERDICT_CAPTION = (
+    "The tests the verdict rests on (one Holm family: {n} tests, the same in every report that shows this claim). "
+    "Seed level: the seed is the unit (arms paired by seed, every image under every seed), the mean difference "
+    "of certified accuracy with its standard error from the crossed random-effects model of seeds and images "
+    "(ANOVA estimates of the variance components, Satterthwaite degrees of freedom; analysis/inference.py); "
+    "'better': two-sided t test and its 95% interval; 'similar': two one-sided tests against the margin and their "
+    "90% interval (equivalence shown when it lies inside the margin); 'trend': the per-seed slope of the gain "
+    "against log10 of the level, t test over seeds. Intervals are not adjusted; p (Holm) is. per seed: the "
+    "difference in each seed (points). The image-level p (exact sign-flip test over images, unadjusted) describes "
+    "only these trained models. Seeds for 80% power: how many seeds the seed-level test needs to detect a "
+    "5-point difference at Holm's first-step level (0.05 / tests), with the variance components estimated here "
+    "and the same test images.")
+
+
+def _claim_text(claim) -> str:
+    parts = [f"{c.kind} ({method_name(c.arm)} vs {method_name(c.reference)}"
+             + (f" at {c.reference_level}" if c.reference_level != "same level" else "")
+             + f"; levels {', '.join(map(str, c.levels))}; r = {', '.join(f'{r:g}' for r in c.radii)}"
+             + (f"; margin {100 * c.margin:.0f} points" if c.kind == "similar" else "") + ")"
+             for c in claim.comparisons]
+    return (f"The claim ({claim.source}), declared before the runs: \"{claim.quote}\" Tested: " + "; ".join(parts)
+            + "." + (f" {claim.note}" if claim.note else ""))
+
+
+def verdict_display(tests: pd.DataFrame) -> pd.DataFrame:
+    """The claim's tests as the report shows them."""
+    if tests.empty:
+        return tests
+    def cell(row) -> str:
+        if pd.isna(row.get("difference")):
+            return "-"
+        unit = " per decade" if row["comparison"] == "trend" else ""  # a slope against log10 of the level
+        return (f"{100 * row['difference']:+.1f}{unit} [{100 * row['ci_low']:+.1f}, {100 * row['ci_high']:+.1f}] "
+                f"({row['interval']})")
+    rows = tests.to_dict("records")
+    return pd.DataFrame({
+        "comparison": [r["comparison"] for r in rows], "arm": [r["arm"] for r in rows],
+        "against": [r["reference"] for r in rows], "radius": [f"{r['radius']:.2f}" for r in rows],
+        "seeds": [r["n_seeds"] for r in rows],
+        "per seed (points)": [r.get("per_seed") if isinstance(r.get("per_seed"), str) else "-" for r in rows],
+        "difference (points) [interval]": [cell(r) for r in rows],
+        "p": [format_p(r["p"]) if pd.notna(r.get("p")) else "-" for r in rows],
+        "p (Holm)": [format_p(r["p_holm"]) if pd.notna(r.get("p_holm")) else "-" for r in rows],
+        "outcome": [r["outcome"] + (f" ({r['why']})" if isinstance(r.get("why"), str) else "") for r in rows],
+        "image-level p, for these trained models": [format_p(r["image_p"]) if pd.notna(r.get("image_p")) else "-"
+                                                    for r in rows],
+        "seeds for 80% power (5 points)": [_needed(r.get("seeds_needed")) for r in rows],
+    })
+
+
+def _needed(value) -> str:
+    if value is None or pd.isna(value):
+        return "-"
+    return "more than 100" if math.isinf(value) else str(int(value))
+
+
+def verdict_items(claim, judged: Verdict) -> list[tuple[str, object]]:
+    items: list[tuple[str, object]] = [("text", _claim_text(claim)),
+                                       ("text", f"Verdict: **{judged.word}** ({judged.reason}).")]
+    if judged.degenerate:
+        items.append(("list", [f"degenerate arm (its comparisons are not interpretable): {d}"
+                               for d in judged.degenerate]))
+    if not judged.tests.empty:
+        n = int(judged.tests["n_tests"].iloc[0])
+        items += [("text", VERDICT_CAPTION.format(n=n)), ("table", verdict_display(judged.tests))]
+    if judged.notes:
+        items.append(("list", judged.notes))
+    return items
+
+
+def budget_items(converged: pd.DataFrame, figure: FigureOut) -> list[tuple[str, object]]:
+    """The learning curves, where each method reaches its plateau, and the budget that follows."""
+    shown = pd.DataFrame({
+        "method": converged["method"].map(method_name), "epochs": converged["epochs"], "seeds": converged["seeds"],
+        "plateau (%)": (100 * converged["plateau"]).round(1),
+        f"within {100 * TOLERANCE:.0f} point from epoch": converged["converged_at"],
+        "at epoch 20 (%)": (100 * converged["at_epoch_20"]).round(1)})
+    at_end = converged["converged_at"] >= converged["epochs"]
+    budget = int(converged["converged_at"].max())
+    words = (f"Both methods are within {100 * TOLERANCE:.0f} point of their plateau of the validation agreement "
+             f"(seed mean, {SMOOTHING_TEXT}) from epoch {budget}: the smallest budget at which both have converged."
+             if not at_end.any() else
+             "At least one method is still rising at the end of its longest budget: no budget here is converged "
+             "for it; train longer.")
+    return [("figure", figure), ("text", words), ("table", shown)]
+
+
+SMOOTHING_TEXT = "5-epoch trailing mean; plateau: the mean of the curve's last tenth"
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Sections
 
 
@@ -245,7 +344,7 @@ def _intro(study: StudyArms, values: pd.DataFrame) -> list[tuple[str, object]]:
                          + ("" if best else " The search's best configuration is the profile's defaults: there is "
                                            "nothing to confirm beyond the defaults against the baseline."))]
     preset = PRESETS.get(study.preset)
-    claim = f"The paper ({preset.source}): {preset.claim} " if preset else ""
+    claim = f"{preset.summary} " if preset else ""
     shared = any(lv is None for lv, _ in study.arms)
     return [("text", f"{claim}Factor {study.factor}, levels "
                      f"{', '.join(study.level_name(lv) for lv in study.levels)}; seeds {', '.join(map(str, seeds))}; "
@@ -254,19 +353,38 @@ def _intro(study: StudyArms, values: pd.DataFrame) -> list[tuple[str, object]]:
                         "serves every level ('(all levels)')." if shared else ""))]
 
 
-def study_section(study: StudyArms, out: Path) -> StudySection:
-    """Compute and lay out one study (figure written into `out`)."""
+def study_section(study: StudyArms, out: Path, curves: pd.DataFrame | None = None) -> StudySection:
+    """Compute and lay out one study (figures written into `out`); `curves`: the per-epoch validation agreement
+    of its runs (`analysis.budget.load_curves`), shown for the training-budget study."""
     confirmation = study.kind == CONFIRMATION
     slug = _slug(f"{study.study}_confirmation" if confirmation else study.study)
     values = accuracy_values(study)
     table = accuracy_display(values, confirmation)
-    tests, notes = study_tests(study)
+    tests, notes = study_tests(study) if study.kind == CONFIRMATION else (pd.DataFrame(), [])
     budget = budget_frame(study)
     figure: FigureOut = arms_figure(study, out, f"{slug}_certified_accuracy")
     items: list[tuple[str, object]] = [*_intro(study, values), ("text", TABLE_CAPTION), ("table", table),
                                        ("figure", figure)]
     csvs = {f"{slug}_accuracy_values": values, f"{slug}_tests": tests, f"{slug}_epochs_budget": budget}
+    claim = PRESETS[study.preset].claim if study.kind == PRESET and study.preset in PRESETS else None
+    judged = None
+    if claim is not None:
+        judged = verdict(study, claim)
+        items += verdict_items(claim, judged)
+        csvs[f"{slug}_verdict_tests"] = judged.tests
+    elif study.kind == PRESET:
+        degenerate = degenerate_arms(study)
+        if degenerate:
+            items.append(("list", [f"degenerate arm: {why}" for why in degenerate.values()]))
+    if curves is not None and not curves.empty:
+        converged = convergence_table(curves)
+        certified = certified_by_budget(study)
+        items += budget_items(converged, budget_figure(curves, certified, out, f"{slug}_learning_curves"))
+        csvs.update({f"{slug}_learning_curves": curves, f"{slug}_convergence": converged,
+                     f"{slug}_certified_by_budget": certified})
     for family in (BEST_VS_DEFAULT, VS_FIRST, VS_BASELINE):
+        if claim is not None:  # the claim's own tests above are the study's tests
+            break
         shown = tests_display(tests, family) if len(tests) else pd.DataFrame()
         if not shown.empty:
             items += [("text", TESTS_CAPTION.format(family=family, n=len(shown))), ("table", shown)]
@@ -279,4 +397,4 @@ def study_section(study: StudyArms, out: Path) -> StudySection:
     heading = (f"The search {study.study}: confirmation on fresh seeds" if confirmation else
                f"Study {study.study}: preset {study.preset}"
                + (f" ({PRESETS[study.preset].source})" if study.preset in PRESETS else ""))
-    return StudySection(heading, items, {slug: table}, csvs)
+    return StudySection(heading, items, {slug: table}, csvs, study.preset, claim, judged, values)

@@ -67,6 +67,7 @@ class StudySettings:
     factor: str | None = None
     validate: bool = True
     test: bool = False
+    classifier_sha256: str = ""  # of the classifier's file (a trial cache key must change with the classifier)
 
 
 def trial_point(params: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
@@ -177,7 +178,8 @@ def run_trial(params: dict[str, Any], settings: StudySettings) -> None:
 
     # A trial that only reports the test subset and whose result another study already computed with the same
     # config, seed and code takes it (tuning.trial_cache): the paper's studies share the profile's defaults.
-    key = trial_cache.trial_key(flat, settings.workers, settings.gpus_per_worker) if (
+    key = trial_cache.trial_key(flat, settings.workers, settings.gpus_per_worker,
+                                                settings.classifier_sha256) if (
         settings.test and not settings.validate) else None
     cached = trial_cache.load(cfg.cache_dir, key) if key else None
     # DE-CROP's samples are generated (and cached) once, before training, so that the DDP workers read the cache.

@@ -5,7 +5,7 @@ PGD, n_interp 1, DnCNN, augmentation policy 1, white-box, 1% of the data). Train
 again reproduces the same rows bit for bit (every random draw is seeded, one thread per worker), so a trial that
 certifies the test subset stores its denoiser and its rows under a key of everything that determines them: the
 trial's flat config (method, seed, data, training and certification settings), the training layout (DDP workers,
-GPUs per worker) and a hash of the source code that computes them (`SOURCES`). A later trial with the same key,
+GPUs per worker), the sha256 of the classifier's file and a hash of the source code that computes them (`SOURCES`). A later trial with the same key,
 in any study, takes them instead of recomputing; its MLflow run carries the tag ``decrop.reused_from`` naming
 the trial that computed them. Any change of config or code is another key. Entries live under
 ``<cache_dir>/trials/<key>/`` and are written atomically (a folder renamed into place).
@@ -42,10 +42,14 @@ def code_hash() -> str:
     return digest.hexdigest()[:16]
 
 
-def trial_key(flat: dict[str, Any], workers: int, gpus_per_worker: float) -> str:
-    """The key of a trial's result: its flat config, its training layout and the code."""
+def trial_key(flat: dict[str, Any], workers: int, gpus_per_worker: float, classifier_sha256: str) -> str:
+    """The key of a trial's result: its flat config, its training layout, the classifier's file (its sha256: the
+    same config names another classifier when the user's file or the cached trained one is replaced) and the
+    code."""
+    if not classifier_sha256:
+        raise ValueError("trial_key needs the classifier's sha256")
     return config_hash({"flat": flat, "workers": workers, "gpus_per_worker": gpus_per_worker,
-                        "code": code_hash()})
+                        "classifier_sha256": classifier_sha256, "code": code_hash()})
 
 
 def _folder(cache_dir: str, key: str) -> Path:

@@ -6,7 +6,6 @@ the paired tests and their Holm families, the sweep's best-against-defaults tabl
 parameter that alone determines the objective ranks first with fANOVA), the epochs, the data budget and the
 time table."""
 
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,14 +16,13 @@ from mlflow import MlflowClient
 from scipy.stats import bootstrap
 from statsmodels.stats.proportion import proportion_confint
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
-
-import tuning.tracking  # noqa: E402
-from analysis import report  # noqa: E402
-from analysis.stats import holm, image_level_test, paired_radii  # noqa: E402
-from decrop.rows import CertRow  # noqa: E402
-from tuning.tracking import (FACTOR_TAG, LEVEL_TAG, METHOD_TAG, PRESET_TAG, SEED_TAG, VARIANT_TAG,  # noqa: E402
+import tuning.tracking
+from tuning.presets import PRESETS
+from analysis import report
+from analysis.inference import crossed_test
+from analysis.stats import holm, image_level_test, paired_radii
+from decrop.rows import CertRow
+from tuning.tracking import (FACTOR_TAG, LEVEL_TAG, METHOD_TAG, PRESET_TAG, SEED_TAG, VARIANT_TAG,
                              StudyTracker, default_tracking_uri)
 
 RADII = [0.0, 0.25, 0.5]  # the profile's certify.radii
@@ -173,6 +171,28 @@ def presets_report(store, tmp_path_factory):
     return SimpleNamespace(out=out, printed="\n".join(printed))
 
 
+def test_results_page_is_generated_from_the_stores_verdicts(store, tmp_path):
+    page = tmp_path / "results.md"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("builtins.print", lambda *a, **k: None)
+        assert report.main(["--mlflow-uri", store.uri, "--experiment", "mixing-exp", "sigma-exp", "blackbox-exp",
+                            "--out", str(tmp_path / "out"), "--results", str(page)]) == 0
+    text = page.read_text()
+    tests = pd.read_csv(tmp_path / "out" / "mixing-exp_verdict_tests.csv")
+    word = "reproduced" if (tests["outcome"] == "supported").all() else None
+    summary = text.split("## Verdicts")[1].split("## The tests of each claim")[0]
+    cells = [[c.strip() for c in line.split("|")[1:3]] for line in summary.splitlines() if line.startswith("| ")]
+    rows = {claim: word for claim, word in cells if claim != "claim"}  # the header row left out
+    assert set(rows) == {f"{name} ({preset.claim.source})" for name, preset in PRESETS.items() if preset.claim}
+    assert rows["blackbox (main paper, black-box setting (not in the supplementary; its text is not in this "
+                "repository))"] == "not tested"  # one seed
+    assert rows["attack (supplementary, table 1)"] == "waiting"  # not among the experiments read
+    if word:
+        assert rows["mixing (supplementary, fig 3)"] == word
+    assert "Provenance: commit" in text and "seeds 0, 1, 2" in text and "/tmp" not in text
+    assert "python tuning/sweep.py --preset attack --seeds 0 1 2 3 4 5 6 7 8 9 --mlflow-uri STORE --resume" in text
+
+
 @pytest.fixture(scope="module")
 def search_report(store, tmp_path_factory):
     out = tmp_path_factory.mktemp("search_report")
@@ -277,43 +297,61 @@ def check_tests(tests: pd.DataFrame, family: str, pairs: list, n_tests: int):
             assert f"Holm-adjusted over {n_tests} tests p={row.p_holm:.2g}" in row.sentence
 
 
-def test_preset_paired_tests_and_their_holm_families(store, presets_report):
-    tests = pd.read_csv(presets_report.out / "mixing-exp_tests.csv")
-    base = arm_rows(store.mixing, "baseline", None)
+def check_verdict(tests: pd.DataFrame, pairs: list, n_tests: int):
+    """Each (arm text, reference text, method rows by seed, reference rows by seed, radii, margin or None) of
+    `pairs` against the claim's tests: the seed-level test recomputed from the logged rows, one Holm family."""
+    assert len(tests) == n_tests and set(tests["n_tests"]) == {n_tests}
+    assert np.allclose(tests["p_holm"], holm(tests["p"]))
+    for arm, against, method, reference, radii, margin in pairs:
+        part = tests[(tests["arm"] == arm) & (tests["reference"] == against)]
+        assert list(part["radius"]) == radii
+        for row in part.itertuples():
+            m, b = outcome_matrix(method, row.radius), outcome_matrix(reference, row.radius)
+            expected = crossed_test(m, b)
+            assert (row.n_seeds, row.n_images) == (m.shape[1], len(IMAGES))
+            assert row.difference == pytest.approx(expected.difference)
+            assert row.per_seed == " / ".join(f"{100 * d:+.1f}" for d in (m.astype(int) - b).mean(axis=0))
+            if margin is None:
+                assert row.p == pytest.approx(expected.p_value) and row.interval == "95%"
+                assert (row.ci_low, row.ci_high) == pytest.approx(expected.interval)
+            else:
+                p, interval = expected.equivalence(margin)
+                assert row.p == pytest.approx(p) and row.interval == "90%"
+                assert (row.ci_low, row.ci_high) == pytest.approx(interval)
+            assert row.image_p == pytest.approx(image_level_test(m, b).p_value)
+
+
+def test_preset_verdicts_rest_on_the_declared_claims_tests(store, presets_report):
+    tests = pd.read_csv(presets_report.out / "mixing-exp_verdict_tests.csv")
     decrop = {lv: arm_rows(store.mixing, "decrop", lv) for lv in ("0.25", "0.5", "0.75")}
-    check_tests(tests, "against the baseline", [(decrop[lv], base, lambda t, lv=lv: (t["level"] == float(lv)))
-                                                for lv in decrop], 3 * 4)
-    check_tests(tests, "against the first level", [(decrop[lv], decrop["0.25"], lambda t, lv=lv: (
-        t["level"] == float(lv))) for lv in ("0.5", "0.75")], 2 * 4)
-    assert tests.loc[tests["family"] == "against the baseline", "reference_level"].isna().all()  # shared
-    first = tests[tests["family"] == "against the first level"].iloc[0]["sentence"]
-    assert first.startswith("DE-CROP at mixing=0.5 certifies") and "than DE-CROP at mixing=0.25" in first
+    check_verdict(tests, [(f"DE-CROP at mixing={lv}", "DE-CROP at mixing=0.25", decrop[lv], decrop["0.25"], RADII,
+                           0.03) for lv in ("0.5", "0.75")], 2 * 3)  # the claim: similar to alpha 0.25
+    assert set(tests["comparison"]) == {"similar"}
 
-    tests = pd.read_csv(presets_report.out / "sigma-exp_tests.csv")
-    assert set(tests["family"]) == {"against the baseline"}  # the sigma claim does not compare levels
-    check_tests(tests, "against the baseline", [
-        (arm_rows(store.sigma, "decrop", lv), arm_rows(store.sigma, "baseline", lv),
-         lambda t, lv=lv: t["level"] == float(lv)) for lv in ("0.25", "0.5")], 2 * 4)
-    assert (tests["reference_level"] == tests["level"]).all()  # each level's own baseline
+    tests = pd.read_csv(presets_report.out / "sigma-exp_verdict_tests.csv")
+    check_verdict(tests, [(f"DE-CROP at sigma={lv}", f"baseline (Salman et al.) at sigma={lv}",
+                           arm_rows(store.sigma, "decrop", lv), arm_rows(store.sigma, "baseline", lv), [0.25, 0.5],
+                           None) for lv in ("0.25", "0.5")], 2 * 2)  # the claim's radii past 0, levels run
+    markdown = (presets_report.out / "report.md").read_text()
+    assert "better (DE-CROP vs baseline (Salman et al.); levels 0.12, 0.25, 0.5, 1.0; r = 0.25, 0.5)" in markdown
+    assert "better decrop vs baseline at 0.12: not run" in markdown
 
-    tests = pd.read_csv(presets_report.out / "blackbox-exp_tests.csv")
-    vs_first = tests[tests["family"] == "against the first level"]
-    assert set(vs_first["method"]) == {"decrop_blackbox"} and set(vs_first["reference"]) == {"decrop"}
-    check_tests(tests, "against the first level", [(arm_rows(store.blackbox, "decrop_blackbox", "decrop_blackbox"),
-                                                    arm_rows(store.blackbox, "decrop", "decrop"),
-                                                    lambda t: t["level"] == "decrop_blackbox")], 4)
-    assert "black-box" in vs_first.iloc[0]["sentence"] and "white-box" in vs_first.iloc[0]["sentence"]
+    # one seed: no seed-to-seed variance, so the verdict cannot be given
+    tests = pd.read_csv(presets_report.out / "blackbox-exp_verdict_tests.csv")
+    assert set(tests["outcome"]) == {"not interpretable"} and tests["p"].isna().all()
+    assert "Verdict: **not tested**" in markdown.split("## Study blackbox-exp")[1]
 
 
 def test_preset_report_layout_headline_epochs_budget_and_logging(store, presets_report):
     out = presets_report.out
     markdown = (out / "report.md").read_text()
-    for heading in ("## Study mixing-exp: preset mixing (fig 3)", "## Study sigma-exp: preset sigma (fig 1)",
+    for heading in ("## Study mixing-exp: preset mixing (supplementary, fig 3)",
+                    "## Study sigma-exp: preset sigma (supplementary, fig 1)",
                     "## Study blackbox-exp: preset blackbox", "## Where the time went"):
         assert heading in markdown
     assert "## Headline" not in markdown and "## What drives the objective" not in markdown
-    assert "The paper (fig 3): DE-CROP's certified accuracy is stable across the mixing coefficient" in markdown
-    assert "Paired tests on the test images (against the first level; 8 tests, one Holm family)" in markdown
+    assert 'The claim (supplementary, fig 3), declared before the runs: "We perform experiments' in markdown
+    assert "one Holm family: 6 tests, the same in every report that shows this claim" in markdown
     # main() prints the first study's table as the headline
     headline = presets_report.printed.split("mixing-exp:\n")[1].split("\n\n")[0]
     assert "| level" in headline and "mixing=0.75" in headline and "baseline (Salman et al.)" in headline

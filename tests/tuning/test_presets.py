@@ -1,18 +1,16 @@
 """The paper's studies as presets: their grids, their configs, and the cluster commands (validated offline)."""
 
 import shlex
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
+from decrop.config import from_flat, load_config, to_flat
+from tuning import sweep
+from tuning.presets import ALL, PRESETS, SEARCH, cluster_command, points, preset_names, resolve
+from tuning.trainable import StudySettings, trial_config
 
-from decrop.config import load_config, to_flat  # noqa: E402
-from tuning import sweep  # noqa: E402
-from tuning.presets import ALL, PRESETS, SEARCH, cluster_command, points, preset_names, resolve  # noqa: E402
-from tuning.trainable import StudySettings, trial_config  # noqa: E402
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _settings(profile: str) -> StudySettings:
@@ -70,3 +68,48 @@ def test_cluster_command_of_the_paper_profile_validates_offline(name, monkeypatc
     cfg = load_config(REPO / "configs" / f"{args.profile}.yaml", args.overrides)
     assert cfg.data.dataset == "cifar10"
     assert sweep.check_args(args, cfg, preset) is None
+
+
+@pytest.mark.parametrize("name", [n for n, p in PRESETS.items() if p.claim is not None])
+def test_every_claim_is_declared_on_what_its_grid_runs(name):
+    """A claim's comparisons name levels of its preset, methods its grid trains and radii the quick profile
+    certifies; "similar" claims carry a margin, and the quote is the paper's (the supplementary where it says so)."""
+    from tuning.presets import SAME_LEVEL, SIMILAR, TREND
+
+    preset = PRESETS[name]
+    grid = points(preset, [0, 1])
+    trained = {(p["method"], p["level"]) for p in grid}
+    radii = set(load_config(REPO / "configs" / "quick.yaml").certify.radii)
+    for comparison in preset.claim.comparisons:
+        assert set(comparison.levels) <= set(preset.levels)
+        assert set(comparison.radii) <= radii
+        for level in comparison.levels:
+            assert (comparison.arm, level) in trained
+            ref_level = level if comparison.reference_level == SAME_LEVEL else comparison.reference_level
+            assert (comparison.reference, ref_level) in trained or (comparison.reference, None) in trained
+        if comparison.kind == SIMILAR:
+            assert 0 < comparison.margin <= 0.05
+        if comparison.kind == TREND:
+            assert len(comparison.levels) >= 3 and len(comparison.radii) == 1
+    supplementary = REPO.parent / "shared" / "paper" / "decrop-supplementary.md"
+    if preset.claim.source.startswith("supplementary") and supplementary.exists():
+        # verbatim: its first words stand in the supplementary as they are (formulas aside)
+        opening = " ".join(preset.claim.quote.split()[:6])
+        assert opening in " ".join(supplementary.read_text().replace("*", "").split())
+
+
+def test_the_data_study_runs_every_k_and_validates_k_100_on_a_holdout():
+    preset = PRESETS["data"]
+    assert preset.levels == (1, 5, 10, 20, 100)
+    assert preset.overrides(100)["data.val_source"] == "holdout" and "data.val_source" not in preset.overrides(1)
+    assert all(preset.overrides(k)["sigma"] == 0.5 for k in preset.levels)
+
+
+def test_the_budget_study_gives_both_methods_the_same_steps():
+    preset = PRESETS["budget"]
+    settings = _settings("quick")
+    for point in points(preset, [0]):
+        if point["method"] == "none":
+            continue
+        cfg = from_flat(trial_config(settings, {"point": point}))
+        assert sum(cfg.stage_epochs(point["method"])) == point["level"]

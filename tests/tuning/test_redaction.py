@@ -1,15 +1,10 @@
 """tuning.tracking.redact_uri hides the password of a tracking URI, and the sweep prints no password."""
 
-import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
-
-from tuning import sweep  # noqa: E402
-from tuning.tracking import redact_uri  # noqa: E402
+from tuning import sweep
+from tuning.tracking import redact_uri
 
 
 @pytest.mark.parametrize("uri, shown", [
@@ -59,7 +54,8 @@ def test_sweep_start_line_shows_no_password(tmp_path, monkeypatch, capsys):
     # No server, no data, no Ray: the study's start line (open_study) is printed before its first trial.
     monkeypatch.setattr(tuning.tracking, "StudyTracker", Tracker)
     monkeypatch.setattr(sweep, "preflight", lambda name, args: None)
-    monkeypatch.setattr(decrop.pipeline, "prepare", lambda cfg: SimpleNamespace(clean_accuracy=1.0))
+    monkeypatch.setattr(decrop.pipeline, "prepare", lambda cfg: SimpleNamespace(
+        clean_accuracy=1.0, budget={"classifier_sha256": "0" * 64}))
     monkeypatch.setattr(sweep, "connect", lambda: None)
     monkeypatch.setattr(sweep, "concurrency", lambda args: 1)
     monkeypatch.setattr(tuning.studies, "run_search", stop)
