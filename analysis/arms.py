@@ -13,11 +13,13 @@ epochs each arm trained and the data it used.
 from __future__ import annotations
 
 import ast
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 
+from decrop.bounds import max_certifiable_radius
 from decrop.rows import CertRow, average_certified_radius
 from decrop.config import from_flat
 from decrop.errors import ConfigError
@@ -179,6 +181,19 @@ def accuracy_values(study: StudyArms) -> pd.DataFrame:
     columns = ["study", "level", "level_name", "method", "radius", "n_seeds", "seeds", "n_images", "mean", "sd",
                "ci_low", "ci_high", "interval", "acr_mean", "acr_sd", "epochs"]
     return pd.DataFrame(records, columns=columns)
+
+
+def certifiable(arm: Arm) -> float:
+    """The largest radius a run of `arm` can certify with its n, alpha and sigma (all n votes for the top class);
+    infinite when a run does not record them."""
+    limits = []
+    for run in arm.runs.values():
+        try:
+            limits.append(max_certifiable_radius(int(float(run["params.certify.n"])),
+                                                 float(run["params.certify.alpha"]), float(run["params.sigma"])))
+        except (KeyError, TypeError, ValueError):
+            return math.inf
+    return max(limits, default=math.inf)
 
 
 def _epochs(params: pd.Series, method: str) -> str:

@@ -18,7 +18,7 @@ from tuning.presets import PRESETS, SEARCH, SMALLEST_EFFECT, cluster_command, se
 from .render import markdown_table
 from .studies import StudySection, verdict_display
 from .tables import method_name
-from .verdicts import __doc__ as RULE_DOC
+from . import verdicts
 
 HEADER = """# The paper's claims, rerun: verdicts
 
@@ -31,7 +31,7 @@ word (`analysis/verdicts.py`):
 
 def _rule_text() -> str:
     """The rule, as the verdicts module states it (its docstring from the first list to the end)."""
-    text = (RULE_DOC or "").strip()
+    text = (verdicts.__doc__ or "").strip()
     start = text.find("- ``better``")
     return text[start:] if start >= 0 else text
 

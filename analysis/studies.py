@@ -22,10 +22,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from decrop.bounds import max_certifiable_radius
-from tuning.presets import PRESETS
+from tuning.presets import PRESETS, SAME_LEVEL
 
-from .arms import CONFIRMATION, PRESET, Arm, StudyArms, accuracy_values, budget_frame
+from .arms import CONFIRMATION, PRESET, Arm, StudyArms, accuracy_values, budget_frame, certifiable
 from .figures import FigureOut, arms_figure
 from .stats import format_p, holm, holm_verdict, paired_outcomes, paired_radii
 from .tables import method_name, radius_column
@@ -139,19 +138,6 @@ def study_tests(study: StudyArms) -> tuple[pd.DataFrame, list[str]]:
     return tests, notes
 
 
-def certifiable(arm: Arm) -> float:
-    """The largest radius a run of `arm` can certify with its n, alpha and sigma (all n votes for the top class);
-    infinite when a run does not record them."""
-    limits = []
-    for run in arm.runs.values():
-        try:
-            limits.append(max_certifiable_radius(int(float(run["params.certify.n"])),
-                                                 float(run["params.certify.alpha"]), float(run["params.sigma"])))
-        except (KeyError, TypeError, ValueError):
-            return math.inf
-    return max(limits, default=math.inf)
-
-
 def _arm_text(study: StudyArms, arm: Arm) -> str:
     where = study.level_name(arm.level)
     return f"{method_name(arm.method)} at {where}" if where else method_name(arm.method)
@@ -234,7 +220,7 @@ VERDICT_CAPTION = (
 
 def _claim_text(claim) -> str:
     parts = [f"{c.kind} ({method_name(c.arm)} vs {method_name(c.reference)}"
-             + (f" at {c.reference_level}" if c.reference_level != "same level" else "")
+             + (f" at {c.reference_level}" if c.reference_level != SAME_LEVEL else "")
              + f"; levels {', '.join(map(str, c.levels))}; r = {', '.join(f'{r:g}' for r in c.radii)}"
              + (f"; margin {100 * c.margin:.0f} points" if c.kind == "similar" else "") + ")"
              for c in claim.comparisons]

@@ -30,10 +30,9 @@ import numpy as np
 import pandas as pd
 from scipy.stats import t as student_t
 
-from decrop.bounds import max_certifiable_radius
 from tuning.presets import BETTER, SAME_LEVEL, SIMILAR, SMALLEST_EFFECT, TREND, Claim, Comparison
 
-from .arms import Arm, StudyArms
+from .arms import Arm, StudyArms, certifiable
 from .inference import Components, crossed_test, seeds_for_power
 from .runs import level_text
 from .stats import certified_matrix, holm, image_level_test, shared_images
@@ -83,17 +82,6 @@ def degenerate_arms(study: StudyArms) -> dict[tuple[str | None, str], str]:
     return out
 
 
-def _certifiable(arm: Arm) -> float:
-    limits = []
-    for run in arm.runs.values():
-        try:
-            limits.append(max_certifiable_radius(int(float(run["params.certify.n"])),
-                                                 float(run["params.certify.alpha"]), float(run["params.sigma"])))
-        except (KeyError, TypeError, ValueError):
-            return math.inf
-    return max(limits, default=math.inf)
-
-
 def _arms(study: StudyArms, comparison: Comparison, level: object) -> tuple[Arm | None, Arm | None, str]:
     own = level_text(level)
     ref_level = own if comparison.reference_level == SAME_LEVEL else level_text(comparison.reference_level)
@@ -121,7 +109,7 @@ def _pairwise(study: StudyArms, comparison: Comparison, degenerate: dict, notes:
         if arm is None or reference is None:
             notes.append(f"{comparison.kind} {comparison.arm} vs {comparison.reference} at {level}: not run")
             continue
-        limit = max(_certifiable(arm), _certifiable(reference))
+        limit = max(certifiable(arm), certifiable(reference))
         for radius in comparison.radii:
             base = {"comparison": comparison.kind, "arm": _describe(study, arm.method, arm.level),
                     "reference": _describe(study, reference.method, reference.level), "radius": radius}

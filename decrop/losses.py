@@ -1,4 +1,4 @@
-"""DE-CROP's losses beyond label consistency (DESIGN.md section 2; Nayak et al., WACV 2023, Sec. 3).
+"""DE-CROP's losses beyond label consistency (Nayak et al., WACV 2023, Sec. 3; docs/architecture.md).
 
 - `label_consistency_loss` (L_lc): Salman et al.'s stability objective, the baseline's only loss.
 - `cosine_loss` (L_cs): 1 - cos(f(D(x_g + delta)), f(x)) in logit space, batch mean; pulls the denoised

@@ -48,7 +48,7 @@ def test_mmd_gradient_is_finite_even_with_coincident_points():
 
 
 def _reference_mmd(a, b):
-    """DESIGN.md section 2 spelled out with loops: biased MMD^2, 5 Gaussian kernels exp(-d^2 / (h 2^(k-2))),
+    """The MMD of decrop.losses spelled out with loops: biased MMD^2, 5 Gaussian kernels exp(-d^2 / (h 2^(k-2))),
     h = mean squared distance over distinct pairs of the pooled batch."""
     pooled = torch.cat([a, b]).double()
     n = len(pooled)

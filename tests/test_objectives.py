@@ -4,7 +4,6 @@ The classifier is a small CNN with BatchNorm (so "frozen" can be checked on its 
 denoiser a 3-layer DnCNN; images are 1x8x8.
 """
 
-import dataclasses
 
 import pytest
 import torch

@@ -3,7 +3,7 @@
 Every image's noise is seeded by (seed, image index) (`decrop.certify.certify_indices`), so the merged shards
 equal the unsharded result exactly, whatever the number of shards or where they ran. Tasks are launched with
 ``scheduling_strategy="SPREAD"``: from inside a Tune trial the default strategy would capture them into the
-trial's placement group, where they never get a CPU (PLATFORM_NOTES). A denoiser travels as the path of its
+trial's placement group, where they never get a CPU (Ray 2.60: tasks launched from a trial inherit its placement group). A denoiser travels as the path of its
 weights file, so the process that launches the tasks (a Tune trial actor) never loads torch; the tasks do.
 """
 

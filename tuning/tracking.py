@@ -1,12 +1,11 @@
 """Everything MLflow for a sweep; the rest of ``tuning/`` never calls mlflow directly.
 
-Schema (DESIGN.md section 3): one experiment per study; one *parent* run per sweep (tags ``decrop.study``,
+Schema (docs/architecture.md): one experiment per study; one *parent* run per sweep (tags ``decrop.study``,
 ``decrop.role=sweep``); one nested *child* run per Tune trial (tags ``mlflow.parentRunId``, ``decrop.role=trial``,
 ``decrop.trial_id``) holding the trial's flat config as params, ``train/*``, ``val/*`` and ``certify/*`` metrics,
 and the certification rows, curve, resolved config and weights as artifacts. Every run carries the git commit.
-A method study (scripts/method_study.py) has the same shape: a parent run with ``decrop.role=study`` and one child
-run (``decrop.role=method_run``, tags ``decrop.setting`` and ``decrop.seed``) per setting and seed, holding the
-test-image certification of every method as ``certify_test_<method>/*`` metrics and ``certify/test_<method>.tsv``.
+A preset's parent has ``decrop.role=preset``; its trials certify the test images as ``certify_test_<method>/*``
+metrics and ``certify/test_<method>.tsv``.
 
 Runs are created explicitly and found again by tag, never remembered in process state: a resumed sweep
 (``Tuner.restore``) or a retried trial gets back the run it had, so no run is ever duplicated. Ray's

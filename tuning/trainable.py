@@ -3,7 +3,7 @@
 Every study runs its trials through this one trainable: the Optuna search (a trial's parameters are the
 searched config keys), the paper's presets and the search's confirmation (a trial's parameters are a *point*
 of `tuning.presets`: method, seed, level and config overrides). The trial function is the driver of a Ray
-Train run (PLATFORM_NOTES: Train V2 inside Tune): it builds a PyTorch DDP trainer (`tuning.torch_backend`) whose
+Train run (Ray 2.60's Train V2 inside Tune): it builds a PyTorch DDP trainer (`tuning.torch_backend`) whose
 per-epoch reports reach Tune through ``TuneReportCallback`` (so ASHA can stop weak search trials on
 ``val/agreement``), calls ``fit()``, certifies the trained denoiser as parallel Ray tasks and reports with
 ``ray.tune.report``. The no-denoiser reference (method ``none``) trains nothing and is only certified.
@@ -297,7 +297,7 @@ def validation_objective(metrics: dict[str, float], radii: tuple[float, ...]) ->
 
 def tune_trainable(settings: StudySettings):
     """`run_trial` bound to `settings`, with the resources a trial itself holds: no CPU (a CPU held idle by every
-    trial driver deadlocks a 2-CPU machine; PLATFORM_NOTES), just a sliver of the head node, where the drivers
+    trial driver deadlocks a machine whose CPUs its Train workers need), just a sliver of the head node, where the drivers
     live. Its Train workers and certification tasks request their own."""
     return ray.tune.with_resources(ray.tune.with_parameters(run_trial, settings=settings),
                                    {"cpu": 0, "node:__internal_head__": 0.01})

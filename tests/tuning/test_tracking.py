@@ -1,4 +1,4 @@
-"""tuning.tracking against a real local MLflow store (SQLite in tmp_path): the run layout of DESIGN.md section 3,
+"""tuning.tracking against a real local MLflow store (SQLite in tmp_path): the run layout of docs/architecture.md,
 resume without duplicates, certification metrics and artifacts, and the Tune status callback."""
 
 import pickle
