@@ -324,6 +324,19 @@ def open_study(name: str, args: argparse.Namespace, base: dict, concurrent: int,
     return Study(study, storage, tracker, parent, settings, args.resume, concurrent)
 
 
+def check_cluster(args: argparse.Namespace) -> None:
+    """After connecting, before any trial: the cluster has the GPUs one trial's training asks for (ValueError
+    otherwise). A cluster without them would leave every trial waiting for resources forever."""
+    import ray
+
+    wanted = args.gpus_per_worker * args.workers_per_trial
+    have = ray.cluster_resources().get("GPU", 0)
+    if wanted > have:
+        raise ValueError(f"--gpus-per-worker {args.gpus_per_worker} x --workers-per-trial {args.workers_per_trial} "
+                         f"needs {wanted:g} GPUs per trial, but the Ray cluster has {have:g}: drop the flag or "
+                         f"connect to a cluster with GPU nodes (RAY_ADDRESS)")
+
+
 def concurrency(args: argparse.Namespace) -> int:
     """Trials at once: --max-concurrent, else the cluster's CPUs (or GPUs) / what one trial's training holds."""
     import ray
@@ -370,6 +383,11 @@ def main(argv: list[str] | None = None) -> int:
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # no line per Optuna study created in memory
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # nor per store opened
     connect()
+    try:
+        check_cluster(args)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     concurrent = concurrency(args)
     for name in study_names(preset):
         try:

@@ -218,3 +218,16 @@ def test_connect_never_joins_a_running_cluster_unless_asked(monkeypatch, capsys)
     monkeypatch.setenv("RAY_ADDRESS", "auto")
     sweep.connect()
     assert "num_cpus" not in calls[1] and "joined the Ray cluster" in capsys.readouterr().out
+
+
+def test_gpus_asked_of_a_cluster_without_them_stop_before_any_trial(monkeypatch):
+    """--gpus-per-worker under RAY_ADDRESS is checked after connecting: the cluster's GPUs, not the flag's hope."""
+    import types
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    args = types.SimpleNamespace(gpus_per_worker=1.0, workers_per_trial=2)
+    with pytest.raises(ValueError, match="needs 2 GPUs per trial, but the Ray cluster has 0"):
+        sweep.check_cluster(args)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 32.0, "GPU": 4.0})
+    sweep.check_cluster(args)  # enough: no error
+    sweep.check_cluster(types.SimpleNamespace(gpus_per_worker=0.0, workers_per_trial=1))
