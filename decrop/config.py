@@ -76,7 +76,9 @@ class DataConfig:
     root: str = _field("~/.cache/decrop/data", "folder holding the torchvision dataset files, or your image folder "
                                                "(data.dataset=folder; made absolute where the config is built)")
     classes: tuple[str, ...] = _field((), "folder datasets: the class folder names in the order of the classifier's "
-                                          "outputs (output k is classes[k]); empty = the folder names sorted")
+                                          "outputs (output k is classes[k]); empty = the names listed in "
+                                          "data.root/classes.txt (one per line; folders then named by name or "
+                                          "index), else the folder names sorted")
     download: bool = _field(False, "download the dataset with torchvision if it is not found (needs internet)")
     percent: float = _field(1.0, "size of the limited training subset in percent of the training split, "
                                  "drawn per class; folder datasets use all of train/ and require 100 (so a "
@@ -99,8 +101,8 @@ class DataConfig:
             if self.percent != 100:
                 raise ConfigError(f"config key 'data.percent' = {self.percent} with data.dataset=folder: a folder "
                                   f"dataset trains on every image of its train/ folder (they are your data "
-                                  f"budget); set data.percent=100, and to study a fraction put that fraction in "
-                                  f"the folder")
+                                  f"budget); set data.percent=100 (configs/folder.yaml, the profile for folder "
+                                  f"data, does), and to study a fraction put that fraction in the folder")
         elif self.classes:
             raise ConfigError("config key 'data.classes' names class folders and is read only with "
                               "data.dataset=folder; remove it")

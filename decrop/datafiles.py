@@ -9,13 +9,20 @@ anything is called. The md5 sums torchvision publishes are checked as well, to t
 
 An IDX file (MNIST, Fashion-MNIST) states its type and dimensions in its header, so a truncated or padded copy
 is recognised from its size alone: :func:`idx_problem`.
+
+A folder dataset's images are sized from their headers before a pixel is decoded (:func:`image_header`: a 219 KB
+PNG may declare 15000x15000 pixels, 2 GB decoded), and its class names, which need not be valid folder names
+(Fashion-MNIST's ``T-shirt/top``), come from a small text or JSON file (:func:`read_class_names`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import pickle
+import re
 import struct
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +57,10 @@ IDX_MAGIC = {0x00000803: "images", 0x00000801: "labels"}  # unsigned bytes, 3 or
 
 class BadDatasetFile(ValueError):
     """A dataset file that is not what it should be; the message names the file and what is wrong with it."""
+
+
+class ImageTooLarge(BadDatasetFile):
+    """An image whose header declares more pixels than allowed (`image_header`); nothing of it was decoded."""
 
 
 class _CifarUnpickler(pickle.Unpickler):
@@ -146,3 +157,73 @@ def idx_count(path: Path) -> int:
 
 def _magic_of(kind: str) -> int:
     return next(magic for magic, name in IDX_MAGIC.items() if name == kind)
+
+
+# ---------------------------------------------------------------------------------------------- image folders
+
+CLASS_FILE_LIMIT = 1 << 20  # bytes: a class list is a few names, not a data file
+
+
+def image_header(path: Path, max_pixels: int) -> tuple[int, int]:
+    """(width, height) that the PNG or JPEG at `path` declares, read from its header without decoding a pixel
+    (PIL's ``Image.open`` is lazy). ImageTooLarge when width x height exceeds `max_pixels` (PIL's own
+    decompression-bomb refusal, from 2 x ``PIL.Image.MAX_IMAGE_PIXELS`` pixels, is reported the same way);
+    BadDatasetFile when PIL reads no PNG or JPEG header."""
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():  # PIL warns from MAX_IMAGE_PIXELS on: the limit here is the one that counts
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path, formats=("PNG", "JPEG")) as image:
+                width, height = image.size
+    except Image.DecompressionBombError as err:
+        found = re.search(r"\((\d+) pixels\)", str(err))
+        raise ImageTooLarge(f"{path} declares {found.group(1) if found else 'more'} pixels, more than the "
+                            f"{max_pixels} allowed") from None
+    except Image.UnidentifiedImageError:
+        raise BadDatasetFile(f"{path} is not a PNG or JPEG file (no PNG or JPEG header)") from None
+    except (OSError, SyntaxError, ValueError, IndexError, TypeError, struct.error, EOFError) as err:
+        problem = str(err).splitlines()[0][:120] if str(err).strip() else type(err).__name__
+        raise BadDatasetFile(f"{path} has no readable PNG or JPEG header ({problem})") from None
+    if width * height > max_pixels:
+        raise ImageTooLarge(f"{path} declares {width}x{height} = {width * height} pixels, more than the "
+                            f"{max_pixels} allowed")
+    return width, height
+
+
+def read_class_names(path: Path) -> tuple[str, ...]:
+    """The class names listed in `path`, in class-index order: ``classes.txt`` (UTF-8, one name per line, blank
+    lines only at the end, spaces around a name ignored) or ``classes.json`` (a JSON list of strings).
+    BadDatasetFile for a file that is too large (1 MiB), not UTF-8 or not such a list, or lists an empty name
+    or a name twice."""
+    size = path.stat().st_size
+    if size > CLASS_FILE_LIMIT:
+        raise BadDatasetFile(f"{path} has {size} bytes, more than a class list needs ({CLASS_FILE_LIMIT})")
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise BadDatasetFile(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    if path.suffix == ".json":
+        try:
+            names = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise BadDatasetFile(f"{path} is not valid JSON ({err.msg} at line {err.lineno})") from None
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise BadDatasetFile(f"{path} must hold a JSON list of class names (strings), e.g. [\"cat\", \"dog\"]")
+        names = [n.strip() for n in names]
+        where = [f"entry {i}" for i in range(len(names))]
+    else:
+        lines = text.splitlines()
+        while lines and not lines[-1].strip():
+            lines.pop()
+        names = [line.strip() for line in lines]
+        where = [f"line {i + 1}" for i in range(len(names))]
+    if not names:
+        raise BadDatasetFile(f"{path} lists no class")
+    for i, name in enumerate(names):
+        if not name:
+            raise BadDatasetFile(f"{path}: {where[i]} is empty (class {i} needs a name; the order of the entries "
+                                 f"is the order of the classifier's outputs)")
+        if names.index(name) != i:
+            raise BadDatasetFile(f"{path} lists class {name!r} twice ({where[names.index(name)]} and {where[i]})")
+    return tuple(names)

@@ -137,7 +137,17 @@ def split_validation(cfg: ExperimentConfig, subset: np.ndarray, labels: Tensor,
 
 
 def describe_budget(budget: dict[str, object]) -> str:
-    """The data budget of a run in one line (printed by every run, logged with every trial)."""
+    """The data budget of a run in one line (printed by every run, logged with every trial). A folder dataset's
+    says that all of train/ is the budget and how much of it trains and validates (a profile's
+    data.val_source=holdout, configs/folder.yaml's, keeps that part from training)."""
+    if "train_sha256" in budget:  # a folder dataset: every image of train/ is the budget
+        place = str(budget["dataset"]).removeprefix("folder ")
+        use = (f"{budget['train_images']} trained on, {budget['val_images']} held out for validation (holdout, "
+               f"their labels not read)" if budget["val_source"] == "holdout" else
+               f"all trained on; {budget['val_images']} validation images from unlabeled/ (labels not read)")
+        return (f"budget: all {budget['split_size']} labelled images of {place}/train (data.percent=100): {use}; labels read "
+                f"outside train/: {budget['labels_outside']}; classifier: {budget['classifier']}; test labels read "
+                f"for reporting only")
     return (f"budget: {budget['train_images']} labelled training images ({budget['percent']}% of "
             f"{budget['split_size']}), {budget['val_images']} validation images ({budget['val_source']}, labels "
             f"not read), labels read outside the limited data: {budget['labels_outside']}; classifier: "
@@ -162,7 +172,7 @@ def _load_images(cfg: ExperimentConfig) -> _Images:
     """A built-in dataset through torchvision, or the user's folder (`decrop.folders.load_image_folder`)."""
     root = expand_path(cfg.data.root)
     if cfg.data.dataset == "folder":
-        folder = load_image_folder(root, cfg.data.classes)
+        folder = load_image_folder(root, cfg.data.classes, shape=lambda: _classifier_input_shape(cfg))
         budget = {"dataset": f"folder {root}", "train_sha256": folder.train_sha256}
         return _Images(folder.info, folder.train_images, folder.train_labels, folder.test_images,
                        folder.test_labels, budget, folder.unlabeled)
@@ -172,6 +182,27 @@ def _load_images(cfg: ExperimentConfig) -> _Images:
                                                        download=cfg.data.download))
     return _Images(dataset_info(cfg.data.dataset), train_images, train_labels, test_images, test_labels,
                    {"dataset": cfg.data.dataset})
+
+
+def _classifier_input_shape(cfg: ExperimentConfig) -> tuple[int | None, ...] | None:
+    """The (C, H, W) an exported classifier takes (None for a dynamic size), which tells the odd images of a
+    folder whose images disagree in shape (`decrop.folders.check_shapes` asks only then). None for the other
+    sources, or for a file that cannot be read here: loading the classifier reports that problem afterwards."""
+    if cfg.classifier.source != "export":
+        return None
+    from .archive import load_export
+    from .user_model import detect_format
+
+    try:
+        path = Path(cfg.classifier.path)
+        if detect_format(path) != "export":
+            return None
+        program = load_export(path)
+        (name,) = program.graph_signature.user_inputs
+        spec = next(n.meta["val"].shape for n in program.graph.nodes if n.op == "placeholder" and n.name == name)
+    except Exception:
+        return None
+    return tuple(None if isinstance(s, torch.SymInt) else int(s) for s in spec[1:]) if len(spec) == 4 else None
 
 
 def _draw_images(cfg: ExperimentConfig, data: _Images) -> tuple[np.ndarray, np.ndarray, Tensor]:
@@ -191,7 +222,7 @@ def _draw_images(cfg: ExperimentConfig, data: _Images) -> tuple[np.ndarray, np.n
             raise FolderDataError(f"data.val_source=unlabeled reads {root / 'unlabeled'}, which is missing or holds "
                                   f"no image: put unlabelled images there (any layout; their labels are never read), "
                                   f"or set data.val_source=holdout to validate on a part of train/ (which is then "
-                                  f"not trained on)")
+                                  f"not trained on; configs/folder.yaml does)")
         val = unlabeled_indices(len(data.unlabeled_files), [], cfg.data.val_size, cfg.seed)
     except ValueError as err:
         if isinstance(err, (ConfigError, FolderDataError)):
@@ -236,9 +267,13 @@ def prepare(cfg: ExperimentConfig, log: Log = print, evaluate: bool = True) -> P
     budget = {"train_images": len(train), "percent": cfg.data.percent, "split_size": len(train_labels),
               "val_images": len(val), "val_source": cfg.data.val_source, "labels_outside": 0,
               "classifier": f"{described} (sha256 {sha256[:16]})", "classifier_sha256": sha256, **data.budget}
-    log(f"data: {len(train) + (len(val) if cfg.data.val_source == 'holdout' else 0)} images in the limited subset "
-        f"({cfg.data.percent}% of {len(train_labels)}, stratified, seed {cfg.seed}), {len(tests)} certified test "
-        f"images")
+    if cfg.data.dataset == "folder":
+        log(f"data: all {len(train_labels)} images of {expand_path(cfg.data.root) / 'train'} ({info.num_classes} "
+            f"classes, {info.channels}x{info.image_size}x{info.image_size}), {len(tests)} certified test images")
+    else:
+        log(f"data: {len(train) + (len(val) if cfg.data.val_source == 'holdout' else 0)} images in the limited "
+            f"subset ({cfg.data.percent}% of {len(train_labels)}, stratified, seed {cfg.seed}), {len(tests)} "
+            f"certified test images")
     log(describe_budget(budget))
     prepared = Prepared(cfg=cfg, device=device, info=info, classifier=classifier,
                         train_images=train_images[train], train_labels=train_labels[train], train_indices=train,

@@ -133,3 +133,23 @@ def test_n0_may_not_exceed_n():
     assert load_config(CONFIGS / "quick.yaml", ["certify.n0=100", "certify.n=100"]).certify.n0 == 100
     with pytest.raises(ConfigError, match="'certify.n0' = 101 exceeds certify.n = 100"):
         load_config(CONFIGS / "quick.yaml", ["certify.n0=101", "certify.n=100"])
+
+
+def test_folder_profile_is_own_data_in_one_command(tmp_path):
+    """configs/folder.yaml takes the README's one command (a folder, an exported model) as it is: every image of
+    train/ (data.percent=100), validation held out of it (no unlabeled/ needed), the quick profile's budgets."""
+    cfg = load_config(CONFIGS / "folder.yaml", [f"data.root={tmp_path / 'images'}", "classifier.source=export",
+                                                f"classifier.path={tmp_path / 'model.pt2'}"])
+    quick = load_config(CONFIGS / "quick.yaml")
+    assert (cfg.data.dataset, cfg.data.percent, cfg.data.val_source) == ("folder", 100.0, "holdout")
+    assert cfg.data.root == str(tmp_path / "images") and cfg.classifier.path == str(tmp_path / "model.pt2")
+    assert (cfg.train, cfg.denoiser, cfg.methods) == (quick.train, quick.denoiser, quick.methods)
+    assert (cfg.certify.n0, cfg.certify.n, cfg.certify.radii) == (quick.certify.n0, quick.certify.n,
+                                                                  quick.certify.radii)
+    assert cfg.certify.val_images <= cfg.data.val_size
+
+
+def test_a_folder_on_the_quick_profile_points_at_the_folder_profile(tmp_path):
+    with pytest.raises(ConfigError, match=r"set data.percent=100 \(configs/folder.yaml"):
+        load_config(CONFIGS / "quick.yaml", ["data.dataset=folder", "classifier.source=export",
+                                             f"classifier.path={tmp_path / 'model.pt2'}"])

@@ -1,5 +1,6 @@
 """Folder datasets (data.dataset=folder): layout, order, decoding, and every bad input failing before compute."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -168,3 +169,187 @@ def test_prepare_on_a_folder_uses_every_training_image(tmp_path, exported):
     holdout = prepare(folder_config(root, exported, "data.val_source=holdout", "data.val_size=3"), log=lambda _: None)
     assert len(holdout.train_images) == 6 and sorted(holdout.val_indices.tolist() + holdout.train_indices.tolist()) \
         == list(range(9))
+
+
+# ---- issue 22, items 5 and 6: the odd image named, image size bounded before decoding, class-name files, and the
+# folder profile
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_png_header(path: Path, width: int, height: int) -> None:
+    """A small gray PNG whose header declares width x height (its few pixel bytes would not fill it)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
+def test_the_odd_image_is_named_even_when_it_sorts_first(tmp_path):
+    root = make_folder(tmp_path, {"train": {"a": 3, "b": 3}, "test": {"a": 2}})
+    odd = root / "train" / "a" / "0000.png"  # the first file read
+    write_image(odd, torch.zeros(1, 20, 20, dtype=torch.uint8))
+    with pytest.raises(FolderDataError) as err:
+        load_image_folder(root)
+    message = str(err.value)
+    assert message.startswith(f"{odd} has shape (C, H, W) = (1, 20, 20), but 7 of the 8 images are (1, 16, 16)")
+    assert "0001.png" not in message and "every image must have one size" in message
+    two = root / "test" / "a" / "0006.png"  # two odd files, one of them a test image: both named
+    write_image(two, torch.zeros(3, 16, 16, dtype=torch.uint8))
+    with pytest.raises(FolderDataError, match=r"6 of the 8 images are \(1, 16, 16\).*2 files: .*0000.png, .*0006.png"):
+        load_image_folder(root)
+
+
+def test_the_classifier_input_shape_decides_which_images_are_odd(tmp_path, exported):
+    """Most images are 20x20 but the classifier takes 1x16x16: the 20x20 ones are named, through `prepare`
+    (which reads the exported program's input shape only because the images disagree)."""
+    root = make_folder(tmp_path / "img", {"train": {"a": 2, "b": 2, "c": 2}, "test": {"a": 1}})
+    for k in range(9):
+        write_image(root / "train" / "abc"[k % 3] / f"1{k:03d}.png", torch.zeros(1, 20, 20, dtype=torch.uint8))
+    with pytest.raises(FolderDataError) as err:
+        prepare(folder_config(root, exported, "data.val_source=holdout", "data.val_size=3"), log=lambda _: None)
+    message = str(err.value)
+    assert "but the classifier takes (1, 16, 16), the shape of 7 of the 16 images" in message
+    assert "has shape (C, H, W) = (1, 20, 20)" in message and "9 files:" in message
+    with pytest.raises(FolderDataError, match=r"9 of the 16 images are \(1, 20, 20\)"):  # no classifier known
+        load_image_folder(root)
+    with pytest.raises(FolderDataError, match=r"takes \(1, any, any\) and 9 of the 16"):  # dynamic H, W
+        load_image_folder(root, shape=lambda: (1, None, None))
+
+
+@pytest.mark.parametrize("side", [4097, 10_000, 15_000])  # beyond the limit; beyond PIL's warning; PIL's error
+def test_an_image_beyond_the_size_limit_is_refused_from_its_header(tmp_path, monkeypatch, side):
+    import decrop.folders
+
+    root = make_folder(tmp_path, {"train": {"a": 2}, "test": {"a": 1}})
+    bomb = root / "train" / "a" / "0001.png"
+    write_png_header(bomb, side, side)
+    assert bomb.stat().st_size < 1000
+
+    def no_decoding(path, **kwargs):
+        if path == str(bomb):
+            raise AssertionError("the image was decoded")
+        return decode(path, **kwargs)
+
+    decode = decrop.folders.decode_image
+    monkeypatch.setattr(decrop.folders, "decode_image", no_decoding)
+    with pytest.raises(FolderDataError) as err:
+        load_image_folder(root)
+    message = str(err.value)
+    assert message.startswith(f"{bomb} declares ") and f"{side * side} pixels" in message
+    assert "(4096x4096)" in message and "resize it" in message and "\n" not in message
+
+
+def test_an_image_at_the_size_limit_is_read(tmp_path):
+    from PIL import Image
+
+    from decrop.folders import MAX_IMAGE_PIXELS
+
+    assert MAX_IMAGE_PIXELS == 4096 * 4096
+    path = tmp_path / "wide.png"
+    Image.new("L", (MAX_IMAGE_PIXELS // 2048, 2048)).save(path)  # 8192x2048: the limit is a pixel count
+    assert read_image(path).shape == (1, 2048, 8192)
+
+
+FASHION = ["T-shirt/top", "Trouser", "Pullover"]
+
+
+@pytest.mark.parametrize("listing", ["classes.txt", "classes.json"])
+def test_a_class_file_names_classes_that_cannot_be_folder_names(tmp_path, listing):
+    import json
+
+    root = make_folder(tmp_path, {"train": {"0": 2, "Trouser": 2, "2": 1}, "test": {"0": 1, "Pullover": 1}})
+    text = json.dumps(FASHION) if listing.endswith(".json") else "\n".join(FASHION) + "\n\n"
+    (root / listing).write_text(text)
+    data = load_image_folder(root)
+    assert data.info.classes == tuple(FASHION) and data.info.num_classes == 3
+    assert data.train_labels.tolist() == [0, 0, 1, 1, 2]  # 0000-0001 in 0/, 0002-0003 in Trouser/, 0004 in 2/
+    assert data.test_labels.tolist() == [0, 2]  # test/Pullover is named, test/0 numbered
+    assert folder_info(root).classes == tuple(FASHION)
+    cfg = folder_config(root, tmp_path / "m.pt2", f"data.classes={json.dumps(FASHION)}")
+    assert load_image_folder(root, cfg.data.classes).info.classes == tuple(FASHION)  # the same list: fine
+
+
+@pytest.mark.parametrize("case, message", [
+    ("both files", "both list the classes: keep one"),
+    ("class twice", "lists class 'Trouser' twice (line 2 and line 3)"),
+    ("blank line", "line 2 is empty"),
+    ("json not a list", "must hold a JSON list of class names"),
+    ("not utf-8", "is not UTF-8 text"),
+    ("index beyond", "train/7 is neither a class of"),
+    ("unknown name", "train/Sandal is neither a class of"),
+    ("two folders, one class", "both hold class 1 'Trouser': merge them"),
+    ("ambiguous", "is ambiguous"),
+    ("data.classes differs", "differs from"),
+])
+def test_bad_class_files_fail_naming_the_file_and_the_fix(tmp_path, case, message):
+    root = make_folder(tmp_path, {"train": {"0": 1, "1": 1, "2": 1}, "test": {"0": 1}})
+    (root / "classes.txt").write_text("\n".join(FASHION) + "\n")
+    classes = ()
+    if case == "both files":
+        (root / "classes.json").write_text('["a", "b", "c"]')
+    elif case == "class twice":
+        (root / "classes.txt").write_text("T-shirt/top\nTrouser\nTrouser\n")
+    elif case == "blank line":
+        (root / "classes.txt").write_text("T-shirt/top\n\nPullover\n")
+    elif case == "json not a list":
+        (root / "classes.txt").unlink()
+        (root / "classes.json").write_text('{"0": "T-shirt/top"}')
+    elif case == "not utf-8":
+        (root / "classes.txt").write_bytes(b"T-shirt/top\n\xff\xfe\n")
+    elif case == "index beyond":
+        make_folder(root, {"train": {"7": 1}})
+    elif case == "unknown name":
+        make_folder(root, {"train": {"Sandal": 1}})
+    elif case == "two folders, one class":
+        make_folder(root, {"train": {"Trouser": 1}})
+    elif case == "ambiguous":  # a class named "1" at index 2: is folder 1 class 1 or class 2?
+        (root / "classes.txt").write_text("T-shirt/top\nTrouser\n1\n")
+        (root / "train" / "2").rename(root / "train" / "Pullover")
+    else:
+        classes = ("a", "b", "c")
+    with pytest.raises(FolderDataError, match=re.escape(message)):
+        load_image_folder(root, classes)
+
+
+def test_the_folder_profile_runs_own_data_with_only_its_paths(tmp_path, exported):
+    """configs/folder.yaml with the README's keys: no data.percent error, no missing-unlabeled/ error; the budget
+    line states that all of train/ is the budget and how much of it is held out."""
+    root = make_folder(tmp_path / "images", {"train": {"a": 25, "b": 25, "c": 25}, "test": {"a": 2, "b": 2}})
+    cfg = load_config(REPO / "configs" / "folder.yaml", [f"data.root={root}", "classifier.source=export",
+                                                         f"classifier.path={exported}",
+                                                         f"cache_dir={tmp_path / 'cache'}", "device=cpu"])
+    assert (cfg.data.dataset, cfg.data.percent, cfg.data.val_source) == ("folder", 100, "holdout")
+    assert cfg.certify.val_images <= cfg.data.val_size
+    lines = []
+    prep = prepare(cfg, log=lines.append)
+    held = cfg.data.val_size
+    assert len(prep.train_images) == 75 - held and len(prep.val_images) == held and len(prep.test_indices) == 4
+    budget = next(line for line in lines if line.startswith("budget: "))
+    assert budget.startswith(f"budget: all 75 labelled images of {root}/train (data.percent=100): {75 - held} "
+                             f"trained on, {held} held out for validation (holdout, their labels not read); labels "
+                             f"read outside train/: 0; classifier: your export model {exported}, frozen")
+    assert any(line.startswith(f"data: all 75 images of {root}/train (3 classes, 1x16x16), 4 certified") for line
+               in lines)
+    assert not (tmp_path / "cache").exists()  # a folder run draws no subset to cache
+
+
+def test_the_folder_profile_paths_default_to_the_current_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(REPO / "configs" / "folder.yaml")
+    assert cfg.data.root == str(tmp_path / "images") and cfg.classifier.path == str(tmp_path / "classifier.pt2")
+    assert cfg.classifier.source == "export"
+
+
+def test_the_unlabeled_budget_line_of_a_folder(tmp_path, exported):
+    root = make_folder(tmp_path / "img", {"train": {"a": 3, "b": 3, "c": 3}, "test": {"a": 1},
+                                          "unlabeled": {"": 5}})
+    lines = []
+    prepare(folder_config(root, exported), log=lines.append)
+    assert (f"budget: all 9 labelled images of {root}/train (data.percent=100): all trained on; 4 validation "
+            f"images from unlabeled/ (labels not read)") in "\n".join(lines)
