@@ -144,7 +144,7 @@ def test_random_start_depends_on_the_seed(name, trained):
 
 
 def test_get_attack_returns_registered_callables_and_rejects_unknown_names():
-    assert set(ATTACKS) == {"pgd", "autoattack", "apgd_ce", "deepfool", "none"}
+    assert set(ATTACKS) == {"pgd", "autoattack", "apgd_ce", "deepfool", "none", "same_class"}
     for name, attack in ATTACKS.items():
         assert get_attack(name) is attack
     with pytest.raises(ValueError) as err:

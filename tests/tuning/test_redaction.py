@@ -57,6 +57,7 @@ def test_sweep_start_line_shows_no_password(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(decrop.pipeline, "prepare", lambda cfg: SimpleNamespace(
         clean_accuracy=1.0, budget={"classifier_sha256": "0" * 64}))
     monkeypatch.setattr(sweep, "connect", lambda: None)
+    monkeypatch.setattr(sweep, "check_cluster", lambda args: None)
     monkeypatch.setattr(sweep, "concurrency", lambda args: 1)
     monkeypatch.setattr(tuning.studies, "run_search", stop)
     with pytest.raises(Stop):
