@@ -1,6 +1,6 @@
 """The analysis report of a study: MLflow runs -> tidy frame -> figures, tables, statistics -> HTML and Markdown.
 
-    python analysis/report.py                                  # newest ~/decrop-runs/*/mlflow.db, newest experiment
+    python analysis/report.py                     # newest finished study's ~/decrop-runs/*/mlflow.db, newest experiment
     python analysis/report.py --experiment quick-study --mlflow-uri http://127.0.0.1:5000 --out reports/quick
 
 Reads every run of the experiment(s) (the search: its parent, trials and confirmation; a paper's study from
@@ -17,11 +17,15 @@ the time went (`analysis.timing`). Writes into OUT (default ``reports/<experimen
 (self-contained, figures inlined), ``report.md`` with the PNG figures next to it, and CSV tables
 (``certified.csv``: one row per run x label x radius). Prints the headline table (a study's table when there is
 one) and logs the report files under ``report/`` of the study's parent run. Bad input (missing store, a file
-that is no MLflow store, unknown or empty experiment, no certification) ends with ``error: ...`` and exit code 2.
+that is no MLflow store, unknown or empty experiment, no certification, an ``--out`` that is a file) ends with
+``error: ...`` and exit code 2 (an ``--out`` that is a file before any run is read).
 
 A local file is only written to when it is an MLflow store of this platform (runs tagged ``decrop.role``): any
-other file is refused unchanged, another MLflow store is read from a copy. A study still running is reported with
-a warning that the report is partial. Passwords in the tracking URI never reach the output or the report files.
+other file is refused unchanged, another MLflow store is read from a copy. A study still running is read, never
+written: it is reported with a warning that the report is partial, the report goes into OUT only and nothing is
+logged into the store; without ``--mlflow-uri`` the newest store whose study has finished is read (newer stores of
+studies still running are skipped, each with a line saying so). Passwords in the tracking URI never reach the
+output or the report files.
 """
 
 from __future__ import annotations
@@ -61,6 +65,7 @@ from analysis.runs import (  # noqa: E402
     load_runs,
     missing_results,
     pick_experiments,
+    running_parents,
     running_studies,
     trials_frame,
 )
@@ -85,7 +90,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--experiment", nargs="+", default=None, metavar="NAME",
                    help="MLflow experiment(s) to report (default: the most recently created one)")
     p.add_argument("--mlflow-uri", default=None,
-                   help="tracking URI or path to mlflow.db (default: the newest ~/decrop-runs/*/mlflow.db)")
+                   help="tracking URI or path to mlflow.db (default: the newest ~/decrop-runs/*/mlflow.db whose "
+                        "study has finished)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: reports/<experiment>)")
     p.add_argument("--results", type=Path, default=None, metavar="PATH",
                    help="also write the verdict of every claim found to PATH (docs/results.md is written this way)")
@@ -237,11 +243,32 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args)
 
 
+def check_out(out: Path, given: bool) -> None:
+    """ReportError unless `out` can be the report's folder: it, or else the nearest of its parents that exists, is
+    a folder. Checked before any run is read: a file there ended the report with a traceback after reading them."""
+    for path in (out, *out.parents):
+        if path.exists() or path.is_symlink():
+            if path.is_dir():
+                return
+            what = "a file" if path.is_file() else "not a folder (a broken link or a special file)"
+            shown = f"--out {out}" if given else f"the default report folder {out}"
+            raise ReportError(f"{shown}: {path} is {what}, not a folder; choose a folder for the report with "
+                              f"--out (a missing one is created); nothing was read or written")
+
+
 def _run(args: argparse.Namespace) -> int:
     try:
-        store = open_store(store_uri(args.mlflow_uri))
+        if args.out is not None:
+            check_out(args.out, given=True)
+        store = open_store(store_uri(args.mlflow_uri, experiments=args.experiment))
         experiments = pick_experiments(store.client, args.experiment, store.shown)
         out = args.out or Path("reports") / "+".join(e.name.replace("/", "_") for e in experiments)
+        if args.out is None:
+            check_out(out, given=False)
+        # A study still running is read, never written: asked now (the runs read below are those of this moment)
+        # and again just before logging (a study resumed meanwhile).
+        ids = [e.experiment_id for e in experiments]
+        running = running_parents(store.client, ids) if store.writable else []
         analysis = build_report(store.client, store.shown, experiments, out)
         files = write_report(analysis, out)
         if args.results is not None:
@@ -253,6 +280,11 @@ def _run(args: argparse.Namespace) -> int:
             print(f"report: verdicts written to {written}")
         if not store.writable:
             print(f"report: not logged to the store ({store.note})")
+        elif running or (running := running_parents(store.client, ids)):
+            which = f"study {running[0]!r} is" if len(running) == 1 else f"studies {', '.join(map(repr, running))} are"
+            print(f"report: not logged to the store: {which} still running (a running study is read, never "
+                  f"written); the report is only in {out}: rerun the report once the study has finished to log it "
+                  f"under report/ of its parent run")
         elif analysis.parent_run_ids:
             log_to_parents(store.client, analysis.parent_run_ids, files)
         else:

@@ -379,6 +379,21 @@ def running_studies(runs: pd.DataFrame) -> list[str]:
             for _, run in parents.iterrows()]
 
 
+def running_parents(client: MlflowClient, experiment_ids: Sequence[str]) -> list[str]:
+    """The studies of the experiments whose parent run (a sweep, a preset or a method study) is RUNNING now, by
+    name: asked of the store itself, so the report can check it both before reading the runs and just before it
+    would log into them. A study still running is read, never written (its report stays in the out folder)."""
+    names, token = [], None
+    while True:
+        page = client.search_runs(list(experiment_ids), filter_string="attributes.status = 'RUNNING'",
+                                  run_view_type=ViewType.ACTIVE_ONLY, max_results=1000, page_token=token)
+        names += [run.data.tags.get(STUDY_TAG) or run.info.run_name for run in page
+                  if run.data.tags.get(ROLE_TAG) in PARENT_ROLES]
+        token = page.token
+        if not token:
+            return list(dict.fromkeys(names))
+
+
 def objective_column(trials: pd.DataFrame) -> pd.Series:
     """The search trials' objective: ``certify/objective`` (certified agreement averaged over the radii), or in
     stores written before it existed the validation ACR (``certify/acr``)."""

@@ -1,24 +1,25 @@
 """Opening the tracking store for the report without harming what it points at.
 
-``store_uri`` finds the store (``--mlflow-uri``, or the newest ``~/decrop-runs/*/mlflow.db``); ``open_store``
-checks a local file before MLflow sees it: MLflow turns any SQLite file it opens into a store (a 0-byte file
-becomes one, another application's database gains MLflow's tables). So a local file is opened for writing only
-when it is an MLflow store of this platform; another MLflow store is read from a snapshot; anything else is
-refused with a ReportError, unchanged. The URI is shown with its password redacted.
+``store_uri`` finds the store (``--mlflow-uri``, or ``default_store``: the newest ``~/decrop-runs/*/mlflow.db``
+whose study has finished); ``open_store`` checks a local file before MLflow sees it: MLflow turns any SQLite file it
+opens into a store (a 0-byte file becomes one, another application's database gains MLflow's tables). So a local
+file is opened for writing only when it is an MLflow store of this platform; another MLflow store is read from a
+snapshot; anything else is refused with a ReportError, unchanged. The URI is shown with its password redacted.
 """
 
 from __future__ import annotations
 
 import sqlite3
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from mlflow import MlflowClient
 
-from analysis.runs import ReportError, _first_line
-from tuning.tracking import ROLE_TAG, redact_uri, resolve_tracking_uri
+from analysis.runs import PARENT_ROLES, ReportError, _first_line
+from tuning.tracking import ROLE_TAG, STUDY_TAG, redact_uri, resolve_tracking_uri
 
 DEFAULT_STORAGE = Path("~/decrop-runs")  # the sweep's default --storage: stores are <storage>/<study>/mlflow.db
 SQLITE_HEADER = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite database file
@@ -34,17 +35,73 @@ def _local_path(uri: str) -> Path | None:
     return None
 
 
-def store_uri(uri: str | None, storage: Path = DEFAULT_STORAGE) -> str:
-    """The tracking URI to read: `uri` resolved like the sweep's ``--mlflow-uri``, or by default the most recently
-    modified ``<storage>/*/mlflow.db``. ReportError when a local store does not exist: opening a missing SQLite
-    path would create an empty store there."""
+def running_in_store(path: Path, experiments: Sequence[str] | None = None) -> list[str]:
+    """The studies of the local SQLite store at `path` whose parent run (a sweep, a preset or a method study) is
+    RUNNING, by name, among the experiments the report would read there: those named, else the most recently
+    created one other than Default (as `pick_experiments` chooses). Read with SQL over a read-only connection (no
+    MLflow client: opening a store may migrate, i.e. write, it). Empty for a file that is no MLflow store or
+    cannot be read: `open_store` judges those."""
+    if experiments:
+        which, values = f"e.name IN ({', '.join('?' * len(experiments))})", tuple(experiments)
+    else:
+        which, values = ("e.experiment_id = (SELECT experiment_id FROM experiments WHERE lifecycle_stage = 'active' "
+                         "AND name != 'Default' ORDER BY creation_time DESC LIMIT 1)"), ()
+    try:
+        check_mlflow_sqlite(path)
+        con = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=10)
+        try:
+            rows = con.execute(
+                "SELECT COALESCE((SELECT s.value FROM tags s WHERE s.run_uuid = r.run_uuid AND s.key = ?), r.name) "
+                "FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid AND t.key = ? "
+                "JOIN experiments e ON e.experiment_id = r.experiment_id "
+                f"WHERE t.value IN ({', '.join('?' * len(PARENT_ROLES))}) AND r.status = 'RUNNING' "
+                f"AND r.lifecycle_stage = 'active' AND e.lifecycle_stage = 'active' AND {which} "
+                "ORDER BY r.start_time", (STUDY_TAG, ROLE_TAG, *PARENT_ROLES, *values)).fetchall()
+        finally:
+            con.close()
+    except (ReportError, sqlite3.Error, OSError):
+        return []
+    return list(dict.fromkeys(str(name) for (name,) in rows))
+
+
+def default_store(storage: Path = DEFAULT_STORAGE, progress=print, experiments: Sequence[str] | None = None) -> Path:
+    """The store the report reads when no ``--mlflow-uri`` is given: the most recently modified
+    ``<storage>/*/mlflow.db`` whose study (in `experiments`, else its newest experiment: `running_in_store`) has
+    finished. Newer stores whose study is still running are skipped (read, they would give a partial report), with
+    a line each saying so; when every study is still running, the newest store (reported as partial, logged
+    nowhere). ReportError when there is no store at all."""
+    root = Path(storage).expanduser()
+    stores = sorted(root.glob("*/mlflow.db"), key=lambda p: p.stat().st_mtime, reverse=True)
+    if not stores:
+        raise ReportError(f"no MLflow store found: nothing matches {root}/*/mlflow.db; run a study first "
+                          f"(tuning/sweep.py) or pass --mlflow-uri")
+    skipped = []
+    for path in stores:
+        running = running_in_store(path, experiments)
+        if not running:
+            break
+        skipped.append(path)
+        which = f"study {running[0]!r} is" if len(running) == 1 else f"studies {', '.join(map(repr, running))} are"
+        progress(f"report: skipped {path}: {which} still running (a report of it would be partial; pass "
+                 f"--mlflow-uri {path} to read it anyway)")
+    else:
+        progress(f"report: every study under {root} is still running: reading the newest, {stores[0]} (the "
+                 f"report is partial)")
+        return stores[0]
+    newest = "the newest store" if not skipped else "the newest store whose study has finished"
+    progress(f"report: reading {path}, {newest} under {root} ({len(stores)} found)")
+    return path
+
+
+def store_uri(uri: str | None, storage: Path = DEFAULT_STORAGE, progress=print,
+              experiments: Sequence[str] | None = None) -> str:
+    """The tracking URI to read: `uri` resolved like the sweep's ``--mlflow-uri``, or by default the newest
+    finished study's ``<storage>/*/mlflow.db`` (`default_store`, which says what it picked through `progress`;
+    `experiments`: the ``--experiment`` names, if any). ReportError when a local store does not exist: opening a
+    missing SQLite path would create an empty store there."""
     if not uri:
         root = Path(storage).expanduser()
-        stores = sorted(root.glob("*/mlflow.db"), key=lambda p: p.stat().st_mtime)
-        if not stores:
-            raise ReportError(f"no MLflow store found: nothing matches {root}/*/mlflow.db; run a study first "
-                              f"(tuning/sweep.py) or pass --mlflow-uri")
-        return resolve_tracking_uri(str(stores[-1]), root)
+        return resolve_tracking_uri(str(default_store(root, progress, experiments)), root)
     resolved = resolve_tracking_uri(uri, Path.cwd())
     path = _local_path(resolved)
     if path is not None and not path.exists():

@@ -61,6 +61,8 @@ class Case:
 RUN = ("run", "--config", QUICK, "--set", "cache_dir={cache}", "--set", "data.root={data}", "--out", "{tmp}/out")
 SWEEP = ("--storage", "{tmp}/st", "--set", "cache_dir={cache}", "--set", "data.root={data}")
 NO_GPU = "this machine has a CUDA device" if CUDA else ""
+FOLDER_RUN = ("run", "--config", str(REPO / "configs" / "folder.yaml"), "--set", "cache_dir={cache}", "--set",
+              "data.root={tmp}/images", "--set", "classifier.path={tmp}/m.pt2", "--out", "{tmp}/out")
 
 
 def config(*sets: str, extra: tuple[str, ...] = ()) -> tuple[str, ...]:
@@ -153,6 +155,16 @@ CASES: dict[str, Case] = {
                                                      "data.root={tmp}/images", "classifier.source=export",
                                                      "classifier.path={tmp}/m.pt2"),
                                        ("images/train does not exist", "<class>")),
+    "run-folder-odd-image-sorts-first": Case("decrop", FOLDER_RUN,
+                                             ("train/a/0000.png has shape (C, H, W) = (1, 20, 20)",
+                                              "5 of the 6 images are (1, 16, 16)", "convert/resize it"),
+                                             setup="folder_odd_first"),
+    "run-folder-image-beyond-the-limit": Case("decrop", FOLDER_RUN, ("train/b/0001.png declares 225000000 pixels",
+                                                                     "(4096x4096)", "resize it"),
+                                              setup="folder_bomb"),
+    "run-folder-class-file-without-the-folder": Case("decrop", FOLDER_RUN,
+                                                     ("train/Sandal is neither a class of", "classes.txt",
+                                                      "name it by its class's index"), setup="folder_classes"),
     # ---- export, predict, certify
     "export-without-source": Case("decrop", ("export", "--out", "{tmp}/s.pt2"), ("exactly one of --run",)),
     "export-trial-without-storage": Case("decrop", ("export", "--trial", "t1", "--out", "{tmp}/s.pt2"),
@@ -253,6 +265,12 @@ CASES: dict[str, Case] = {
                                                 "{tmp}/rep"), ("no certification results",), setup="study_exists"),
     "report-server-unreachable": Case("report", ("--mlflow-uri", "http://127.0.0.1:{port}", "--out", "{tmp}/rep"),
                                       ("cannot read the MLflow store http://127.0.0.1",)),
+    "report-out-is-a-file": Case("report", ("--mlflow-uri", "{tmp}/st/quick-study/mlflow.db", "--out", "{tmp}/afile"),
+                                 ("--out", "afile is a file, not a folder", "choose a folder"),
+                                 setup="study_exists_and_afile"),
+    "report-out-under-a-file": Case("report", ("--mlflow-uri", "{tmp}/st/quick-study/mlflow.db", "--out",
+                                               "{tmp}/afile/rep"), ("afile is a file, not a folder",),
+                                    setup="study_exists_and_afile"),
 }
 
 
@@ -297,8 +315,38 @@ def _setup(name: str, tmp: Path, ctx: dict) -> None:
         else:
             (storage / "tune").mkdir()
             (storage / "tune" / "experiment_state.json").write_text("{}")
+    elif name in ("folder_odd_first", "folder_bomb", "folder_classes"):
+        _image_folder(tmp / "images", name)
+    elif name == "study_exists_and_afile":  # a store the report could read, and a file where --out points
+        _setup("study_exists", tmp, ctx)
+        _setup("afile", tmp, ctx)
     elif name:
         raise ValueError(f"unknown setup {name!r}")
+
+
+def _image_folder(root: Path, problem: str) -> None:
+    """A folder dataset of 1x16x16 PNGs (train/a, train/b, test/a) with one `problem`: an odd 20x20 image that
+    sorts first, a PNG whose header declares 15000x15000 pixels, or a classes.txt without a class folder's name."""
+    import struct
+    import zlib
+
+    from torchvision.io import encode_png
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    for rel in ("train/a/0000.png", "train/a/0001.png", "train/b/0000.png", "train/b/0001.png", "test/a/0000.png",
+                "test/a/0001.png"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        side = 20 if problem == "folder_odd_first" and rel == "train/a/0000.png" else 16
+        (root / rel).write_bytes(encode_png(torch.zeros(1, side, side, dtype=torch.uint8)).numpy().tobytes())
+    if problem == "folder_bomb":
+        (root / "train/b/0001.png").write_bytes(
+            b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 15000, 15000, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+    elif problem == "folder_classes":
+        (root / "classes.txt").write_text("T-shirt/top\nTrouser\n")
+        (root / "train" / "b").rename(root / "train" / "Sandal")
 
 
 def _state(root: Path) -> dict[str, tuple]:

@@ -248,9 +248,32 @@ def study_place(name: str, args: argparse.Namespace) -> tuple[str, Path, str, st
     return study, storage, resolve_tracking_uri(args.mlflow_uri, storage), args.experiment or study
 
 
+# While the preflight talks to a tracking server: MLflow's defaults (7 retries with exponential backoff, 120 s per
+# request) kept a server that answers /health but fails every API call (HTTP 500) silent for minutes; bounded,
+# such a server is one error line in seconds, as in analysis/report.py (its MLFLOW_ENV), and one that never
+# answers fails in about 1.5 minutes (3 tries of 30 s: a server's first request on a busy machine may take tens
+# of seconds). Only around the check (`mlflow_check_env`): os.environ is restored before Ray starts, so the study
+# itself, and the Ray workers that inherit the environment, keep MLflow's retries. Values the caller set win.
+PREFLIGHT_MLFLOW_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                        "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+
+
+def mlflow_check_env():
+    """A context in which MLflow's HTTP calls use `PREFLIGHT_MLFLOW_ENV` (where the caller set no value); the
+    environment is restored on exit."""
+    from unittest import mock
+    return mock.patch.dict(os.environ, {k: v for k, v in PREFLIGHT_MLFLOW_ENV.items() if k not in os.environ})
+
+
 def preflight(name: str, args: argparse.Namespace) -> None:
     """Before Ray starts: the tracking server answers, and a study that exists is only continued with --resume
-    (ValueError naming the fix). Reads, never writes: a local store that does not exist yet is not created."""
+    (ValueError naming the fix). Reads, never writes: a local store that does not exist yet is not created.
+    Every MLflow call here is bounded (`mlflow_check_env`): a server whose API errors is one line in seconds."""
+    with mlflow_check_env():
+        _preflight(name, args)
+
+
+def _preflight(name: str, args: argparse.Namespace) -> None:
     study, storage, uri, experiment = study_place(name, args)
     if uri.startswith(("http://", "https://")):
         check_server(uri)
@@ -286,7 +309,10 @@ def preflight(name: str, args: argparse.Namespace) -> None:
 
 def check_server(uri: str, timeout: float = 10.0) -> None:
     """ValueError unless the MLflow server at `uri` answers within `timeout` seconds (instead of MLflow's
-    minutes of silent retries)."""
+    minutes of silent retries): its ``/health``, then one real API call (listing one experiment) with MLflow's
+    retries bounded (`mlflow_check_env`): a server whose health check passes while its API fails (HTTP 500:
+    a broken backend store) is caught here, not after minutes of retries."""
+    import re
     import urllib.error
     import urllib.request
     from urllib.parse import urlsplit
@@ -297,6 +323,19 @@ def check_server(uri: str, timeout: float = 10.0) -> None:
     except (urllib.error.URLError, OSError, ValueError) as err:
         raise ValueError(f"--mlflow-uri {redact_uri(uri)}: the tracking server does not answer ({err}); start it "
                          f"(cluster/local.sh up --with-mlflow) or fix the address") from None
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+    try:
+        with mlflow_check_env():
+            MlflowClient(uri).search_experiments(max_results=1)
+    except MlflowException as err:
+        text = str(err).strip()
+        # "... Max retries exceeded with url: ... (Caused by ResponseError('too many 500 error responses'))"
+        cause = re.search(r"Caused by \w+\('([^']+)'\)", text)
+        why = cause.group(1) if cause else (text.splitlines()[0][:200] if text else type(err).__name__)
+        raise ValueError(f"--mlflow-uri {redact_uri(uri)}: the tracking server answers /health but its API fails "
+                         f"({why}); look at the server's log and restart it (cluster/local.sh up --with-mlflow), "
+                         f"or fix the address") from None
 
 
 def open_study(name: str, args: argparse.Namespace, base: dict, concurrent: int, classifier_sha256: str) -> Study:

@@ -297,6 +297,7 @@ def test_defaults_pick_the_newest_store_and_experiment(store, tmp_path, monkeypa
     assert report.main([]) == 0
     out = capsys.readouterr().out
     assert f"{home}/decrop-runs/new/mlflow.db" in out and "loading the runs of method-exp" in out
+    assert f"report: reading {home}/decrop-runs/new/mlflow.db, the newest store under {home}/decrop-runs" in out
     assert "| setting" in out  # the headline table
     assert (tmp_path / "reports" / "method-exp" / "report.html").exists()
 
@@ -342,6 +343,27 @@ def test_bad_stores(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     err = bad(["--mlflow-uri", "http://127.0.0.1:9"], capsys)
     assert "cannot read the MLflow store http://127.0.0.1:9" in err
+
+
+def test_an_out_that_is_a_file_is_refused_before_any_run_is_read(store, tmp_path, monkeypatch, capsys):
+    """--out naming a file (or a folder under one) ended in a traceback after reading every run: now one line,
+    before the runs are read, the file unchanged; the default out folder is checked the same way."""
+    def no_reading(*args, **kwargs):
+        raise AssertionError("the runs were read before --out was checked")
+
+    monkeypatch.setattr(report, "load_runs", no_reading)
+    afile = tmp_path / "afile"
+    afile.write_text("keep me\n")
+    for out in (afile, afile / "sub"):
+        err = bad(["--mlflow-uri", store.uri, "--experiment", "sweep-exp", "--out", str(out)], capsys)
+        assert err == (f"error: --out {out}: {afile} is a file, not a folder; choose a folder for the report with "
+                       f"--out (a missing one is created); nothing was read or written\n")
+    assert afile.read_text() == "keep me\n" and sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "reports").write_text("not a folder\n")
+    err = bad(["--mlflow-uri", store.uri, "--experiment", "sweep-exp"], capsys)
+    assert "the default report folder reports/sweep-exp: reports is a file, not a folder" in err
 
 
 GOLDEN = Path(__file__).resolve().parent / "golden"

@@ -51,12 +51,12 @@ def no_curves(monkeypatch):
                         lambda rows, path, title: Path(path).write_bytes(b"") or Path(path))
 
 
-def _study(root: Path, finish: bool) -> str:
-    """A store at root/mlflow.db with one sweep (one certified trial, test labels on the parent), RUNNING unless
-    `finish`; returns its URI."""
+def _study(root: Path, finish: bool, name: str = "live") -> str:
+    """A store at root/mlflow.db with one sweep `name` (one certified trial, test labels on the parent), RUNNING
+    unless `finish`; returns its URI."""
     uri = default_tracking_uri(root)
-    tracker = StudyTracker(uri, "live")
-    parent = tracker.start_sweep("live", {"base.sigma": 0.25, "base.certify.radii": "[0.0, 0.25]"}, resume=False)
+    tracker = StudyTracker(uri, name)
+    parent = tracker.start_sweep(name, {"base.sigma": 0.25, "base.certify.radii": "[0.0, 0.25]"}, resume=False)
     trial = tracker.trial_run(parent, "t0", "trial_t0", {"sigma": 0.25, "methods": "['decrop']"})
     tracker.log_certification(trial, _rows(20, 0), [0.0, 0.25], "validation")
     tracker.finish(trial, "FINISHED")
@@ -147,6 +147,108 @@ def test_a_running_study_is_reported_as_partial(tmp_path, monkeypatch, capsys, n
     assert warning in out and "this report is partial" in out
     assert out.index(warning) < out.index("report: writing figures")  # said before the work, not buried after
     assert "this report is partial" in (tmp_path / "reports" / "live" / "report.md").read_text()
+    assert f"every study under {tmp_path}/decrop-runs is still running: reading the newest" in out
+    assert "report: not logged to the store: study 'live' is still running" in out
+
+
+def _parent(uri: str, name: str = "live") -> str:
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name(name).experiment_id],
+                                filter_string="tags.`decrop.role` = 'sweep'")
+    return run.info.run_id
+
+
+def test_a_running_study_is_read_never_written(tmp_path, capsys, no_curves):
+    """The report of a study still running goes into --out only: nothing is logged into its parent run."""
+    uri = _study(tmp_path / "live", finish=False)
+    out_dir = tmp_path / "out"
+    assert report.main(["--mlflow-uri", uri, "--out", str(out_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "report: warning: study 'live' is still running" in out and "this report is partial" in out
+    lines = [line for line in out.splitlines() if line.startswith("report: not logged to the store")]
+    assert lines == [f"report: not logged to the store: study 'live' is still running (a running study is read, "
+                     f"never written); the report is only in {out_dir}: rerun the report once the study has "
+                     f"finished to log it under report/ of its parent run"]
+    assert "files under report/ of run" not in out and "could not log" not in out
+    assert {"report.html", "report.md", "certified.csv"} <= {p.name for p in out_dir.iterdir()}
+    client = MlflowClient(uri)
+    parent = _parent(uri)
+    assert client.list_artifacts(parent, "report") == []
+    assert "report" not in {a.path for a in client.list_artifacts(parent)}
+    assert client.get_run(parent).info.status == "RUNNING"  # the study's run is left as it was
+
+    tracker = StudyTracker(uri, "live")  # once the study has finished, the same command logs the report
+    tracker.finish(parent, "FINISHED")
+    assert report.main(["--mlflow-uri", uri, "--out", str(out_dir)]) == 0
+    assert "still running" not in capsys.readouterr().out
+    assert {Path(a.path).name for a in client.list_artifacts(parent, "report")} == {p.name for p in out_dir.iterdir()}
+
+
+def test_a_study_resumed_while_it_is_read_is_not_written(tmp_path, monkeypatch, capsys, no_curves):
+    """Finished when the report starts, running again (--resume) when it would log: nothing is logged."""
+    uri = _study(tmp_path / "live", finish=True)
+    parent = _parent(uri)
+    real = report.write_report
+
+    def resume_meanwhile(analysis, out):
+        StudyTracker(uri, "live").start_sweep("live", {}, resume=True)  # the sweep's --resume: RUNNING again
+        return real(analysis, out)
+
+    monkeypatch.setattr(report, "write_report", resume_meanwhile)
+    assert report.main(["--mlflow-uri", uri, "--out", str(tmp_path / "out")]) == 0
+    assert "report: not logged to the store: study 'live' is still running" in capsys.readouterr().out
+    assert MlflowClient(uri).list_artifacts(parent, "report") == []
+
+
+def test_by_default_the_newest_finished_study_is_read(tmp_path, monkeypatch, capsys, no_curves):
+    """No --mlflow-uri: the newest store under ~/decrop-runs whose study has finished; a newer store of a study
+    still running is skipped with a line saying why, and left unchanged."""
+    runs = tmp_path / "decrop-runs"
+    _study(runs / "done", finish=True, name="done")
+    _study(runs / "live", finish=False, name="live")
+    done, live = runs / "done" / "mlflow.db", runs / "live" / "mlflow.db"
+    os.utime(done, (done.stat().st_atime - 1000, done.stat().st_mtime - 1000))  # the finished one is older
+    assert live.stat().st_mtime > done.stat().st_mtime
+    before = _state(live)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    assert report.main([]) == 0
+    out = capsys.readouterr().out
+    assert (f"report: skipped {live}: study 'live' is still running (a report of it would be partial; pass "
+            f"--mlflow-uri {live} to read it anyway)") in out
+    assert f"report: reading {done}, the newest store whose study has finished under {runs} (2 found)" in out
+    assert out.index("report: skipped") < out.index("report: reading") < out.index("report: loading the runs of done")
+    assert "still running (its" not in out and "partial" not in out.split("report: reading")[1]
+    assert (tmp_path / "reports" / "done" / "report.html").exists() and not (tmp_path / "reports" / "live").exists()
+    assert MlflowClient(f"sqlite:///{done}").list_artifacts(_parent(f"sqlite:///{done}", "done"), "report")
+    assert _state(live) == before  # the running study's store: not a byte changed
+
+
+def test_the_running_check_looks_at_the_experiments_the_report_reads(tmp_path, no_curves):
+    """A store is judged by the experiments the report would read there: those named with --experiment, else the
+    newest one; an interrupted study in another experiment of the store does not make it running."""
+    from analysis.store import running_in_store
+    _study(tmp_path / "a", finish=True, name="done")
+    _study(tmp_path / "a", finish=False, name="live")  # created after: the store's newest experiment
+    _study(tmp_path / "b", finish=False, name="live")
+    _study(tmp_path / "b", finish=True, name="done")
+    a, b = tmp_path / "a" / "mlflow.db", tmp_path / "b" / "mlflow.db"
+    before = (_state(a), _state(b))
+    assert running_in_store(a) == ["live"] and running_in_store(b) == []
+    assert running_in_store(a, ["done"]) == [] and running_in_store(b, ["done", "live"]) == ["live"]
+    assert running_in_store(a, ["nope"]) == []
+    assert (_state(a), _state(b)) == before
+
+
+def test_the_running_check_of_the_default_store_reads_only_stores(tmp_path):
+    """A file that is no MLflow store is not judged running (open_store refuses it later), and is not changed."""
+    from analysis.store import running_in_store
+    empty, text = tmp_path / "a.db", tmp_path / "b.db"
+    empty.write_bytes(b"")
+    text.write_text("notes\n")
+    before = (_state(empty), _state(text))
+    assert running_in_store(empty) == [] and running_in_store(text) == [] and running_in_store(tmp_path / "c.db") == []
+    assert (_state(empty), _state(text)) == before and not (tmp_path / "c.db").exists()
 
 
 def test_a_finished_study_gets_no_warning(tmp_path, capsys, no_curves):

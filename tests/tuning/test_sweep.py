@@ -231,3 +231,89 @@ def test_gpus_asked_of_a_cluster_without_them_stop_before_any_trial(monkeypatch)
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 32.0, "GPU": 4.0})
     sweep.check_cluster(args)  # enough: no error
     sweep.check_cluster(types.SimpleNamespace(gpus_per_worker=0.0, workers_per_trial=1))
+
+
+class _FailingServer:
+    """A tracking server whose /health answers 200 and every other request 500 (a broken backend store), on a
+    free port of 127.0.0.1, in a thread; counts the API requests it failed."""
+
+    def __init__(self):
+        import http.server
+        import threading
+
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _answer(self):
+                if self.path.split("?")[0] == "/health":
+                    code, body = 200, b"OK"
+                else:
+                    server.failed += 1
+                    code, body = 500, b'{"error_code": "INTERNAL_ERROR", "message": "backend store broken"}'
+                self.send_response(code)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_POST = _answer
+
+            def log_message(self, *args):  # no line per request on stderr
+                pass
+
+        self.failed = 0
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.httpd.server_address[1]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_a_server_whose_api_fails_is_one_error_line_in_seconds(tmp_path, monkeypatch, capsys):
+    """/health answers but every API call is a 500: the preflight's one real API call gives up after MLflow's
+    retries, bounded for the check only (not minutes of silence), before Ray starts or any data is read; the
+    environment the study would run with is left as it was."""
+    import os
+    import time
+
+    for key in sweep.PREFLIGHT_MLFLOW_ENV:
+        monkeypatch.delenv(key, raising=False)
+
+    def no_ray():
+        raise AssertionError("Ray started: the failing server was not caught by the preflight")
+
+    monkeypatch.setattr(sweep, "connect", no_ray)
+    with _FailingServer() as server:
+        tic = time.perf_counter()
+        code = sweep.main(["--storage", str(tmp_path), "--mlflow-uri", f"http://127.0.0.1:{server.port}"])
+        elapsed = time.perf_counter() - tic
+    err = capsys.readouterr().err
+    print(f"failing server refused in {elapsed:.1f}s after {server.failed} API requests")
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    assert f"--mlflow-uri http://127.0.0.1:{server.port}" in lines[0]
+    assert "answers /health but its API fails" in lines[0] and "500" in lines[0]
+    assert "restart it" in lines[0]
+    assert elapsed < 15, f"took {elapsed:.1f}s"
+    assert 1 <= server.failed <= 3  # one API call and its 2 bounded retries
+    assert not ray.is_initialized()
+    assert not any(tmp_path.iterdir())  # nothing written
+    assert not [k for k in sweep.PREFLIGHT_MLFLOW_ENV if k in os.environ]  # the study keeps MLflow's retries
+
+
+def test_the_preflight_bound_leaves_the_callers_mlflow_settings(monkeypatch):
+    """Inside the check: the bound, unless the caller set a value; after it: the environment as it was."""
+    import os
+
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "300")
+    with sweep.mlflow_check_env():
+        assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "2"
+        assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "300"
+    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ and os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "300"
