@@ -112,10 +112,13 @@ def budget_figure(curves: pd.DataFrame, certified: pd.DataFrame, out: Path, name
             continue
         own = own.assign(epochs=own["budget"].astype(float)).sort_values("epochs")
         right.plot(own["epochs"], 100 * own["mean"], marker="o", color=f"C{i}", label=method_name(method))
-    for none in at.loc[at["method"] == "none", "mean"]:
-        right.axhline(100 * none, color="grey", linestyle="--", label=method_name("none"))
+    for i, none in enumerate(sorted(set(at.loc[at["method"] == "none", "mean"]))):  # it trains nothing: one line
+        right.axhline(100 * none, color="grey", linestyle="--", label=method_name("none") if i == 0 else None)
+    budgets = sorted({float(b) for b in at["budget"].dropna()})
     right.set(xscale="log", xlabel="total epochs (log scale)", ylabel="certified accuracy at r = 0.25 (%)",
               title="Test certification by budget (reporting only)")
+    right.set_xticks(budgets, [f"{b:g}" for b in budgets])
+    right.minorticks_off()
     right.legend(fontsize=7)
     path = _save(fig, out / f"{name}.png")
     return FigureOut(name, "Learning curves and the training budget",

@@ -62,8 +62,9 @@ def results_markdown(sections: list[StudySection], provenance: str, command: str
         section = by_preset.get(name)
         if section is None or section.verdict is None:
             summary.append({"claim": f"{name} ({preset.claim.source})", "verdict": "waiting",
-                            "why": f"not run with these rules yet: python tuning/sweep.py --preset {name} "
-                                   f"--seeds {' '.join(map(str, seeds_for(name)))} --mlflow-uri STORE --resume", "certified accuracy (%), r = 0 / 0.25 / 0.5": ""})
+                            "why": f"not run with these rules yet: python tuning/sweep.py --profile studies "
+                                   f"--preset {name} --seeds {' '.join(map(str, seeds_for(name)))} "
+                                   f"--mlflow-uri STORE --resume", "certified accuracy (%), r = 0 / 0.25 / 0.5": ""})
             continue
         v = section.verdict
         summary.append({"claim": f"{name} ({preset.claim.source})", "verdict": v.word, "why": v.reason,

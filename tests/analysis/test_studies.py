@@ -190,7 +190,8 @@ def test_results_page_is_generated_from_the_stores_verdicts(store, tmp_path):
     if word:
         assert rows["mixing (supplementary, fig 3)"] == word
     assert "Provenance: commit" in text and "seeds 0, 1, 2" in text and "/tmp" not in text
-    assert "python tuning/sweep.py --preset attack --seeds 0 1 2 3 4 5 6 7 8 9 --mlflow-uri STORE --resume" in text
+    assert ("python tuning/sweep.py --profile studies --preset attack --seeds 0 1 2 3 4 5 6 7 8 9 --mlflow-uri STORE "
+            "--resume") in text  # a headline claim: 10 seeds
 
 
 @pytest.fixture(scope="module")
