@@ -2,14 +2,14 @@
 
 Each section shows what the paper (or the sweep) claims, the study's table (`arms.accuracy_values`: per arm the
 mean certified accuracy over seeds, its spread, and a 95% interval whose unit is the test image), its figure
-(one panel per level), the paired image-level tests (`stats.paired_outcomes`) with a sentence each, and the
-epochs and data each arm used. Families of tests, each Holm-adjusted on its own:
+(one panel per level), and the epochs and data each arm used. A preset that tests a claim of the paper shows
+the claim and its verdict (`analysis.verdicts`: the seed-level tests the claim declares). The search's
+confirmation shows paired image-level tests (`stats.paired_outcomes`) with a sentence each, in two families,
+each Holm-adjusted on its own:
 
-- *against the baseline*: every DE-CROP arm against the baseline of its level (or the shared one), per radius;
-- *against the first level*: for the studies whose claim compares levels (`LEVEL_CLAIMS`), every level's
-  DE-CROP against the first level's, per radius (same seeds, same images);
-- *best against defaults* (the confirmation): `stats.paired_radii` over the profile's radii, as the sweep
-  computes it (``confirm/best_vs_default.csv``).
+- *against the baseline*: every DE-CROP configuration against the baseline, per radius;
+- *best against defaults*: `stats.paired_radii` over the profile's radii, as the sweep computes it
+  (``confirm/best_vs_default.csv``).
 """
 
 from __future__ import annotations
@@ -33,8 +33,7 @@ from .verdicts import Verdict, degenerate_arms, verdict
 
 # The studies whose claim compares the levels with each other (the others compare DE-CROP with the baseline at
 # each level: sigma changes what is certified, data the budget, denoiser the architecture).
-LEVEL_CLAIMS = ("mixing", "n_interp", "attack", "boundary", "augment", "blackbox")
-VS_BASELINE, VS_FIRST, BEST_VS_DEFAULT = "against the baseline", "against the first level", "best against defaults"
+VS_BASELINE, BEST_VS_DEFAULT = "against the baseline", "best against defaults"
 TESTS_CAPTION = (
     "Paired tests on the test images ({family}; {n} tests, one Holm family). The unit is the image: for each "
     "image, d = the fraction of seeds in which the first arm certifies it at r minus the same fraction for the "
@@ -82,14 +81,6 @@ def _pairs(study: StudyArms, notes: list[str]) -> list[tuple[str, Arm, Arm]]:
             else:
                 notes.append(f"{_arm_text(study, arm)}: no baseline certified at this level (nor one shared by "
                              f"the levels); not tested against it")
-    if study.kind == PRESET and study.preset in LEVEL_CLAIMS and len(study.levels) > 1:
-        first = study.levels[0]
-        firsts = study.decrop_arms(first)
-        for level in study.levels[1:]:
-            for arm in study.decrop_arms(level):
-                ref = study.arms.get((first, arm.method)) or (firsts[0] if len(firsts) == 1 else None)
-                if ref is not None:
-                    pairs.append((VS_FIRST, arm, ref))
     best, default = study.arms.get((None, "decrop_best")), study.arms.get((None, "decrop_default"))
     if study.kind == CONFIRMATION and best is not None and default is not None:
         pairs.append((BEST_VS_DEFAULT, best, default))
@@ -134,7 +125,7 @@ def study_tests(study: StudyArms) -> tuple[pd.DataFrame, list[str]]:
         tests.loc[family.index, "p_holm"] = holm(family["p_value"])
         tests.loc[family.index, "n_tests"] = len(family)
     tests["n_tests"] = tests["n_tests"].astype(int)
-    tests["sentence"] = [_sentence(study, row) for row in tests.to_dict("records")]
+    tests["sentence"] = [_sentence(row) for row in tests.to_dict("records")]
     return tests, notes
 
 
@@ -143,13 +134,8 @@ def _arm_text(study: StudyArms, arm: Arm) -> str:
     return f"{method_name(arm.method)} at {where}" if where else method_name(arm.method)
 
 
-def _sentence(study: StudyArms, row: dict) -> str:
+def _sentence(row: dict) -> str:
     name, ref = method_name(row["method"]), method_name(row["reference"])
-    if row["family"] == VS_FIRST:
-        name, ref = (f"{name} at {row['level_name']}", f"{ref} at {row['reference_level_name']}")
-    elif study.kind == PRESET:
-        shared = "" if isinstance(row["reference_level"], str) else " (shared by all levels)"
-        name, ref = f"At {row['level_name']}, {name}", f"the baseline{shared}"
     more = "more" if row["difference_pp"] >= 0 else "fewer"
     tie = "no image favours either" if row["favour_method"] + row["favour_reference"] == 0 else None
     seeds = "1 seed" if row["n_seeds"] == 1 else f"{row['n_seeds']} seeds"
@@ -368,9 +354,7 @@ def study_section(study: StudyArms, out: Path, curves: pd.DataFrame | None = Non
         items += budget_items(converged, budget_figure(curves, certified, out, f"{slug}_learning_curves"))
         csvs.update({f"{slug}_learning_curves": curves, f"{slug}_convergence": converged,
                      f"{slug}_certified_by_budget": certified})
-    for family in (BEST_VS_DEFAULT, VS_FIRST, VS_BASELINE):
-        if claim is not None:  # the claim's own tests above are the study's tests
-            break
+    for family in (BEST_VS_DEFAULT, VS_BASELINE):  # the confirmation's tests (a preset's are its claim's)
         shown = tests_display(tests, family) if len(tests) else pd.DataFrame()
         if not shown.empty:
             items += [("text", TESTS_CAPTION.format(family=family, n=len(shown))), ("table", shown)]
