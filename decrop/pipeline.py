@@ -335,7 +335,7 @@ def run_stages(prep: Prepared, classifier: nn.Module, images: tuple[Tensor, ...]
     (unwrapped) denoiser in eval mode and the per-epoch history (epochs counted over all stages)."""
     cfg, hooks = prep.cfg, hooks or TrainHooks()
     torch.manual_seed(cfg.seed)
-    # channels_last: the convolutions of training run ~1.2x faster in that layout (benchmarks/train_layout.py).
+    # channels_last weights: the training step runs 1.15x faster than NCHW (benchmarks/train_speed.py).
     denoiser = build_denoiser(cfg.denoiser, prep.info.channels).to(prep.device, memory_format=torch.channels_last)
     dataset = AugmentedTensorDataset(images, prep.train_labels,
                                      augmentation_policy(cfg.data.augment, prep.info.image_size))
