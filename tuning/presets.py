@@ -223,16 +223,23 @@ def resolve(name: str) -> str:
 def points(preset: Preset, seeds: list[int], levels: tuple[Any, ...] | None = None) -> list[dict[str, Any]]:
     """The trials of `preset` over `seeds` (and `levels`, default all of the preset's): DE-CROP (the preset's
     methods) at every level and seed, the baseline per level and seed (per seed when the factor does not
-    change it), the reference once per level (once when shared), with the first seed."""
+    change it), the reference once per level (once when shared), with the first seed.
+
+    In the order Tune runs them: level by level, the level's reference first, then seed by seed every arm of
+    that seed. The seed is the unit of replication and the arms are paired by it, so a study stopped part way
+    (a long one spans sessions; ``--resume`` continues it) holds complete pairs of its first levels and seeds."""
     levels = preset.levels if levels is None else levels
     out: list[dict[str, Any]] = []
-    for level in levels:
+    for i, level in enumerate(levels):
         methods = (level,) if preset.key == "method" else preset.methods
-        out += [_point(preset, method, seed, level) for method in methods for seed in seeds]
-    shared = [None] if not preset.affects_baseline else list(levels)
-    for level in shared:
-        out += [_point(preset, "baseline", seed, level) for seed in seeds]
-        out.append(_point(preset, NO_DENOISER, seeds[0], level))
+        # The baseline and the reference of a factor that does not change them are shared: with the first level.
+        shared = level if preset.affects_baseline else None
+        if preset.affects_baseline or i == 0:
+            out.append(_point(preset, NO_DENOISER, seeds[0], shared))
+        for seed in seeds:
+            out += [_point(preset, method, seed, level) for method in methods]
+            if preset.affects_baseline or i == 0:
+                out.append(_point(preset, "baseline", seed, shared))
     return out
 
 

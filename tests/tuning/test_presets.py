@@ -113,3 +113,14 @@ def test_the_budget_study_gives_both_methods_the_same_steps():
             continue
         cfg = from_flat(trial_config(settings, {"point": point}))
         assert sum(cfg.stage_epochs(point["method"])) == point["level"]
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_grid_runs_level_by_level_and_seed_by_seed(name):
+    """A study stopped part way holds complete seed pairs: every arm of a (level, seed) comes before the next
+    seed's, and every level's arms before the next level's."""
+    preset = PRESETS[name]
+    grid = points(preset, [0, 1, 2])
+    order = [(list(preset.levels).index(p["level"]) if p["level"] is not None else 0, p["seed"])
+             for p in grid if p["method"] != "none"]
+    assert order == sorted(order)
