@@ -53,6 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.contention import Window, idle_probe, verdict  # noqa: E402
 from decrop.certify import certify_indices  # noqa: E402
+from decrop.config import CertifyConfig  # noqa: E402
 from decrop.models import create_model  # noqa: E402
 from decrop.runtime import tune_allocator  # noqa: E402
 
@@ -184,9 +185,9 @@ class _Bench:
             return (lambda: [reference_certify(case.model, x.to(device), s["n0"], s["n"], s["batch_size"], 0.25,
                                                10) for x, _ in images]), samples
         if kind == "engine":
-            return (lambda: certify_indices(
-                case.model, images, range(len(images)), num_classes=10, sigma=0.25, n0=s["n0"], n=s["n"],
-                alpha=0.001, batch_size=s["batch_size"], seed=0, device=device, precision=precision)), samples
+            cfg = CertifyConfig(n0=s["n0"], n=s["n"], alpha=0.001, batch_size=s["batch_size"], precision=precision)
+            return (lambda: certify_indices(case.model, images, range(len(images)), cfg, num_classes=10, sigma=0.25,
+                                            seed=0, device=device)), samples
         batch = min(s["batch_size"], 256)
         return (lambda: conv_peak_flops(device, _PRECISIONS[precision], batch=batch, size=case.shape[-1],
                                         seconds=s["peak_seconds"])), 0

@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.certify import conv_macs_per_sample  # noqa: E402
 from decrop.certify import certify_indices  # noqa: E402
+from decrop.config import CertifyConfig  # noqa: E402
 from decrop.models import create_model, fold_batchnorm  # noqa: E402
 
 PAPER_IMAGES, PAPER_N0, PAPER_N = 500, 100, 10_000
@@ -76,9 +77,11 @@ def time_certification(model: nn.Module, device: torch.device, precision: str, b
     count = math.ceil(max(args.images, group) / group) * group  # whole groups: the same shapes every time
     images = [(torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(i)), i % 10) for i in range(count)]
 
+    cfg = CertifyConfig(n0=args.n0, n=args.n, alpha=0.001, batch_size=batch, precision=precision)
+
     def certify(subset):
-        return certify_indices(model, subset, range(len(subset)), num_classes=10, sigma=0.25, n0=args.n0,
-                               n=args.n, alpha=0.001, batch_size=batch, seed=0, device=device, precision=precision)
+        return certify_indices(model, subset, range(len(subset)), cfg, num_classes=10, sigma=0.25, seed=0,
+                               device=device)
     for _ in range(warmups):  # cuDNN algorithm search, compilation, CUDA-graph recording: untimed
         certify(images[:group])
     if device.type == "cuda":

@@ -136,7 +136,8 @@ def ray_train(flat: dict, storage: Path, gpu: bool) -> dict:
 
     from decrop.classifier import classifier_key
     from decrop.config import from_flat
-    from decrop.pipeline import prepare, samples_for
+    from decrop.prepare import prepare
+    from decrop.stages import samples_for
     from tuning.train_loop import train_loop_per_worker
 
     cfg = from_flat(flat)

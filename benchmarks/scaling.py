@@ -39,7 +39,9 @@ from decrop.certify import certify_indices  # noqa: E402
 from decrop.checkpoint import save_checkpoint  # noqa: E402
 from decrop.classifier import classifier_key  # noqa: E402
 from decrop.config import from_flat, load_config, to_flat  # noqa: E402
-from decrop.pipeline import build_denoiser, prepare, samples_for, smoothed_model  # noqa: E402
+from decrop.models import build_denoiser, smoothed_model  # noqa: E402
+from decrop.prepare import prepare  # noqa: E402
+from decrop.stages import samples_for  # noqa: E402
 from decrop.runtime import tune_allocator  # noqa: E402
 from tuning.certify_tasks import certify_parallel  # noqa: E402
 from tuning.train_loop import train_loop_per_worker  # noqa: E402
@@ -60,10 +62,8 @@ def certification(flat: dict, images: int) -> list[tuple[str, float, float]]:
     tune_allocator()
     model = smoothed_model(prep.classifier, denoiser.to(prep.device), c.fold_bn)
     tic = time.perf_counter()
-    reference = certify_indices(model, prep.val_dataset(), indices,
-                                num_classes=prep.info.num_classes, sigma=cfg.sigma, n0=c.n0, n=c.n, alpha=c.alpha,
-                                batch_size=c.batch_size, seed=cfg.seed, device=prep.device, mode=c.mode,
-                                memory_mb=c.memory_mb, radii=c.radii, precision=c.precision)
+    reference = certify_indices(model, prep.val_dataset(), indices, c, num_classes=prep.info.num_classes,
+                                sigma=cfg.sigma, seed=cfg.seed, device=prep.device)
     wall = time.perf_counter() - tic
     results.append((f"in-process, {os.cpu_count()} threads (no Ray)", wall, images / wall))
     for shards in (1, 2):

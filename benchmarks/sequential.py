@@ -133,7 +133,9 @@ def engine_report(run_dir: Path, method: str, n: int | None, images: int | None,
 
     from decrop.checkpoint import load_checkpoint
     from decrop.config import load_config
-    from decrop.pipeline import build_denoiser, certify_model, prepare, smoothed_model
+    from decrop.models import build_denoiser, smoothed_model
+    from decrop.pipeline import certify_model
+    from decrop.prepare import prepare
     from decrop.rows import average_certified_radius
 
     torch.set_num_threads(min(torch.get_num_threads(), 2))

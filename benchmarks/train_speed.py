@@ -11,7 +11,7 @@ work of a step does not depend on pixel values.
 
 Measured, per objective, in R interleaved rounds (order reversed every other round), medians reported:
 
-- **today**: the step as `decrop.pipeline.run_stages` runs it: eager, fp32, the denoiser's weights in
+- **today**: the step as `decrop.stages.run_stages` runs it: eager, fp32, the denoiser's weights in
   channels-last memory, the loader's images as they come (NCHW);
 - **NCHW**: the denoiser's weights in the default layout too;
 - **channels_last inputs**: today, with the images converted to channels-last as well;

@@ -57,8 +57,8 @@ ATTACK_IMPLEMENTATION = f"2+torchattacks-{metadata.version('torchattacks')}"
 
 
 def _torchattacks():
-    """torchattacks, imported where an attack runs: ~34 MiB in every process that imports it, and the training
-    and certification workers never attack."""
+    """torchattacks, imported where an attack runs: its import costs memory in every process that imports it, and
+    the training and certification workers never attack."""
     import torchattacks
 
     return torchattacks

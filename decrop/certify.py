@@ -1,10 +1,10 @@
 """Certify a dataset, or a shard of it: seeded per-image noise, rows, and the forward batch that fits memory.
 
 ``certify_indices`` certifies ``dataset[i]`` for the given indices with `decrop.smooth.Smooth` (Cohen's fixed-n
-CERTIFY, or its sequential early-stopping form) and returns one `decrop.rows.CertRow` per image. It seeds every
-image from ``(seed, idx)``, so a dataset can be split into shards (e.g. one per Ray task), certified anywhere,
-and merged with `decrop.rows.merge_rows` into exactly the unsharded result. ``fit_batch_size`` picks the largest forward
-batch whose activations fit a memory budget.
+CERTIFY, or its sequential early-stopping form), as the run's `decrop.config.CertifyConfig` section says, and
+returns one `decrop.rows.CertRow` per image. It seeds every image from ``(seed, idx)``, so a dataset can be split
+into shards (e.g. one per Ray task), certified anywhere, and merged with `decrop.rows.merge_rows` into exactly the
+unsharded result. ``fit_batch_size`` picks the largest forward batch whose activations fit a memory budget.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from .config import CertifyConfig
 from .rows import CertRow
 from .runtime import eval_mode
 from .sequential import thresholds
@@ -32,23 +33,20 @@ def certify_indices(
     model: nn.Module,
     dataset: Dataset | Sequence[tuple[torch.Tensor, int]],
     indices: Iterable[int],
+    cfg: CertifyConfig,
     *,
     num_classes: int,
     sigma: float,
-    n0: int,
-    n: int,
-    alpha: float,
-    batch_size: int,
     seed: int,
     device: torch.device | str | None = None,
     progress: Callable[[int, int, CertRow], None] | None = None,
-    mode: str = "exact",
-    radii: Sequence[float] = (0.0,),
-    precision: str = "fp32",
-    memory_mb: float = 0.0,
 ) -> list[CertRow]:
     """CERTIFY ``dataset[i]`` for every i in ``indices`` (in that order) and return one row per image.
 
+    ``cfg`` is the run's certification section: ``n0``, ``n``, ``alpha``, ``batch_size``, ``mode``, ``radii``,
+    ``precision`` and ``memory_mb`` are read from it (``fold_bn`` is applied to the model beforehand, by
+    `decrop.models.smoothed_model`; ``val_images`` chooses the indices). To vary one of them, build the section
+    with ``dataclasses.replace(cfg, n=...)`` or ``CertifyConfig(n=...)``.
     ``dataset[i]`` is ``(image (C, H, W) in [0, 1], label)``; images are moved to ``device`` (default: the
     device of the model's parameters, CPU if it has none), where the model must already live. Image i's
     noise comes from its own generator seeded by ``(seed, i)``, so any sharding of ``indices`` yields the
@@ -63,6 +61,8 @@ def certify_indices(
     batch, so rows are reproducible for a given seed *and* batch size: keep the batch size fixed (or the budget
     and machine) to reproduce a run.
     """
+    n0, n, alpha, batch_size, mode = cfg.n0, cfg.n, cfg.alpha, cfg.batch_size, cfg.mode
+    radii, precision, memory_mb = cfg.radii, cfg.precision, cfg.memory_mb
     if mode not in ("exact", "sequential"):
         raise ValueError(f"unknown certification mode {mode!r}; choose 'exact' or 'sequential'")
     if mode == "sequential":

@@ -24,8 +24,10 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import get_args
 
-from .config import MAX_SEED, ExperimentConfig, check_name, describe, load_config, to_yaml
+from .config import (BOUNDS, CertifyConfig, ExperimentConfig, FieldSpec, Method, check_name, describe, field_spec,
+                     load_config, to_yaml)
 from .errors import BAD_INPUT, ConfigError, FolderDataError
 
 # Errors of bad input, printed as one line: config keys, data folders, model files, output folders.
@@ -46,11 +48,58 @@ def check_output(path: Path, kind: str = "folder") -> None:
             return
 
 
+# The flags of predict and certify that set a config field (dest -> section, field, help where the field's own
+# reads wrong for the command): type, default, bounds and choices, and the help unless given, come from the field,
+# so the command line and the config cannot drift apart.
+SMOOTH_FLAGS: dict[str, tuple[type, str, str | None]] = {
+    "n": (CertifyConfig, "n", None),
+    "n0": (CertifyConfig, "n0", None),
+    "alpha": (CertifyConfig, "alpha", None),
+    "batch_size": (CertifyConfig, "batch_size", "noisy samples per forward pass"),  # no memory budget here
+    "seed": (ExperimentConfig, "seed", "seed of the noise (image i's noise is seeded by (seed, i))"),
+    "device": (ExperimentConfig, "device", None),
+}
+
+
+def _flag_field(dest: str) -> tuple[str, FieldSpec]:
+    """(--flag, its field's spec) of a `SMOOTH_FLAGS` entry."""
+    cls, name, _ = SMOOTH_FLAGS[dest]
+    return f"--{dest.replace('_', '-')}", field_spec(cls, name)
+
+
+def _add_field_flag(parser: argparse.ArgumentParser, dest: str) -> None:
+    flag, spec = _flag_field(dest)
+    kind = {"choices": spec.choices} if spec.choices else {"type": spec.type}
+    text = f"{SMOOTH_FLAGS[dest][2] or spec.help} (default {spec.default})".replace("%", "%%")  # argparse formats it
+    parser.add_argument(flag, default=spec.default, help=text, **kind)
+
+
+def _check_field_flag(args: argparse.Namespace, dest: str) -> None:
+    """ConfigError naming the flag and its allowed range when its value is outside its field's bounds."""
+    flag, spec = _flag_field(dest)
+    value = getattr(args, dest)
+    if not spec.within(value):
+        raise ConfigError(f"{flag} must be {_allowed(spec)}, got {value}")
+
+
+def _allowed(spec: FieldSpec) -> str:
+    """A field's bounds as a flag's error states them: '>= 1', 'in (0, 1)', 'in 0..4294967295'."""
+    low = next(((k, v) for k, v in spec.bounds.items() if k in ("ge", "gt")), None)
+    high = next(((k, v) for k, v in spec.bounds.items() if k in ("le", "lt")), None)
+    if low is None or high is None:
+        return " and ".join(f"{BOUNDS[k][1]} {v}" for k, v in spec.bounds.items())
+    if spec.type is int and low[0] == "ge" and high[0] == "le":
+        return f"in {low[1]}..{high[1]}"
+    opening, closing = "(" if low[0] == "gt" else "[", ")" if high[0] == "lt" else "]"
+    return f"in {opening}{low[1]}, {high[1]}{closing}"
+
+
 def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="write a run's smoothed model as a torch.export program")
     p.add_argument("--out", type=Path, required=True, help="the program to write, e.g. smoothed.pt2")
     p.add_argument("--run", type=Path, help="a `python -m decrop run` output folder")
-    p.add_argument("--method", default="decrop", help="whose denoiser (default decrop; baseline, decrop_blackbox)")
+    p.add_argument("--method", default="decrop", help=f"whose denoiser (default decrop; one of "
+                                                      f"{', '.join(get_args(Method))})")
     p.add_argument("--trial", help="a sweep trial's id: its denoiser <storage>/denoisers/<trial>.pt")
     p.add_argument("--storage", type=Path, help="with --trial: the study's folder (e.g. ~/decrop-runs/quick-study)")
     p.add_argument("--config", type=Path, help="with --trial (or --denoiser): the config it was trained with "
@@ -67,13 +116,9 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
                             "(sigma, classes, input shape) that disagrees with its config or program")
         p.add_argument("--images", type=Path, required=True,
                        help="a folder of PNG/JPEG images, or of class sub-folders named as the model's classes")
-        p.add_argument("--n", type=int, default=10_000, help="noisy samples per image (default 10000)")
-        if name == "certify":
-            p.add_argument("--n0", type=int, default=100, help="noisy samples that pick the top class (default 100)")
-        p.add_argument("--alpha", type=float, default=0.001, help="failure probability (default 0.001)")
-        p.add_argument("--batch-size", type=int, default=1000, help="noisy samples per forward pass")
-        p.add_argument("--seed", type=int, default=0, help="seed of the noise")
-        p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto, cpu or cuda")
+        for dest in SMOOTH_FLAGS:
+            if dest != "n0" or name == "certify":
+                _add_field_flag(p, dest)
         p.add_argument("--out", type=Path, default=None, help="write the rows here (default: print them)")
 
 
@@ -121,16 +166,13 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _smooth(args: argparse.Namespace) -> int:
-    for name in ("n", "batch_size", *(("n0",) if args.command == "certify" else ())):
-        if getattr(args, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for dest in ("n", "batch_size", *(("n0",) if args.command == "certify" else ())):
+        _check_field_flag(args, dest)
     if args.command == "certify" and args.n0 > args.n:
         raise ConfigError(f"--n0 {args.n0} exceeds --n {args.n}: n0 samples only pick the top class, n estimate its "
                           f"probability; lower --n0 or raise --n")
-    if not 0 < args.alpha < 1:
-        raise ConfigError(f"--alpha must be in (0, 1), got {args.alpha}")
-    if not 0 <= args.seed <= MAX_SEED:
-        raise ConfigError(f"--seed must be in 0..{MAX_SEED}, got {args.seed}")
+    for dest in ("alpha", "seed"):
+        _check_field_flag(args, dest)
     if not args.images.is_dir():
         raise FolderDataError(f"--images {args.images} is not a folder: give a folder of PNG/JPEG images (or of "
                               f"class sub-folders)")
@@ -142,12 +184,13 @@ def _smooth(args: argparse.Namespace) -> int:
     tune_allocator()
     device = resolve_device(args.device, "--device")
     model = load_smoothed(args.model, device)
-    common = dict(n=args.n, alpha=args.alpha, batch_size=args.batch_size, seed=args.seed, device=device)
     tic = time.perf_counter()
     if args.command == "certify":
-        files, rows = certify_folder(model, args.images, n0=args.n0, **common)
+        section = CertifyConfig(n0=args.n0, n=args.n, alpha=args.alpha, batch_size=args.batch_size)
+        files, rows = certify_folder(model, args.images, section, seed=args.seed, device=device)
     else:
-        files, rows = predict_folder(model, args.images, **common)
+        files, rows = predict_folder(model, args.images, n=args.n, alpha=args.alpha, batch_size=args.batch_size,
+                                     seed=args.seed, device=device)
     table = format_rows(files, rows, args.images, model.classes, radius=args.command == "certify")
     if args.out is None:
         print(table, end="")

@@ -17,6 +17,7 @@ import difflib
 import hashlib
 import json
 import math
+import operator
 import re
 import types
 from dataclasses import dataclass, field
@@ -373,12 +374,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise TypeError(f"unsupported config annotation {tp!r} for '{key}'")
 
 
+# The numeric bounds a field may carry (`_field`'s ge, gt, le, lt): the test and its symbol.
+BOUNDS = {"ge": (operator.ge, ">="), "gt": (operator.gt, ">"), "le": (operator.le, "<="), "lt": (operator.lt, "<")}
+
+
 def _check_bounds(value: Any, meta: Mapping[str, Any], key: str) -> None:
-    ops = {"ge": (lambda v, b: v >= b, ">="), "gt": (lambda v, b: v > b, ">"),
-           "le": (lambda v, b: v <= b, "<="), "lt": (lambda v, b: v < b, "<")}
-    for name, (ok, symbol) in ops.items():
+    for name, (ok, symbol) in BOUNDS.items():
         if name in meta and not ok(value, meta[name]):
-            allowed = " and ".join(f"{ops[n][1]} {meta[n]}" for n in ops if n in meta)
+            allowed = " and ".join(f"{BOUNDS[n][1]} {meta[n]}" for n in BOUNDS if n in meta)
             raise ConfigError(f"config key '{key}' = {value!r} is out of range: must be {allowed} "
                               f"({meta['help']})")
 
@@ -536,6 +539,31 @@ def expand_path(path: str) -> Path:
     return Path(path).expanduser().resolve()
 
 
+@dataclass(frozen=True)
+class FieldSpec:
+    """One config field as `_field` declared it, for what else declares it (a command-line flag): its annotation,
+    default, help text, numeric bounds (``ge``/``gt``/``le``/``lt`` -> bound) and choices (a ``Literal``'s values,
+    else None)."""
+    type: Any
+    default: Any
+    help: str
+    bounds: Mapping[str, Any]
+    choices: tuple[Any, ...] | None
+
+    def within(self, value: Any) -> bool:
+        """Whether `value` satisfies every bound of the field."""
+        return all(BOUNDS[name][0](value, bound) for name, bound in self.bounds.items())
+
+
+def field_spec(cls: type, name: str) -> FieldSpec:
+    """The `FieldSpec` of field `name` of the config section `cls` (e.g. ``field_spec(CertifyConfig, "n")``)."""
+    f = {f.name: f for f in dataclasses.fields(cls)}[name]
+    tp = get_type_hints(cls)[name]
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    return FieldSpec(tp, default, f.metadata.get("help", ""), {k: f.metadata[k] for k in BOUNDS if k in f.metadata},
+                     get_args(tp) if get_origin(tp) is Literal else None)
+
+
 def describe(cls: type = ExperimentConfig, prefix: str = "") -> list[tuple[str, str, str]]:
     """(key, default, help) for every field: the reference printed by ``python -m decrop config --help-keys``."""
     rows = []
@@ -544,8 +572,7 @@ def describe(cls: type = ExperimentConfig, prefix: str = "") -> list[tuple[str, 
         if dataclasses.is_dataclass(hints[f.name]):
             rows += describe(hints[f.name], prefix + f.name + ".")
         else:
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            choices = get_args(hints[f.name]) if get_origin(hints[f.name]) is Literal else None
-            text = f.metadata.get("help", "") + (f" (one of {list(choices)})" if choices else "")
-            rows.append((prefix + f.name, repr(default), text))
+            spec = field_spec(cls, f.name)
+            text = spec.help + (f" (one of {list(spec.choices)})" if spec.choices else "")
+            rows.append((prefix + f.name, repr(spec.default), text))
     return rows

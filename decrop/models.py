@@ -18,7 +18,8 @@ What DE-CROP's losses need of *any* classifier (these models, a surrogate, or th
 Denoiser contract (``dncnn``, ``memnet``): ``forward(x) -> (B, C, H, W)``, same shape as ``x``, and exactly the
 identity at initialisation (the last conv is zero-initialised), so ``f(D(x)) == f(x)`` before training.
 
-Nothing here picks a device: parameters live wherever the caller moves the module.
+`build_denoiser` builds a denoiser from its config section; `smoothed_model` composes the model that randomized
+smoothing certifies. Nothing here picks a device: parameters live wherever the caller moves the module.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .config import DenoiserConfig
 
 
 class Normalize(nn.Module):
@@ -361,6 +364,24 @@ def create_model(name: str, **kwargs) -> nn.Module:
     if name not in _REGISTRY:
         raise ValueError(f"unknown model {name!r}; valid names: {model_names()}")
     return _REGISTRY[name](**kwargs)
+
+
+def build_denoiser(cfg: DenoiserConfig, in_channels: int) -> nn.Module:
+    """A fresh denoiser from its config section (identity at initialisation)."""
+    if cfg.arch == "dncnn":
+        return create_model("dncnn", in_channels=in_channels, depth=cfg.depth, width=cfg.width)
+    return create_model("memnet", in_channels=in_channels, width=cfg.width,
+                        num_memblocks=cfg.num_memblocks, num_resblocks=cfg.num_resblocks)
+
+
+def smoothed_model(classifier: nn.Module, denoiser: nn.Module | None, fold_bn: bool = False) -> nn.Module:
+    """The base model that randomized smoothing wraps: f, or f(D(.)) (Salman et al.'s composition), in eval mode.
+
+    Converted to channels_last in place: convolutions run faster in that layout on CPUs and GPUs, and the weights'
+    values are unchanged. With `fold_bn`, a copy with BatchNorm folded into the convs (`fold_batchnorm`)."""
+    model = classifier if denoiser is None else nn.Sequential(denoiser, classifier)
+    model = model.to(memory_format=torch.channels_last).eval()
+    return fold_batchnorm(model) if fold_bn else model
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:

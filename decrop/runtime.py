@@ -60,9 +60,9 @@ def tune_allocator() -> bool:
 
     By default glibc serves allocations above 128 KiB-32 MiB with mmap and frees them with munmap, so a CPU
     forward pass over a batch of noisy images maps and unmaps (and page-faults) its activations anew every
-    time: measured here, certification spent more time in the kernel than in convolutions. Raising the mmap
-    and trim thresholds keeps those pages in the heap for reuse (2.6x faster certification on a 2-core CPU,
-    `benchmarks/`). Process-wide, so entry points call it explicitly; a no-op off glibc. Returns whether
+    time, and certification can spend more time in the kernel than in convolutions. Raising the mmap and trim
+    thresholds keeps those pages in the heap for reuse (`benchmarks/certify.py` measures what it buys).
+    Process-wide, so entry points call it explicitly; a no-op off glibc. Returns whether
     the setting took effect.
     """
     global _ALLOCATOR_TUNED
@@ -83,9 +83,8 @@ def release_memory() -> bool:
     """Hand the heap's free pages back to the OS (``gc.collect()``, then glibc's ``malloc_trim(0)``).
 
     `tune_allocator` keeps freed memory in the heap for the next forward pass; one-off peaks stay with it too:
-    loading Fashion-MNIST's full training split as float32 to draw a 1% subset left ~260 MiB in every process that
-    prepared the data (the sweep's driver, each trial actor, each training and certification worker) until it
-    ended. Call it after such a peak, not in a loop (it walks the heap). Returns whether glibc took the call."""
+    loading a dataset's full training split as float32 to draw a small subset leaves that much memory in every
+    process that prepared the data (the sweep's driver, each training and certification worker) until it ends. Call it after such a peak, not in a loop (it walks the heap). Returns whether glibc took the call."""
     import gc
 
     gc.collect()

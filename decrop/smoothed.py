@@ -28,12 +28,12 @@ from torch import Tensor, nn
 from .certify import CertRow, Smooth, certify_indices
 from .checkpoint import load_checkpoint
 from .classifier import load_classifier
-from .config import ExperimentConfig, expand_path, load_config, to_flat
+from .config import CertifyConfig, ExperimentConfig, expand_path, load_config, to_flat
 from .data import dataset_info
 from .folders import folder_info, read_images, scan_class_folders, scan_images
 from .archive import ArchiveRefused, load_export
 from .errors import ConfigError, SmoothedModelError
-from .pipeline import build_denoiser
+from .models import build_denoiser
 from .user_model import FrozenProgram, detect_format, exportable, file_sha256
 
 METADATA_FILE = "decrop.json"
@@ -275,15 +275,14 @@ def _unlabelled(row: CertRow) -> CertRow:
     return replace(row, correct=UNLABELLED) if row.label == UNLABELLED else row
 
 
-def certify_folder(model: SmoothedModel, folder: str | Path, *, n0: int, n: int, alpha: float, batch_size: int,
-                   seed: int, device: torch.device) -> tuple[list[Path], list[CertRow]]:
-    """Cohen's CERTIFY of every image of `folder` (`read_new_images`) under the model's sigma, through the
-    engine's `certify_indices` (image i's noise seeded by (seed, i)). Rows of unlabelled images have
-    label = correct = UNLABELLED."""
+def certify_folder(model: SmoothedModel, folder: str | Path, cfg: CertifyConfig, *, seed: int,
+                   device: torch.device) -> tuple[list[Path], list[CertRow]]:
+    """Cohen's CERTIFY of every image of `folder` (`read_new_images`) under the model's sigma, as the section
+    `cfg` says (n0, n, alpha, batch size, ...), through the engine's `certify_indices` (image i's noise seeded by
+    (seed, i)). Rows of unlabelled images have label = correct = UNLABELLED."""
     files, images, labels = read_new_images(folder, model)
-    rows = certify_indices(model.module, list(zip(images, labels.tolist())), range(len(files)),
-                           num_classes=len(model.classes), sigma=model.sigma, n0=n0, n=n, alpha=alpha,
-                           batch_size=batch_size, seed=seed, device=device)
+    rows = certify_indices(model.module, list(zip(images, labels.tolist())), range(len(files)), cfg,
+                           num_classes=len(model.classes), sigma=model.sigma, seed=seed, device=device)
     return files, [_unlabelled(row) for row in rows]
 
 

@@ -77,8 +77,8 @@ def agreement(denoiser: nn.Module, classifier: nn.Module, images: Tensor, sigma:
               batch_size: int = 100) -> float:
     """Validation metric: fraction of images with argmax f(D(x + delta)) == argmax f(x), read no label.
 
-    Batches of 100: 500 images at once grew each training worker's heap by ~0.2 GiB more than training itself
-    needs (kept by `tune_allocator`). The noise does not depend on the batch size (the generator's stream is
+    In batches of 100: all validation images at once would grow each training worker's heap (kept by
+    `tune_allocator`) beyond what training itself needs. The noise does not depend on the batch size (the generator's stream is
     drawn in order).
 
     `images` (N, C, H, W) in [0, 1]. The noise is drawn from a generator seeded with `seed`, so every epoch

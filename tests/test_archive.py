@@ -26,7 +26,7 @@ from decrop.config import load_config, to_flat
 from decrop.data import DatasetInfo
 from decrop.errors import ClassifierError, SmoothedModelError
 from decrop.models import create_model
-from decrop.pipeline import build_denoiser
+from decrop.models import build_denoiser
 from decrop.smoothed import export_smoothed, load_smoothed
 from decrop.user_model import load_user_classifier
 

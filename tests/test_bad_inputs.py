@@ -25,6 +25,7 @@ from torch import nn
 
 import decrop.classifier
 import decrop.pipeline
+import decrop.stages
 import decrop.smoothed
 from analysis import report
 from decrop import cli
@@ -34,7 +35,8 @@ from decrop.config import load_config, to_yaml
 from decrop.errors import CheckpointError
 from decrop.models import create_model
 from tuning import sweep
-from tuning.tracking import StudyTracker, default_tracking_uri
+from tuning.schema import default_tracking_uri
+from tuning.tracking import StudyTracker
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK = str(REPO / "configs" / "quick.yaml")
@@ -390,8 +392,8 @@ def no_compute(monkeypatch):
         def fail(*args, **kwargs):
             raise ComputeStarted(f"{what} started: the bad input was not caught before compute")
         return fail
-    for module, name in ((decrop.classifier, "train_classifier"), (decrop.pipeline, "run_stages"),
-                         (decrop.pipeline, "load_or_generate_samples"), (decrop.pipeline, "certify_indices"),
+    for module, name in ((decrop.classifier, "train_classifier"), (decrop.stages, "run_stages"),
+                         (decrop.stages, "load_or_generate_samples"), (decrop.pipeline, "certify_indices"),
                          (decrop.smoothed, "export_smoothed"), (decrop.smoothed, "certify_folder"),
                          (decrop.smoothed, "predict_folder"), (sweep, "connect")):
         monkeypatch.setattr(module, name, refuse(f"{module.__name__}.{name}"))

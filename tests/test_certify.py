@@ -11,6 +11,7 @@ from torch import nn
 
 from decrop.bounds import certified_radius, lower_confidence_bound
 from decrop.certify import certify_indices, fit_batch_size
+from decrop.config import CertifyConfig
 from decrop.rows import CertRow, merge_rows
 from decrop.smooth import ABSTAIN, Smooth
 
@@ -149,8 +150,8 @@ def test_model_modes_are_restored() -> None:
 
     denoiser, classifier = nn.Sequential(nn.Conv2d(3, 3, 1), nn.Dropout()).train(), small_cnn().eval()
     composed = nn.Sequential(denoiser, classifier)
-    certify_indices(composed, image_dataset(2), [0, 1], num_classes=4, sigma=0.25, n0=5, n=10,
-                    alpha=0.01, batch_size=8, seed=0)
+    certify_indices(composed, image_dataset(2), [0, 1], CertifyConfig(n0=5, n=10, alpha=0.01, batch_size=8),
+                    num_classes=4, sigma=0.25, seed=0)
     assert all(m.training for m in denoiser.modules())
     assert not any(m.training for m in classifier.modules())
 
@@ -162,14 +163,16 @@ def test_certify_rejects_wrong_logit_width() -> None:
 
 # --- sharding and reproducibility ---------------------------------------------------------------------------
 
-CERT = dict(num_classes=4, sigma=0.5, n0=20, n=100, alpha=0.05, batch_size=64)
+CERT = CertifyConfig(n0=20, n=100, alpha=0.05, batch_size=64, radii=(0.0,))
+SMALL = dict(num_classes=4, sigma=0.5)
 
 
 @pytest.mark.parametrize("mode", ["exact", "sequential"])
 def test_sharded_run_equals_unsharded(mode: str) -> None:
     model, data = small_cnn(), image_dataset(6)
-    full = certify_indices(model, data, range(6), seed=7, mode=mode, **CERT)
-    halves = [certify_indices(model, data, part, seed=7, mode=mode, **CERT) for part in ([3, 4, 5], [0, 1, 2])]
+    cfg = dataclasses.replace(CERT, mode=mode)
+    full = certify_indices(model, data, range(6), cfg, seed=7, **SMALL)
+    halves = [certify_indices(model, data, part, cfg, seed=7, **SMALL) for part in ([3, 4, 5], [0, 1, 2])]
     assert without_time(merge_rows(halves)) == without_time(full)
     assert [r.idx for r in full] == list(range(6))
     assert all(r.correct == int(r.predict == r.label) for r in full)
@@ -191,8 +194,8 @@ def test_sequential_draws_stay_within_the_batch_and_count_every_forward_pass() -
     rows = []
     for image in (far, tie):
         sizes.clear()
-        rows += certify_indices(model, [(image, 1)], [0], num_classes=2, sigma=0.25, n0=30, n=2000, alpha=0.001,
-                                batch_size=256, seed=0, mode="sequential", radii=(0.0, 0.25))
+        cfg = CertifyConfig(n0=30, n=2000, alpha=0.001, batch_size=256, mode="sequential", radii=(0.0, 0.25))
+        rows += certify_indices(model, [(image, 1)], [0], cfg, num_classes=2, sigma=0.25, seed=0)
         assert max(sizes) <= 256 and sum(sizes) == rows[-1].samples
     assert rows[0].predict == 1 and rows[0].radius == 0.25 and rows[0].samples < 200
     assert rows[1].samples > 1000
@@ -200,17 +203,17 @@ def test_sequential_draws_stay_within_the_batch_and_count_every_forward_pass() -
 
 def test_same_seed_same_rows_different_seed_differs() -> None:
     model, data = small_cnn(), image_dataset(6)
-    a = certify_indices(model, data, range(6), seed=1, **CERT)
-    b = certify_indices(model, data, range(6), seed=1, **CERT)
-    c = certify_indices(model, data, range(6), seed=2, **CERT)
+    a = certify_indices(model, data, range(6), CERT, seed=1, **SMALL)
+    b = certify_indices(model, data, range(6), CERT, seed=1, **SMALL)
+    c = certify_indices(model, data, range(6), CERT, seed=2, **SMALL)
     assert without_time(a) == without_time(b)
     assert without_time(a) != without_time(c)
 
 
 def test_progress_is_called_per_image() -> None:
     calls = []
-    rows = certify_indices(small_cnn(), image_dataset(3), [2, 0], seed=0, progress=lambda *a: calls.append(a),
-                           **CERT)
+    rows = certify_indices(small_cnn(), image_dataset(3), [2, 0], CERT, seed=0, progress=lambda *a: calls.append(a),
+                           **SMALL)
     assert [(done, total, row.idx) for done, total, row in calls] == [(1, 2, 2), (2, 2, 0)]
     assert [row for _, _, row in calls] == rows
 
@@ -251,8 +254,8 @@ def test_certified_radii_of_a_linear_classifier_are_sound_and_not_vacuous(mode: 
     num, sigma, alpha = 200, 0.25, 0.05
     p_true = 0.5 + 0.499 * torch.rand(num, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     model, data, true_radius = linear_problem(p_true, sigma)
-    rows = certify_indices(model, data, range(num), num_classes=2, sigma=sigma, n0=50, n=500,
-                           alpha=alpha, batch_size=550, seed=0, mode=mode, radii=(0.0, 0.1, 0.2))
+    cfg = CertifyConfig(n0=50, n=500, alpha=alpha, batch_size=550, mode=mode, radii=(0.0, 0.1, 0.2))
+    rows = certify_indices(model, data, range(num), cfg, num_classes=2, sigma=sigma, seed=0)
     assert wrong_certificates(rows, true_radius) <= binom.ppf(0.999, num, alpha)  # ~21 of 200
     assert sum(r.predict != ABSTAIN for r in rows) > num // 2  # most points are certified at all
     ratio = [r.radius / rad for r, rad in zip(rows, true_radius) if r.correct]
@@ -283,8 +286,9 @@ def test_a_certifier_at_2_alpha_fails_the_soundness_check_a_valid_one_passes(mod
     p_true = torch.full((num,), threshold - 1e-6, dtype=torch.float64)
     model, data, true_radius = linear_problem(p_true, sigma)
     radii = (float(sigma * norm.ppf(threshold)),)
-    rows = certify_indices(model, data, range(num), num_classes=2, sigma=sigma, n0=n0, n=n, alpha=scale * alpha,
-                           batch_size=50 if mode == "sequential" else 2000, seed=1, mode=mode, radii=radii)
+    cfg = CertifyConfig(n0=n0, n=n, alpha=scale * alpha, batch_size=50 if mode == "sequential" else 2000, mode=mode,
+                        radii=radii)
+    rows = certify_indices(model, data, range(num), cfg, num_classes=2, sigma=sigma, seed=1)
     wrong = wrong_certificates(rows, true_radius)
     limit = binom.ppf(0.999, num, alpha)  # ~186 of 1500
     assert (wrong <= limit) == valid, f"{wrong} wrong certificates of {num}, limit {limit}"
@@ -298,9 +302,10 @@ def test_packing_images_into_one_batch_changes_no_result() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 3))
     data = [(torch.rand(1, 8, 8), i % 3) for i in range(23)]
-    common = dict(num_classes=3, sigma=0.5, n0=100, n=100, alpha=0.01, seed=4)
-    packed = certify_indices(model, data, range(23), batch_size=1000, **common)
-    alone = certify_indices(model, data, range(23), batch_size=100, **common)
+    common = dict(num_classes=3, sigma=0.5, seed=4)
+    cfg = CertifyConfig(n0=100, n=100, alpha=0.01)
+    packed = certify_indices(model, data, range(23), dataclasses.replace(cfg, batch_size=1000), **common)
+    alone = certify_indices(model, data, range(23), dataclasses.replace(cfg, batch_size=100), **common)
     assert [(r.idx, r.predict, r.radius) for r in packed] == [(r.idx, r.predict, r.radius) for r in alone]
     assert len({r.predict for r in packed}) > 1  # a model with varied answers, so equality means something
 
@@ -309,12 +314,13 @@ def test_bf16_autocast_certifies_and_stays_close_to_fp32() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 3))
     data = [(torch.rand(1, 8, 8), i % 3) for i in range(10)]
-    common = dict(num_classes=3, sigma=0.25, n0=50, n=400, alpha=0.01, seed=1, batch_size=450)
-    fp32 = certify_indices(model, data, range(10), **common)
-    bf16 = certify_indices(model, data, range(10), precision="bf16", **common)
+    common = dict(num_classes=3, sigma=0.25, seed=1)
+    cfg = CertifyConfig(n0=50, n=400, alpha=0.01, batch_size=450)
+    fp32 = certify_indices(model, data, range(10), cfg, **common)
+    bf16 = certify_indices(model, data, range(10), dataclasses.replace(cfg, precision="bf16"), **common)
     assert sum(a.predict == b.predict for a, b in zip(fp32, bf16)) >= 8
-    with pytest.raises(ValueError, match="precision"):
-        certify_indices(model, data, range(1), precision="int8", **common)
+    with pytest.raises(ValueError, match="precision"):  # the section's constructor does not check choices
+        certify_indices(model, data, range(1), dataclasses.replace(cfg, precision="int8"), **common)
 
 
 def test_fit_batch_size_follows_the_budget_and_the_activation_size() -> None:
@@ -340,9 +346,11 @@ def test_memory_budget_certifies_like_the_batch_it_chooses() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 8 * 8, 3))
     data = [(torch.rand(1, 8, 8), i % 3) for i in range(4)]
-    common = dict(num_classes=3, sigma=0.5, n0=50, n=300, alpha=0.01, seed=2)
+    common = dict(num_classes=3, sigma=0.5, seed=2)
+    cfg = CertifyConfig(n0=50, n=300, alpha=0.01)
     chosen = fit_batch_size(model, (1, 8, 8), "cpu", 0.5, upper=1000)
     assert 1 < chosen < 300  # the budget binds: several forward batches per image
-    budgeted = certify_indices(model, data, range(4), batch_size=1000, memory_mb=0.5, **common)
-    explicit = certify_indices(model, data, range(4), batch_size=chosen, **common)
+    budgeted = certify_indices(model, data, range(4), dataclasses.replace(cfg, batch_size=1000, memory_mb=0.5),
+                               **common)
+    explicit = certify_indices(model, data, range(4), dataclasses.replace(cfg, batch_size=chosen), **common)
     assert without_time(budgeted) == without_time(explicit)

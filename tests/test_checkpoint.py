@@ -42,11 +42,37 @@ def test_mismatched_meta_and_architecture_leave_the_model_untouched(tmp_path):
     assert torch.equal(model.weight, before)
 
 
-def test_pickled_objects_are_refused_by_weights_only(tmp_path):
-    path = tmp_path / "evil.pt"
-    torch.save({"meta": {}, "state_dict": {}, "obj": nn.Linear(1, 1)}, path)  # a module is a pickled class
-    with pytest.raises(CheckpointError):
-        load_checkpoint(path, nn.Linear(1, 1))
+class _RunsCode:
+    """Pickled as a call of exec(code): an unrestricted unpickler runs `code` while it reads the file."""
+
+    def __init__(self, code: str) -> None:
+        self.code = code
+
+    def __reduce__(self):
+        return exec, (self.code,)
+
+
+def test_pickled_objects_are_refused_by_weights_only(tmp_path, monkeypatch):
+    """A checkpoint shaped exactly like a good one (keys meta and state_dict, weights that fit the model) whose
+    metadata pickles a call of exec, and another that pickles a module object: both refused with CheckpointError
+    before any of it runs. TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD makes torch.load unrestricted unless its caller asks
+    for weights_only=True itself (as torch < 2.6 always was), so only the loader's own flag passes this test."""
+    monkeypatch.delenv("TORCH_FORCE_WEIGHTS_ONLY_LOAD", raising=False)
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    ran = tmp_path / "code-ran"
+    state = nn.Linear(1, 1).state_dict()
+    evil = tmp_path / "evil.pt"
+    torch.save({"meta": {"arch": "linear", "note": _RunsCode(f"open({str(ran)!r}, 'w').close()")},
+                "state_dict": state}, evil)
+    objects = tmp_path / "objects.pt"
+    torch.save({"meta": {"arch": "linear", "note": nn.Linear(1, 1)}, "state_dict": state}, objects)  # a class
+    for path in (evil, objects):
+        model = nn.Linear(1, 1)
+        before = model.weight.clone()
+        with pytest.raises(CheckpointError, match="corrupt or not a decrop checkpoint"):
+            load_checkpoint(path, model, {"arch": "linear"})
+        assert torch.equal(model.weight, before)
+    assert not ran.exists(), "loading the checkpoint ran the code pickled in it"
 
 
 def test_missing_file(tmp_path):

@@ -30,7 +30,9 @@ from decrop.data import DatasetInfo
 from decrop.distributed import GlobalBatchNorm, Shard, convert_global_batchnorm, no_forward_buffer_sync
 from decrop.models import DomainDiscriminator, create_model
 from decrop.objectives import DecropObjective, StabilityObjective
-from decrop.pipeline import Prepared, TrainHooks, build_denoiser, method_stages, run_stages
+from decrop.models import build_denoiser
+from decrop.prepare import Prepared
+from decrop.stages import TrainHooks, method_stages, run_stages
 from helpers import quadrant_images
 
 SIZE, CLASSES, N, BATCH = 8, 4, 22, 9  # 22 images in batches 9, 9, 4: unequal shares (5/4, 5/4, 2/2)

@@ -11,7 +11,7 @@ from decrop.config import from_dict, from_flat, load_config, to_dict, to_flat
 from decrop.folders import folder_info, load_image_folder, read_image, scan_class_folders, scan_images
 from decrop.errors import ConfigError, FolderDataError
 from decrop.models import create_model
-from decrop.pipeline import prepare
+from decrop.prepare import prepare
 
 
 def write_image(path: Path, image: torch.Tensor, kind: str = "png") -> None:

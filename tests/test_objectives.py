@@ -309,7 +309,7 @@ def test_training_keeps_the_classifier_bit_identical_and_ramps_progress_from_0_t
 
 
 def test_stage_two_starts_from_the_stage_one_weights_with_a_schedule_of_its_own():
-    """Stage 2 is a run of its own (`decrop.pipeline.run_stages`): the stage-1 denoiser, a fresh Adam-then-SGD
+    """Stage 2 is a run of its own (`decrop.stages.run_stages`): the stage-1 denoiser, a fresh Adam-then-SGD
     schedule counted from its own first epoch (Adam with empty moments, the Adam learning rate again)."""
     classifier = _classifier(train_steps=10)
     state = {k: v.clone() for k, v in classifier.state_dict().items()}

@@ -17,12 +17,14 @@ from decrop.rows import read_rows
 from decrop.checkpoint import save_checkpoint
 from decrop.classifier import build_classifier, classifier_key, classifier_path, train_classifier
 from decrop.cli import main
-from decrop.config import load_config, to_yaml
+from decrop.config import CertifyConfig, load_config, to_yaml
 from decrop.data import DatasetInfo, as_tensors, load_dataset
 from decrop.folders import read_image
 from decrop.errors import ClassifierError
 from decrop.models import create_model, logits_and_features
-from decrop.pipeline import build_denoiser, prepare, run_experiment, smoothed_model, subset_for
+from decrop.models import build_denoiser, smoothed_model
+from decrop.pipeline import run_experiment
+from decrop.prepare import prepare, subset_for
 from decrop.runtime import eval_mode
 from decrop.smoothed import load_smoothed
 from decrop.user_model import UserClassifier, load_user_classifier
@@ -239,8 +241,8 @@ def test_certify_and_predict_commands_use_the_engine_on_new_images(run_dir, mode
     # the same rows as the engine on the eager composition: one certification engine, one seed per image
     images = [(read_image(root / "test" / r[-1]), int(r[1])) for r in rows]
     eager = smoothed_model(copy.deepcopy(model), copy.deepcopy(denoiser))  # a copy: it converts to channels_last
-    expected = certify_indices(eager, images, range(4), num_classes=3, sigma=0.5, n0=20,
-                               n=200, alpha=0.001, batch_size=1000, seed=0)
+    expected = certify_indices(eager, images, range(4), CertifyConfig(n0=20, n=200, alpha=0.001, batch_size=1000),
+                               num_classes=3, sigma=0.5, seed=0)
     assert [(int(r[2]), float(r[3])) for r in rows] == [(e.predict, e.radius) for e in expected]
     assert "certify: 4 images under sigma=0.5" in capsys.readouterr().err
     flat = tmp_path / "flat"

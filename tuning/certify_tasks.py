@@ -19,7 +19,7 @@ from decrop.config import ExperimentConfig, config_hash, from_flat
 from decrop.rows import CertRow, merge_rows
 
 if TYPE_CHECKING:
-    from decrop.pipeline import Prepared
+    from decrop.prepare import Prepared
 
 
 def _quiet(_: str) -> None:
@@ -32,7 +32,7 @@ _PREPARED: dict[str, Prepared] = {}  # per worker process: Ray reuses a task's p
 def _prepared(cfg: ExperimentConfig) -> Prepared:
     """`prepare(cfg)`, kept for the process's next task of the same data, classifier and seed: the dataset and
     the classifier are loaded once per worker process rather than once per shard (~2 s each on a CPU)."""
-    from decrop.pipeline import prepare
+    from decrop.prepare import prepare
 
     key = config_hash(cfg.data, cfg.classifier, cfg.seed, cfg.cache_dir, cfg.device)
     if key not in _PREPARED:
@@ -53,7 +53,7 @@ def certify_shard(flat_config: Mapping[str, Any], weights: str | None, split: st
 
     from decrop.certify import certify_indices
     from decrop.checkpoint import read_checkpoint
-    from decrop.pipeline import build_denoiser, smoothed_model
+    from decrop.models import build_denoiser, smoothed_model
     from decrop.runtime import release_memory, tune_allocator
 
     cfg = from_flat(flat_config)
@@ -66,10 +66,8 @@ def certify_shard(flat_config: Mapping[str, Any], weights: str | None, split: st
         denoiser.load_state_dict(read_checkpoint(Path(weights))["state_dict"])
     model = smoothed_model(prep.classifier, denoiser, cfg.certify.fold_bn)
     dataset = prep.val_dataset() if split == "val" else prep.test_set
-    c = cfg.certify
-    rows = certify_indices(model, dataset, indices, num_classes=prep.info.num_classes, sigma=cfg.sigma, n0=c.n0,
-                           n=c.n, alpha=c.alpha, batch_size=c.batch_size, seed=cfg.seed, device=prep.device,
-                           mode=c.mode, memory_mb=c.memory_mb, radii=c.radii, precision=c.precision)
+    rows = certify_indices(model, dataset, indices, cfg.certify, num_classes=prep.info.num_classes, sigma=cfg.sigma,
+                           seed=cfg.seed, device=prep.device)
     # The forward passes' buffers, which `tune_allocator` keeps in the heap, back to the OS: Ray keeps this worker
     # for the next task, or hands it to another trial's Train worker, while trials train (1.06 -> ~0.6 GiB of
     # anonymous memory per idle worker; the prepared data stays for the next shard).

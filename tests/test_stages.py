@@ -1,5 +1,7 @@
 """The training stages of one experiment: plain, interrupted and resumed (what Ray Train's retries rely on)."""
 
+import io
+
 
 import numpy as np
 import pytest
@@ -9,7 +11,8 @@ from torch.utils.data import TensorDataset
 from decrop.config import load_config
 from decrop.data import dataset_info
 from decrop.models import create_model
-from decrop.pipeline import Prepared, TrainHooks, method_stages, run_stages
+from decrop.prepare import Prepared
+from decrop.stages import ResumeState, TrainHooks, method_stages, run_stages
 from decrop.samples import generate_samples
 
 
@@ -37,15 +40,21 @@ def test_resumed_run_equals_the_uninterrupted_one(prep, stop_after):
     images = _decrop_images(prep)
     straight, _ = run_stages(prep, prep.classifier, images, method_stages("decrop", prep, prep.classifier))
 
-    saved = {}
+    saved = []
 
     def keep(epoch, metrics, state):
         if epoch + 1 == stop_after:
-            saved.update(state())
-    run_stages(prep, prep.classifier, images, method_stages("decrop", prep, prep.classifier), hooks=TrainHooks(on_epoch_end=keep))
-    assert saved["epoch"] == stop_after
+            saved.append(state())
+    run_stages(prep, prep.classifier, images, method_stages("decrop", prep, prep.classifier),
+               hooks=TrainHooks(on_epoch_end=keep))
+    # Through a checkpoint file, as Ray Train's workers keep it: plain tensors and numbers, weights_only.
+    file = io.BytesIO()
+    torch.save(saved[0].as_dict(), file)
+    file.seek(0)
+    state = ResumeState.from_dict(torch.load(file, weights_only=True))
+    assert state.epoch == stop_after
     resumed, result = run_stages(prep, prep.classifier, images, method_stages("decrop", prep, prep.classifier),
-                                 hooks=TrainHooks(resume=saved))
+                                 hooks=TrainHooks(resume=state))
     assert [row["epoch"] for row in result.history] == list(range(stop_after + 1, 5))
     for key, value in straight.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[key]), key
@@ -54,12 +63,12 @@ def test_resumed_run_equals_the_uninterrupted_one(prep, stop_after):
 def test_resume_inside_stage_two_restores_the_discriminator_and_its_ramp(prep):
     images = _decrop_images(prep)
     straight, full = run_stages(prep, prep.classifier, images, method_stages("decrop", prep, prep.classifier))
-    saved = {}
+    saved = []
     run_stages(prep, prep.classifier, images, method_stages("decrop", prep, prep.classifier),
-               hooks=TrainHooks(on_epoch_end=lambda e, m, state: saved.update(state()) if e == 2 else None))
-    assert saved["objective"]["discriminator"]  # stage 2's discriminator is in the checkpoint
+               hooks=TrainHooks(on_epoch_end=lambda e, m, state: saved.append(state()) if e == 2 else None))
+    assert saved[0].objective["discriminator"]  # stage 2's discriminator is in the checkpoint
     resumed, result = run_stages(prep, prep.classifier, images, method_stages("decrop", prep, prep.classifier),
-                                 hooks=TrainHooks(resume=saved))
+                                 hooks=TrainHooks(resume=saved[0]))
     assert result.history[-1]["train/beta"] == full.history[-1]["train/beta"]  # p continues, not restarts
     for key, value in straight.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[key]), key
