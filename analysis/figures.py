@@ -19,7 +19,9 @@ from matplotlib.ticker import MaxNLocator, NullFormatter
 
 from decrop.rows import CertRow, certified_accuracy
 
-from .runs import SEARCHED, level_text
+from tuning.schema import SEARCHED
+
+from .runs import level_text
 from .tables import method_name, method_rank
 
 if TYPE_CHECKING:
@@ -79,53 +81,9 @@ def _style(ax, grid: np.ndarray, title: str) -> None:
     ax.grid(alpha=0.3)
 
 
-def _method_panel(ax, rows: Rows, group: pd.DataFrame, grid: np.ndarray, title: str,
-                  by: Sequence[str] = ()) -> None:
-    """One curve per method (colour) and per combination of the factors `by` (line style), pooling only the
-    runs that agree on all of them: runs that differ in another studied factor are never mixed into one curve."""
-    keys = group[["run_id", "label", "method", *by]].drop_duplicates(subset=["run_id", "label"])
-    for colour, method in enumerate(sorted(keys["method"].unique(), key=method_rank)):
-        of_method = keys[keys["method"] == method]
-        parts = of_method.groupby(list(by), sort=True, dropna=False) if by else [((), of_method)]
-        for style, (combo, part) in enumerate(parts):
-            chosen = list(zip(part["run_id"], part["label"]))
-            combo = combo if isinstance(combo, tuple) else (combo,)
-            where = "".join(f", {b}={v}" for b, v in zip(by, combo))
-            runs = f" ({len(chosen)} runs)" if len(chosen) > 1 else ""
-            ax.step(grid, _curve(_pooled(rows, chosen), grid), where="post", color=f"C{colour}",
-                    linestyle=("-", "--", ":", "-.")[style % 4], label=method_name(method) + where + runs)
-    _style(ax, grid, title)
-    ax.legend(fontsize=7 if not by else 6)
-
-
-def curves_figure(cert: pd.DataFrame, rows: Rows, out: Path) -> FigureOut:
-    """(1) Test-set certified accuracy against radius, one panel per setting, one curve per method (runs of the
-    same setting, i.e. seeds, pooled)."""
-    test = cert[cert["split"] == "test"] if len(cert) else cert
-    result = FigureOut("certified_accuracy", "Certified accuracy on the test images",
-                       "Certified accuracy (%) of each method against the l2 radius, from the certification rows: "
-                       "the fraction of test images classified correctly with a certified radius of at least r.")
-    if test.empty:
-        result.caption = ("No figure of test curves: no run has a test-set certification yet (a sweep certifies "
-                          "the test images only after its search has finished).")
-        return result
-    settings = list(dict.fromkeys(test["setting"]))
-    grid = _grid({k: rows[k] for k in set(zip(test["run_id"], test["label"]))})
-    fig, axes = _canvas(len(settings), width=4.6, height=3.6, columns=3)
-    for ax, setting in zip(axes, settings):
-        group = test[test["setting"] == setting]
-        _method_panel(ax, rows, group, grid, f"{setting}: {int(group['n_images'].max())} test images per run")
-    result.path = _save(fig, out / f"{result.name}.png")
-    return result
-
-
-def _panel_values(frame: pd.DataFrame, factor: str, split: str) -> pd.Series:
-    """The panel of each row. For test rows the run's own value: a sweep's ``test_decrop_best`` row carries the
-    best trial's hyperparameters, which differ from the run's without being a studied factor."""
+def _panel_values(frame: pd.DataFrame, factor: str) -> pd.Series:
+    """The panel of each row: the factor's value (the mixing coefficient binned)."""
     values = frame[factor]
-    if split == "test":
-        own = frame[frame["label"] != "test_decrop_best"].groupby("run_id")[factor].first()
-        values = frame["run_id"].map(own)
     if factor == "decrop.mixing":
         values = pd.cut(values.astype(float), _ALPHA_BINS[0], labels=_ALPHA_BINS[1], right=False)
     return values.astype(object).where(values.notna(), None)
@@ -141,48 +99,33 @@ def _level_key(value: object) -> tuple:
 
 
 def factor_figures(cert: pd.DataFrame, rows: Rows, out: Path) -> list[FigureOut]:
-    """(2) One panel per value of each studied factor that varies: across sweep trials, their validation curves
-    (thin, one per trial) and the pooled curve; across runs with test certifications (settings of a method
-    study), one curve per method pooled over the runs with that value."""
+    """One panel per value of each studied factor that varies across the search trials: their validation curves
+    (thin, one per trial) and the pooled curve."""
     results = []
-    sources = [("validation", cert[(cert["split"] == "validation") & (cert["role"] == "trial")] if len(cert) else cert),
-               ("test", cert[cert["split"] == "test"] if len(cert) else cert)]
-    for split, frame in sources:
-        if frame.empty:
+    frame = cert[(cert["split"] == "validation") & (cert["role"] == "trial")] if len(cert) else cert
+    for factor in PANEL_FACTORS if len(frame) else ():
+        if frame[factor].isna().all():
             continue
-        for factor in PANEL_FACTORS:
-            if frame[factor].isna().all():
-                continue
-            values = _panel_values(frame, factor, split)
-            levels = sorted(values.dropna().unique(), key=_level_key)
-            if len(levels) < 2:
-                continue
-            grid = _grid({k: rows[k] for k in set(zip(frame["run_id"], frame["label"]))})
-            # the other factors that vary: each test curve holds them fixed
-            others = [f for f in PANEL_FACTORS if f != factor and frame[f].notna().any()
-                      and _panel_values(frame, f, split).nunique() > 1] if split == "test" else []
-            shown = frame.assign(**{f: _panel_values(frame, f, split) for f in others})
-            fig, axes = _canvas(len(levels))
-            for ax, level in zip(axes, levels):
-                group = shown[values == level]
-                if split == "test":
-                    _method_panel(ax, rows, group, grid, _panel_title(factor, level), by=others)
-                    continue
-                keys = list(dict.fromkeys(zip(group["run_id"], group["label"])))
-                for key in keys:
-                    ax.step(grid, _curve(rows[key], grid), where="post", color="0.6", lw=0.8, alpha=0.7)
-                ax.step(grid, _curve(_pooled(rows, keys), grid), where="post", color="C0", lw=2,
-                        label=f"{len(keys)} trials pooled")
-                _style(ax, grid, _panel_title(factor, level))
-                ax.legend(fontsize=7)
-            name = f"factor_{split}_{factor.replace('.', '_')}"
-            what = ("validation curves of the sweep trials (grey: one per trial; blue: pooled)" if split == "validation"
-                    else "test curves per method (colour) and value of the other studied factors (line style), "
-                         "pooling only runs that differ in nothing but the seed")
-            path = _save(fig, out / f"{name}.png")
-            results.append(FigureOut(name, f"Effect of {factor} ({split})",
-                                     f"Certified accuracy against radius, one panel per value of {factor}: {what}.",
-                                     path))
+        values = _panel_values(frame, factor)
+        levels = sorted(values.dropna().unique(), key=_level_key)
+        if len(levels) < 2:
+            continue
+        grid = _grid({k: rows[k] for k in set(zip(frame["run_id"], frame["label"]))})
+        fig, axes = _canvas(len(levels))
+        for ax, level in zip(axes, levels):
+            group = frame[values == level]
+            keys = list(dict.fromkeys(zip(group["run_id"], group["label"])))
+            for key in keys:
+                ax.step(grid, _curve(rows[key], grid), where="post", color="0.6", lw=0.8, alpha=0.7)
+            ax.step(grid, _curve(_pooled(rows, keys), grid), where="post", color="C0", lw=2,
+                    label=f"{len(keys)} trials pooled")
+            _style(ax, grid, _panel_title(factor, level))
+            ax.legend(fontsize=7)
+        name = f"factor_validation_{factor.replace('.', '_')}"
+        path = _save(fig, out / f"{name}.png")
+        results.append(FigureOut(name, f"Effect of {factor} (validation)",
+                                 f"Certified accuracy against radius, one panel per value of {factor}: validation "
+                                 f"curves of the sweep trials (grey: one per trial; blue: pooled).", path))
     if not results:
         constant = [f"{f}={cert[f].dropna().iloc[0]}" for f in PANEL_FACTORS
                     if len(cert) and cert[f].notna().any()]
@@ -193,7 +136,7 @@ def factor_figures(cert: pd.DataFrame, rows: Rows, out: Path) -> list[FigureOut]
 
 
 def history_figure(trials: pd.DataFrame, out: Path) -> FigureOut:
-    """(3) The search history: objective of each trial in completion order, the running best, trials without
+    """The search history: objective of each trial in completion order, the running best, trials without
     objective at the bottom."""
     result = FigureOut("search_history", "Search history",
                        "Validation ACR (the objective) of each trial in the order the trials finished, with the "
@@ -218,7 +161,7 @@ def history_figure(trials: pd.DataFrame, out: Path) -> FigureOut:
 
 
 def effects_figure(trials: pd.DataFrame, out: Path) -> FigureOut:
-    """(4) The objective against each searched hyperparameter: scatter (log axis for log-scaled ones) or a box
+    """The objective against each searched hyperparameter: scatter (log axis for log-scaled ones) or a box
     per category."""
     result = FigureOut("hyperparameter_effects", "Objective against each hyperparameter",
                        "Validation ACR of the trials against each searched hyperparameter (one point per trial; "
@@ -317,7 +260,8 @@ def arms_figure(study: StudyArms, out: Path, name: str) -> FigureOut:
 
 def figures(cert: pd.DataFrame, rows: Rows, trials: pd.DataFrame, histories: pd.DataFrame,
             out: Path) -> list[FigureOut]:
-    """Every figure of the report written into `out` (PNG), in report order; skipped ones have no path."""
+    """The search's figures written into `out` (PNG), in report order; skipped ones have no path. `cert`: the
+    search trials' rows of the tidy frame (their validation certifications)."""
     out.mkdir(parents=True, exist_ok=True)
-    return [curves_figure(cert, rows, out), *factor_figures(cert, rows, out), history_figure(trials, out),
-            effects_figure(trials, out), agreement_figure(trials, histories, out)]
+    return [*factor_figures(cert, rows, out), history_figure(trials, out), effects_figure(trials, out),
+            agreement_figure(trials, histories, out)]

@@ -19,14 +19,14 @@ import optuna
 import pandas as pd
 import statsmodels.formula.api as smf
 from optuna.importance import FanovaImportanceEvaluator, PedAnovaImportanceEvaluator, get_param_importances
-from optuna.trial import FixedTrial, create_trial
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution
+from optuna.trial import create_trial
 
-from tuning.space import define_space
+from tuning.schema import PARAMS, SEARCHED, SPACE
 
-from .runs import SEARCHED, level_text
+from .runs import level_text
 
 PED_ANOVA_QUANTILE = 0.1  # Optuna's default target_quantile: the best 10% of the trials
-_PARAM_CASTS = {"decrop.n_interp": int, "decrop.attack": str, "stage2": bool}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -129,14 +129,28 @@ def _trial_params(trial: pd.Series) -> dict[str, object]:
         value = trial.get(key)
         if value is None or (isinstance(value, float) and np.isnan(value)):
             continue
-        params[key] = _PARAM_CASTS.get(key, float)(value)
+        params[key] = PARAMS[key].cast(level_text(value))
     return params
+
+
+def _distributions(params: dict[str, object]) -> dict[str, BaseDistribution]:
+    """The Optuna distributions of a trial's parameters as the search sampled them (`tuning.schema.SPACE`, as
+    `tuning.space.define_space` suggests it); ValueError naming a parameter the space asks for that is missing."""
+    out: dict[str, BaseDistribution] = {}
+    for p in SPACE:
+        if p.only_if is not None and not params.get(p.only_if):
+            continue
+        if p.name not in params:
+            raise ValueError(f"parameter {p.name} missing")
+        out[p.name] = (CategoricalDistribution(p.choices) if p.choices is not None else
+                       FloatDistribution(p.low, p.high, log=p.log))
+    return out
 
 
 def search_study(trials: pd.DataFrame) -> tuple[optuna.Study, list[str]]:
     """An in-memory Optuna study (maximize) holding the search trials that have an objective, each with its
-    parameters under the distributions of `tuning.space.define_space`; notes name the trials left out (a
-    parameter missing, or a value outside today's search space)."""
+    parameters under the distributions the search sampled them from; notes name the trials left out (a parameter
+    missing, or a value outside today's search space)."""
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # no line per study created in memory
     try:
@@ -146,13 +160,9 @@ def search_study(trials: pd.DataFrame) -> tuple[optuna.Study, list[str]]:
     notes = []
     for _, trial in trials[trials["objective"].notna()].iterrows():
         params = _trial_params(trial)
-        fixed = FixedTrial(params)
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # FixedTrial warns on values outside a range; create_trial refuses
-                define_space(fixed)
-                study.add_trial(create_trial(params=params, distributions=fixed.distributions,
-                                             value=float(trial["objective"])))
+            study.add_trial(create_trial(params=params, distributions=_distributions(params),
+                                         value=float(trial["objective"])))
         except ValueError as err:
             name = trial["trial_id"] if isinstance(trial["trial_id"], str) else trial["run_name"]
             notes.append(f"trial {name} left out of the importance: {str(err).splitlines()[0]}")

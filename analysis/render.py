@@ -10,21 +10,17 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from .figures import FigureOut
-from .stats import IMAGE_LEVEL, PER_SEED, Statistics, format_p
+from .stats import Statistics, format_p
 from .studies import StudySection
 from .timing import time_display
 
 TABLE_CAPTIONS = {
-    "test_accuracy_seeds": "Certified accuracy (%) on the test images at each l2 radius r, mean ± standard deviation "
-                           "over seeds (r = 0: standard accuracy of the smoothed classifier, abstentions wrong); ACR: "
-                           "average certified radius.",
     "test_accuracy": "Certified accuracy (%) on the test images at each l2 radius r, per run, with the 95% "
                      "Clopper-Pearson interval over the test images in brackets (r = 0: standard accuracy of the "
                      "smoothed classifier, abstentions counted wrong); ACR: average certified radius.",
     "trials": "The sweep's trials, best objective first: objective = validation certified agreement averaged "
-              "over the radii (validation ACR in older studies; certified on validation images, never the test "
-              "images), validation certified accuracy (%) at each radius, the sampled hyperparameters, and why a "
-              "trial has no objective.",
+              "over the radii (certified on validation images, never the test images), validation certified "
+              "accuracy (%) at each radius, the sampled hyperparameters, and why a trial has no objective.",
 }
 READING = ("Certified accuracy at r is the fraction of images that the smoothed classifier gets right with a "
            "certified l2 radius of at least r. Intervals of one run are exact 95% Clopper-Pearson intervals over its "
@@ -33,27 +29,6 @@ READING = ("Certified accuracy at r is the fraction of images that the smoothed 
            "its interval covers the finite test set for the seed-averaged method (still not other seeds; the ± "
            "shows their spread). The paired tests use the same test images for both arms, which makes them far "
            "more sensitive than comparing two intervals.")
-
-PAIRED_TESTS = (
-    "The unit of every paired test is the test image: DE-CROP and the baseline certify the same test images "
-    "(matched on idx), and every seed of a setting certifies those same images again. For each image, d is the "
-    "fraction of seeds in which DE-CROP certifies it at r minus the same fraction for the baseline; the "
-    "image-level test is the exact sign-flip permutation test of the sum of d over images (null hypothesis: "
-    "within each image the two methods' labels are exchangeable), shown with the mean of d in percentage "
-    "points and its 95% paired bootstrap interval over images. Seeds are not pooled as independent pairs: an "
-    "image that is hard in one seed tends to be hard in the others, so its discordant pairs in S seeds are "
-    "one observation, not S, and summing them over seeds (a McNemar test of all seeds' pairs) overstates the "
-    "evidence and gives p-values far too small. The per-seed exact McNemar tests use one run's images each. "
-    "Each table is one family of tests, Holm-adjusted: comparing the adjusted p with 0.05 keeps the chance "
-    "that any test of the table reports a difference where there is none at 5% at most, whatever the "
-    "dependence between its tests; the sentences judge by the adjusted p.")
-IMAGE_LEVEL_CAPTION = ("Image-level tests over the seeds of each setting ({n} tests, one Holm family): images "
-                       "present in every seed of both methods; favour method / baseline: images with d > 0 / "
-                       "d < 0; difference: mean of d in percentage points.")
-PER_SEED_CAPTION = ("Exact McNemar test per seed ({n} tests, one Holm family): only_method: images the method "
-                    "certifies at r and the baseline does not, only_baseline the reverse; difference: "
-                    "(only_method - only_baseline) / images in percentage points.")
-
 
 IMPORTANCE_CAPTION = ("Hyperparameter importance by Optuna's own evaluators on the search trials (relative: each "
                       "column sums to 100% over the parameters it assesses).")
@@ -78,27 +53,6 @@ class Report:
     times: pd.DataFrame = field(default_factory=pd.DataFrame)  # analysis.timing.time_table
     time_notes: list[str] = field(default_factory=list)
     search: bool = True  # the runs hold search trials (the objective's sections apply)
-
-
-def paired_display(frame: pd.DataFrame, scope: str) -> pd.DataFrame:
-    """The rows of one family of paired tests (`IMAGE_LEVEL` or `PER_SEED`) as shown in the report."""
-    rows = frame[frame["scope"] == scope] if not frame.empty else frame
-    if rows.empty:
-        return rows
-    if scope == IMAGE_LEVEL:
-        shown = rows[["setting", "method", "radius", "n_seeds", "n_pairs"]].rename(
-            columns={"n_seeds": "seeds", "n_pairs": "images"})
-        shown["favour method"], shown["favour baseline"] = rows["only_method"], rows["only_baseline"]
-        shown["difference (pp) [95% CI]"] = [f"{d:+.1f} [{lo:+.1f}, {hi:+.1f}]" for d, lo, hi in
-                                             zip(rows["difference_pp"], rows["ci_low_pp"], rows["ci_high_pp"])]
-    else:
-        shown = rows[["setting", "seed", "run", "method", "radius", "n_pairs", "only_method", "only_baseline"]].copy()
-        shown["difference (pp)"] = rows["difference_pp"].map("{:+.1f}".format)
-    shown["radius"] = shown["radius"].map("{:.2f}".format)
-    shown["p"] = rows["p_value"].map(format_p)
-    shown["p (Holm)"] = rows["p_holm"].map(format_p)
-    shown["in words"] = rows["sentence"]
-    return shown.reset_index(drop=True)
 
 
 def regression_display(frame: pd.DataFrame) -> pd.DataFrame:
@@ -132,19 +86,10 @@ def _objective(stats: Statistics) -> list[tuple[str, object]]:
 
 def sections(report: Report) -> list[tuple[str, list[tuple[str, object]]]]:
     """(heading, [(kind, content)]) in report order; kinds: text, list, table, figure. With study sections
-    (presets, confirmations) they come first and carry the headline; the generic sections follow."""
+    (presets, confirmations) they come first and carry the headline; the search's sections follow."""
     names = list(report.tables)
     head = [("text", TABLE_CAPTIONS.get(names[0], "")), ("table", report.tables[names[0]])] if names else [
         ("text", "No table: no certification results.")]
-    stats = report.statistics
-    paired: list[tuple[str, object]] = [("text", PAIRED_TESTS if not stats.paired.empty else
-                                         "No paired test: no run has both a baseline and a DE-CROP test "
-                                         "certification.")]
-    for scope, caption in ((IMAGE_LEVEL, IMAGE_LEVEL_CAPTION), (PER_SEED, PER_SEED_CAPTION)):
-        shown = paired_display(stats.paired, scope)
-        if not shown.empty:
-            paired += [("text", caption.format(n=len(shown))), ("table", shown)]
-    paired += [("list", stats.paired_notes)] if stats.paired_notes else []
     studies = [(s.heading, s.items) for s in report.studies]
     rest = names if studies else names[1:]
     out = [("Summary", [("list", report.summary)]), *(studies or [("Headline", head)])]
@@ -153,10 +98,8 @@ def sections(report: Report) -> list[tuple[str, list[tuple[str, object]]]]:
     if rest or not studies:
         out.append(("Tables", [item for name in rest for item in
                                (("text", TABLE_CAPTIONS.get(name, name)), ("table", report.tables[name]))]))
-    if not stats.paired.empty or not studies:
-        out.append(("Paired tests against the baseline", paired))
     if report.search or not studies:
-        out.append(("What drives the objective", _objective(stats)))
+        out.append(("What drives the objective", _objective(report.statistics)))
     if not report.times.empty:
         out.append(("Where the time went", [("list", report.time_notes), ("text", TIME_CAPTION),
                                              ("table", time_display(report.times))]))

@@ -4,21 +4,20 @@
     python analysis/report.py --experiment quick-study --mlflow-uri http://127.0.0.1:5000 --out reports/quick
 
 Reads every run of the experiment(s) (the search: its parent, trials and confirmation; a paper's study from
-``tuning/sweep.py --preset``: its parent and trials; a method study: its parent and one run per setting x seed),
-downloads their certification tables (``certify/<label>.tsv``) and recomputes every number from the rows. Each
-paper's study and each search's confirmation gets a section (`analysis.studies`): the paper's figure (one panel
-per level, mean over seeds with the seeds' range), the table at the paper's radii and the profile's (mean and
-spread over seeds, 95% interval with the test image as the unit), paired image-level tests (against the
-baseline; levels against the first level; the search's best configuration against the defaults), Holm-adjusted
-per family, and the epochs and data budget of every arm. Then: certified accuracy per run with 95%
-Clopper-Pearson intervals, exact McNemar tests of runs that hold both DE-CROP and the baseline (method studies),
-the search's trials with Optuna's hyperparameter importance and an OLS regression of the objective, and where
-the time went (`analysis.timing`). Writes into OUT (default ``reports/<experiment>``): ``report.html``
-(self-contained, figures inlined), ``report.md`` with the PNG figures next to it, and CSV tables
-(``certified.csv``: one row per run x label x radius). Prints the headline table (a study's table when there is
-one) and logs the report files under ``report/`` of the study's parent run. Bad input (missing store, a file
-that is no MLflow store, unknown or empty experiment, no certification, an ``--out`` that is a file) ends with
-``error: ...`` and exit code 2 (an ``--out`` that is a file before any run is read).
+``tuning/sweep.py --preset``: its parent and trials), downloads their certification tables (``certify/<label>.tsv``)
+and recomputes every number from the rows. Each paper's study and each search's confirmation gets a section
+(`analysis.studies`): the paper's figure (one panel per level, mean over seeds with the seeds' range), the table at
+the paper's radii and the profile's (mean and spread over seeds, 95% interval with the test image as the unit), the
+tests of the preset's declared claim or, for the confirmation, paired image-level tests (against the baseline; the
+search's best configuration against the defaults), Holm-adjusted per family, and the epochs and data budget of every
+arm. Then: certified accuracy per run with 95% Clopper-Pearson intervals, the search's trials (their figures,
+Optuna's hyperparameter importance and an OLS regression of the objective), and where the time went
+(`analysis.timing`). Writes into OUT (default ``reports/<experiment>``): ``report.html`` (self-contained, figures
+inlined), ``report.md`` with the PNG figures next to it, and CSV tables (``certified.csv``: one row per run x label
+x radius). Prints the headline table (a study's table when there is one) and logs the report files under ``report/``
+of the study's parent run. Bad input (missing store, a file that is no MLflow store, unknown or empty experiment, no
+certification, an ``--out`` that is a file) ends with ``error: ...`` and exit code 2 (an ``--out`` that is a file
+before any run is read).
 
 A local file is only written to when it is an MLflow store of this platform (runs tagged ``decrop.role``): any
 other file is refused unchanged, another MLflow store is read from a copy. A study still running is read, never
@@ -55,8 +54,7 @@ from analysis.figures import FigureOut, figures  # noqa: E402
 from analysis.results import write_results  # noqa: E402
 from analysis.render import Report, markdown_table, render_html, render_markdown, sections  # noqa: E402
 from analysis.runs import (  # noqa: E402
-    PARENT_ROLES,
-    STUDY_KINDS,
+    SEARCH_TRIAL,
     ReportError,
     certification_frame,
     check_logged,
@@ -72,9 +70,10 @@ from analysis.runs import (  # noqa: E402
 from analysis.stats import Statistics, statistics  # noqa: E402
 from analysis.store import open_store, store_uri  # noqa: E402
 from analysis.studies import StudySection, study_section  # noqa: E402
-from analysis.tables import tables, test_table  # noqa: E402
+from analysis.tables import tables  # noqa: E402
 from analysis.timing import time_table  # noqa: E402
-from tuning.tracking import redact_uri  # noqa: E402
+from tuning.schema import PARENT_ROLES  # noqa: E402
+from tuning.schema import redact_uri  # noqa: E402
 
 # While main() runs: a server that is down fails in seconds, not after MLflow's default ~2 minutes of retries,
 # and downloads print no progress bar per table. Values the caller set win.
@@ -139,19 +138,18 @@ class Analysis:
     report: Report
     tables: dict[str, pd.DataFrame]  # by file stem, headline first (a study's table when there is one)
     cert: pd.DataFrame  # the tidy frame (certified.csv)
-    parent_run_ids: list[str]  # the sweep / preset / study parent runs, where the report is logged
+    parent_run_ids: list[str]  # the sweep and preset parent runs, where the report is logged
     csvs: dict[str, pd.DataFrame]  # the studies' numeric frames and the time table, by file stem
     studies: list[StudySection]
     provenance: str
 
 
-def _generic_figures(figs: list[FigureOut], generic: pd.DataFrame, trials: pd.DataFrame,
-                     studies: list[StudySection]) -> list[FigureOut]:
-    """The generic figures, without the placeholders whose subject the study sections cover: the test curves
-    and factor panels when only studies certified test images, the search's figures when there is no search."""
+def _search_figures(figs: list[FigureOut], trials: pd.DataFrame, studies: list[StudySection]) -> list[FigureOut]:
+    """The search's figures, without the placeholders of a report whose study sections carry it: the factor
+    panels' and, when there is no search, the search's."""
     if not studies:
         return figs
-    covered = {"certified_accuracy", "factors"} if not (generic["split"] == "test").any() else set()
+    covered = {"factors"}
     if trials.empty:
         covered |= {"search_history", "hyperparameter_effects", "validation_agreement"}
     return [f for f in figs if f.path is not None or f.name not in covered]
@@ -180,18 +178,17 @@ def build_report(client: MlflowClient, uri: str, experiments: list, out: Path, p
     notes = running + notes
     histories = load_histories(client, runs, "val/agreement", progress)
     trials = trials_frame(runs, histories)
-    # Trials of a preset or a confirmation are reported by their study's section; the generic tables, figures
-    # and tests keep what they showed before (method studies, older sweeps) and the per-run intervals.
-    generic = cert[~cert["kind"].isin(STUDY_KINDS)]
-    found = tables(generic, trials)
-    if len(generic) < len(cert):  # every run's own intervals, the studies' runs too
-        found = {**{k: v for k, v in found.items() if k != "test_accuracy"}, "test_accuracy": test_table(cert)}
-    stats: Statistics = statistics(generic, rows, trials)
+    # Trials of a preset or a confirmation are reported by their study's section; the search's trials (their
+    # validation certifications) by the tables, figures and statistics of the search, next to every run's own
+    # test intervals.
+    search = cert[cert["kind"] == SEARCH_TRIAL]
+    found = tables(cert, trials)
+    stats: Statistics = statistics(trials)
     progress(f"report: writing figures into {out}")
     out.mkdir(parents=True, exist_ok=True)
     studies = [study_section(study, out, load_curves(client, study) if study.preset == "budget" else None)
                for study in find_studies(runs, rows)]
-    figs = _generic_figures(figures(generic, rows, trials, histories, out), generic, trials, studies)
+    figs = _search_figures(figures(search, rows, trials, histories, out), trials, studies)
     times, time_notes = time_table(runs)
     title = f"DE-CROP study report: {', '.join(names)}"
     report = Report(title, portable(uri), _summary(names, runs, cert, missing, studies), found, figs, stats, notes, studies,
@@ -210,9 +207,8 @@ def write_report(analysis: Analysis, out: Path) -> list[Path]:
     report, found, cert = analysis.report, analysis.tables, analysis.cert
     files = [figure.path for _, items in sections(report) for kind, figure in items
              if kind == "figure" and figure.path is not None]
-    csvs = {"certified": cert, **found, "paired_tests": report.statistics.paired,
-            "regression": report.statistics.regression, "importance": report.statistics.importance,
-            **analysis.csvs}
+    csvs = {"certified": cert, **found, "regression": report.statistics.regression,
+            "importance": report.statistics.importance, **analysis.csvs}
     for name, frame in csvs.items():
         if not frame.empty:
             frame.to_csv(out / f"{name}.csv", index=False)
@@ -239,8 +235,16 @@ def log_to_parents(client: MlflowClient, parent_run_ids: list[str], files: list[
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    return run(args.mlflow_uri, args.experiment, args.out, args.results)
+
+
+def run(mlflow_uri: str | None, experiments: list[str] | None = None, out: Path | None = None,
+        results: Path | None = None) -> int:
+    """Report `experiments` of the store at `mlflow_uri` into `out` (defaults as ``--help`` says) and, with
+    `results`, write the verdicts page there; log the report to the studies' parent runs unless one is still
+    running. 0, or 2 after printing a bad input as one ``error:`` line. The sweep calls it when a study ends."""
     with mock.patch.dict(os.environ, {k: v for k, v in MLFLOW_ENV.items() if k not in os.environ}):
-        return _run(args)
+        return _run(mlflow_uri, experiments, out, results)
 
 
 def check_out(out: Path, given: bool) -> None:
@@ -256,14 +260,14 @@ def check_out(out: Path, given: bool) -> None:
                               f"--out (a missing one is created); nothing was read or written")
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(mlflow_uri: str | None, names: list[str] | None, given_out: Path | None, results: Path | None) -> int:
     try:
-        if args.out is not None:
-            check_out(args.out, given=True)
-        store = open_store(store_uri(args.mlflow_uri, experiments=args.experiment))
-        experiments = pick_experiments(store.client, args.experiment, store.shown)
-        out = args.out or Path("reports") / "+".join(e.name.replace("/", "_") for e in experiments)
-        if args.out is None:
+        if given_out is not None:
+            check_out(given_out, given=True)
+        store = open_store(store_uri(mlflow_uri, experiments=names))
+        experiments = pick_experiments(store.client, names, store.shown)
+        out = given_out or Path("reports") / "+".join(e.name.replace("/", "_") for e in experiments)
+        if given_out is None:
             check_out(out, given=False)
         # A study still running is read, never written: asked now (the runs read below are those of this moment)
         # and again just before logging (a study resumed meanwhile).
@@ -271,12 +275,12 @@ def _run(args: argparse.Namespace) -> int:
         running = running_parents(store.client, ids) if store.writable else []
         analysis = build_report(store.client, store.shown, experiments, out)
         files = write_report(analysis, out)
-        if args.results is not None:
-            shown = args.results.resolve()  # the page names no path of this machine: relative, or its name
+        if results is not None:
+            shown = results.resolve()  # the page names no path of this machine: relative, or its name
             shown = shown.relative_to(Path.cwd()) if shown.is_relative_to(Path.cwd()) else Path(shown.name)
             command = ("python analysis/report.py --mlflow-uri STORE --experiment "
                        + " ".join(e.name for e in experiments) + f" --results {shown}")
-            written = write_results(args.results, analysis.studies, analysis.provenance, command)
+            written = write_results(results, analysis.studies, analysis.provenance, command)
             print(f"report: verdicts written to {written}")
         if not store.writable:
             print(f"report: not logged to the store ({store.note})")
@@ -288,7 +292,7 @@ def _run(args: argparse.Namespace) -> int:
         elif analysis.parent_run_ids:
             log_to_parents(store.client, analysis.parent_run_ids, files)
         else:
-            print("report: no parent run (sweep or study) to log the report to")
+            print("report: no parent run (sweep or preset) to log the report to")
     except ReportError as err:
         print(f"error: {redact_uri(str(err))}", file=sys.stderr)
         return 2

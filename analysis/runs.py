@@ -1,9 +1,8 @@
 """MLflow store -> runs frame -> certification rows -> the tidy certified-accuracy frame.
 
-What is read (the schema of ``tuning/tracking.py``): runs tagged ``decrop.role`` = ``sweep`` (the search's
-parent; its params are ``base.<key>``), ``preset`` (the parent of one of the paper's studies, `tuning.presets`),
-``trial`` (one Tune trial, child of either), ``study`` (a method study's parent) and ``method_run`` (one setting
-x seed of a method study, tag ``decrop.setting``); children carry the flat config as string params. Trials say
+What is read (the schema of ``tuning/schema.py``): runs tagged ``decrop.role`` = ``sweep`` (the search's
+parent; its params are ``base.<key>``), ``preset`` (the parent of one of the paper's studies, `tuning.presets`)
+and ``trial`` (one Tune trial, child of either); trials carry the flat config as string params. Trials say
 what they are with the tags ``decrop.preset``, ``decrop.factor``, ``decrop.level`` (absent on the baseline and
 reference a preset shares across its levels), ``decrop.method``, ``decrop.seed`` and ``decrop.variant`` (the
 confirmation's ``best``/``default``), from which `load_runs` derives each run's ``kind``. Certification of
@@ -15,7 +14,6 @@ cross-check.
 from __future__ import annotations
 
 import ast
-import re
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -30,28 +28,19 @@ from statsmodels.stats.proportion import proportion_confint
 
 from decrop.rows import CertRow, average_certified_radius, certified_counts, read_rows
 from tuning.presets import PRESETS, SEARCH
-from tuning.tracking import (COMMIT_TAG, FACTOR_TAG, LEVEL_TAG, METHOD_TAG, PARENT_TAG, PRESET_TAG, ROLE_TAG,
-                             STUDY_TAG, TRIAL_TAG, VARIANT_TAG, certification_prefix, redact_uri)
+from tuning.schema import (BASE_PREFIX, BEST_TRIAL_TAG, CERT_METRIC, COMMIT_TAG, FACTOR_TAG, LEVEL_TAG, METHOD_TAG,
+                           OBJECTIVE_METRIC, PARENT_ROLES, PARENT_TAG, PRESET_ROLE, PRESET_TAG, REUSED_TAG, ROLE_TAG,
+                           SEARCHED, SPACE, STUDY_TAG, TRIAL_ROLE, TRIAL_TAG, VARIANT_TAG, metric_key, redact_uri)
 
-SETTING_TAG, BEST_TAG = "decrop.setting", "decrop.best_trial_id"
-PARENT_ROLES = ("sweep", "study", "preset")
 # What a run is (the ``kind`` column): the parents, a search trial (validation objective), a trial of the
-# search's confirmation (fresh seeds, test images), a trial of a paper's study, a method study's run.
+# search's confirmation (fresh seeds, test images), a trial of a paper's study.
 SEARCH_TRIAL, CONFIRM_TRIAL, PRESET_TRIAL = "search_trial", "confirm_trial", "preset_trial"
 STUDY_KINDS = (CONFIRM_TRIAL, PRESET_TRIAL)  # trials that the study sections (analysis/studies.py) report
-# The searched hyperparameters (tuning/space.py) and their scale: "log" ones are analysed as log10.
-SEARCHED = {"decrop.mixing": "linear", "decrop.w_cs": "log", "decrop.w_mmd": "log", "decrop.n_interp": "category",
-            "decrop.attack": "category", "stage2": "category", "decrop.beta_scale": "log",
-            "decrop.beta_gamma": "log"}
+# The searched hyperparameters and their scale (tuning.schema.SEARCHED): "log" ones are analysed as log10.
 SETTING_FACTORS = ("sigma", "data.percent", "seed", "denoiser.arch")
 FACTORS = (*SETTING_FACTORS, *SEARCHED)
-_CASTS = {"sigma": float, "data.percent": float, "seed": int, "denoiser.arch": str, "decrop.mixing": float,
-          "decrop.w_cs": float, "decrop.w_mmd": float, "decrop.n_interp": int, "decrop.attack": str,
-          "decrop.beta_scale": float, "decrop.beta_gamma": float, "decrop.stage2_epochs": int}
-# Params renamed since earlier studies were recorded: their runs stay readable ("decrop.alpha" became
-# "decrop.mixing" so that "alpha" names only the certificate's failure probability).
-_FORMER_NAMES = {"decrop.mixing": "decrop.alpha"}
-_CERT_METRIC = re.compile(r"^certify(?:_(?P<label>[\w\-]+))?/(?:acc_r(?P<radius>\d+(?:\.\d+)?)|acr)$")
+_SETTING_CASTS = {"sigma": float, "data.percent": float, "seed": int, "denoiser.arch": str,
+                  "decrop.stage2_epochs": int}  # the searched ones cast as tuning.schema.SPACE says
 Progress = Callable[[str], None]
 
 
@@ -112,9 +101,9 @@ def _cast(text: str | None, kind: type) -> object:
 
 
 def _factors(params: dict[str, str], prefix: str) -> dict[str, object]:
-    """Typed factor columns from a run's string params (a sweep parent's are ``base.<key>``)."""
-    values = {key: _cast(params.get(prefix + key, params.get(prefix + _FORMER_NAMES.get(key, key))), kind)
-              for key, kind in _CASTS.items()}
+    """Typed factor columns from a run's string params (a parent's are ``base.<key>``)."""
+    values = {key: _cast(params.get(prefix + key), kind) for key, kind in _SETTING_CASTS.items()}
+    values.update({p.name: p.cast(params.get(prefix + p.name)) for p in SPACE if p.name != "stage2"})
     epochs = values.pop("decrop.stage2_epochs")
     values["stage2"] = None if epochs is None else epochs > 0
     if values["stage2"] is False:  # the gradient-reversal schedule only exists when stage 2 runs
@@ -128,15 +117,15 @@ def _run_record(run: Run, experiment: str) -> dict[str, object]:
     parent = role in PARENT_ROLES  # a parent names its preset and factor in its params
     record = {"run_id": run.info.run_id, "run_name": run.info.run_name, "experiment": experiment, "role": role,
               "parent_run_id": tags.get(PARENT_TAG), "study": tags.get(STUDY_TAG), "trial_id": tags.get(TRIAL_TAG),
-              "setting": tags.get(SETTING_TAG), "best_trial_id": tags.get(BEST_TAG),
-              "tags.decrop.reused_from": tags.get("decrop.reused_from"), f"tags.{COMMIT_TAG}": tags.get(COMMIT_TAG),
+              "setting": None, "best_trial_id": tags.get(BEST_TRIAL_TAG),  # setting: load_runs derives it
+              f"tags.{REUSED_TAG}": tags.get(REUSED_TAG), f"tags.{COMMIT_TAG}": tags.get(COMMIT_TAG),
               "preset": tags.get(PRESET_TAG, params.get("preset") if parent else None),
               "factor": tags.get(FACTOR_TAG, params.get("factor") if parent else None),
               "level": tags.get(LEVEL_TAG), "trial_method": tags.get(METHOD_TAG), "variant": tags.get(VARIANT_TAG),
               "status": run.info.status,
               "start_time": pd.to_datetime(run.info.start_time, unit="ms"),
               "end_time": pd.to_datetime(run.info.end_time, unit="ms") if run.info.end_time else pd.NaT}
-    record.update(_factors(params, "base." if role in ("sweep", "preset") else ""))
+    record.update(_factors(params, BASE_PREFIX if parent else ""))
     record.update({f"params.{k}": v for k, v in params.items()})
     record.update({f"metrics.{k}": v for k, v in run.data.metrics.items()})
     return record
@@ -147,8 +136,8 @@ def load_runs(client: MlflowClient, experiment_ids: Sequence[str]) -> pd.DataFra
     role, parent_run_id, study, trial_id, setting, best_trial_id, preset, factor, level, trial_method, variant
     (the trial tags), status, start_time, end_time, the typed factor columns (`FACTORS`; NaN where a run lacks
     them), then ``params.<key>`` (strings) and ``metrics.<key>`` (latest values), and ``kind`` (`run_kinds`).
-    ``setting`` is the method-study tag, else the study (trials: their parent's; a preset's trials add their
-    level, the confirmation's ``confirmation``)."""
+    ``setting`` is the study (trials: their parent's; a preset's trials add their level, the confirmation's
+    ``confirmation``)."""
     names = {i: client.get_experiment(i).name for i in experiment_ids}
     runs, token = [], None
     while True:  # search_runs pages at 1000 runs
@@ -162,9 +151,8 @@ def load_runs(client: MlflowClient, experiment_ids: Sequence[str]) -> pd.DataFra
     if frame.empty:
         return frame
     frame.index = pd.Index(frame["run_id"], name=None)
-    own = frame["setting"].fillna(frame["study"]).fillna(frame["run_name"])
-    parent = frame["parent_run_id"].map(own)  # trials share their sweep's setting
-    frame["setting"] = frame["setting"].fillna(parent).fillna(own)
+    own = frame["study"].fillna(frame["run_name"])
+    frame["setting"] = frame["parent_run_id"].map(own).fillna(own)  # trials share their parent's
     frame["study"] = frame["study"].fillna(frame["parent_run_id"].map(frame["study"]))
     frame["kind"] = run_kinds(frame)
     for run_id in frame.index[frame["kind"].isin(STUDY_KINDS)]:
@@ -176,15 +164,15 @@ def load_runs(client: MlflowClient, experiment_ids: Sequence[str]) -> pd.DataFra
 
 
 def run_kinds(runs: pd.DataFrame) -> pd.Series:
-    """What each run is: its role for parents and method-study runs; a trial is a `PRESET_TRIAL` (under a preset
-    parent, or tagged with a preset other than the search), a `CONFIRM_TRIAL` (the search's confirmation: a
-    ``decrop.variant``, or the baseline or the reference) or a `SEARCH_TRIAL` (older sweeps: every trial)."""
+    """What each run is: its role for the parents; a trial is a `PRESET_TRIAL` (under a preset parent, or tagged
+    with a preset other than the search), a `CONFIRM_TRIAL` (the search's confirmation: a ``decrop.variant``, or
+    the baseline or the reference) or a `SEARCH_TRIAL` (every other trial: the search's own)."""
     parent_role = runs["parent_run_id"].map(runs["role"])
     preset = runs["preset"].notna() & (runs["preset"] != SEARCH)
     confirm = runs["variant"].notna() | runs["trial_method"].isin(["baseline", "none"])
-    trial = np.where(preset | (parent_role == "preset"), PRESET_TRIAL, np.where(confirm, CONFIRM_TRIAL,
+    trial = np.where(preset | (parent_role == PRESET_ROLE), PRESET_TRIAL, np.where(confirm, CONFIRM_TRIAL,
                                                                                   SEARCH_TRIAL))
-    return pd.Series(np.where(runs["role"] == "trial", trial, runs["role"]), index=runs.index)
+    return pd.Series(np.where(runs["role"] == TRIAL_ROLE, trial, runs["role"]), index=runs.index)
 
 
 def level_name(preset: object, factor: object, level: object) -> str:
@@ -220,7 +208,7 @@ def _metric_labels(run: pd.Series) -> dict[str, set[float]]:
     """Labels with certification metrics, each with the radii in its metric names."""
     labels: dict[str, set[float]] = {}
     for column, value in run.items():
-        match = _CERT_METRIC.match(column.removeprefix("metrics.")) if column.startswith("metrics.") else None
+        match = CERT_METRIC.match(column.removeprefix("metrics.")) if column.startswith("metrics.") else None
         if match and pd.notna(value):
             radii = labels.setdefault(match["label"] or "validation", set())
             if match["radius"] is not None:
@@ -264,16 +252,11 @@ def download_rows(client: MlflowClient, runs: pd.DataFrame,
 
 
 def _param_radii(run: pd.Series) -> list[float]:
-    text = run.get("params.base.certify.radii") if run["role"] == "sweep" else run.get("params.certify.radii")
+    text = run.get("params.certify.radii")
     try:
         return [float(r) for r in ast.literal_eval(text)] if isinstance(text, str) else []
     except (ValueError, SyntaxError, TypeError):
         return []
-
-
-def metric_key(label: str, radius: float) -> str:
-    """The metric `StudyTracker.log_certification` logs for certified accuracy of `label` at `radius`."""
-    return f"{certification_prefix(label)}/acc_r{radius:.2f}"
 
 
 def _method(run: pd.Series, label: str) -> str:
@@ -284,17 +267,6 @@ def _method(run: pd.Series, label: str) -> str:
     except (ValueError, SyntaxError):
         methods = []
     return methods[0] if methods else "decrop"
-
-
-def _best_trial(runs: pd.DataFrame, parent: pd.Series) -> pd.Series | None:
-    """The sweep's best trial: the one its ``decrop.best_trial_id`` tag names, else the highest objective."""
-    trials = runs[(runs["parent_run_id"] == parent["run_id"]) & (runs["role"] == "trial")]
-    if pd.notna(parent.get("best_trial_id")):
-        named = trials[trials["trial_id"] == parent["best_trial_id"]]
-        if len(named):
-            return named.iloc[0]
-    scored = objective_column(trials).dropna()
-    return trials.loc[scored.idxmax()] if len(scored) else None
 
 
 def certification_frame(runs: pd.DataFrame, rows: dict[tuple[str, str], Sequence[CertRow]]) -> pd.DataFrame:
@@ -308,10 +280,6 @@ def certification_frame(runs: pd.DataFrame, rows: dict[tuple[str, str], Sequence
     for (run_id, label), label_rows in rows.items():
         run = runs.loc[run_id]
         identity = {k: run.get(k) for k in keep}
-        if run["role"] == "sweep" and label == "test_decrop_best":
-            best = _best_trial(runs, run)
-            if best is not None:  # the hyperparameters are the best trial's, not the profile's
-                identity.update({k: best.get(k) for k in SEARCHED})
         split = "validation" if label == "validation" else "test" if label.startswith("test_") else "other"
         acr, n = average_certified_radius(label_rows), len(label_rows)
         radii = sorted({0.0, *_param_radii(run), *_metric_labels(run).get(label, ())})
@@ -352,9 +320,8 @@ def _why(run: pd.Series) -> str:
 
 def missing_results(runs: pd.DataFrame, rows: dict[tuple[str, str], object]) -> list[str]:
     """One phrase per role of the runs that have no certification table, with why (from status and metrics),
-    e.g. "all 3 trials (2 stopped early by ASHA, 1 failed)". A parent run certifies nothing itself (its runs
-    do; only older sweeps certified the test images on the parent): it is named only when nothing at all was
-    certified."""
+    e.g. "all 3 trials (2 stopped early by ASHA, 1 failed)". A parent run certifies nothing itself (its trials
+    do): it is named only when nothing at all was certified."""
     certified = {run_id for run_id, _ in rows}
     without = runs[~runs.index.isin(certified)]
     if certified:
@@ -364,15 +331,15 @@ def missing_results(runs: pd.DataFrame, rows: dict[tuple[str, str], object]) -> 
         total = int((runs["role"] == role).sum())
         reasons = Counter(_why(run) for _, run in group.iterrows())
         why = ", ".join(f"{n} {reason}" if len(group) > 1 else reason for reason, n in reasons.most_common())
-        noun = role.replace("_", " ") + ("s" if total > 1 else "")
+        noun = role + ("s" if total > 1 else "")
         share = (f"all {total}" if total > 1 else "the") if len(group) == total else f"{len(group)} of {total}"
         phrases.append(f"{share} {noun} ({why})")
     return phrases
 
 
 def running_studies(runs: pd.DataFrame) -> list[str]:
-    """A warning per parent run (a sweep, a preset or a method study) in status RUNNING: its study is still going on, or
-    was interrupted without ending its run, so a report of it shows only what has been logged so far."""
+    """A warning per parent run (a sweep or a preset) in status RUNNING: its study is still going on, or was
+    interrupted without ending its run, so a report of it shows only what has been logged so far."""
     parents = runs[runs["role"].isin(PARENT_ROLES) & (runs["status"] == "RUNNING")]
     return [f"study {run['study'] or run['run_name']!r} is still running (its {run['role']} run is RUNNING, or "
             f"the study was interrupted): this report is partial, it shows what was logged until now"
@@ -380,9 +347,9 @@ def running_studies(runs: pd.DataFrame) -> list[str]:
 
 
 def running_parents(client: MlflowClient, experiment_ids: Sequence[str]) -> list[str]:
-    """The studies of the experiments whose parent run (a sweep, a preset or a method study) is RUNNING now, by
-    name: asked of the store itself, so the report can check it both before reading the runs and just before it
-    would log into them. A study still running is read, never written (its report stays in the out folder)."""
+    """The studies of the experiments whose parent run (a sweep or a preset) is RUNNING now, by name: asked of the
+    store itself, so the report can check it both before reading the runs and just before it would log into
+    them. A study still running is read, never written (its report stays in the out folder)."""
     names, token = [], None
     while True:
         page = client.search_runs(list(experiment_ids), filter_string="attributes.status = 'RUNNING'",
@@ -395,10 +362,9 @@ def running_parents(client: MlflowClient, experiment_ids: Sequence[str]) -> list
 
 
 def objective_column(trials: pd.DataFrame) -> pd.Series:
-    """The search trials' objective: ``certify/objective`` (certified agreement averaged over the radii), or in
-    stores written before it existed the validation ACR (``certify/acr``)."""
-    objective = trials.get("metrics.certify/objective", pd.Series(np.nan, index=trials.index))
-    return objective.fillna(trials.get("metrics.certify/acr", pd.Series(np.nan, index=trials.index)))
+    """The search trials' objective: ``certify/objective`` (certified agreement averaged over the radii); NaN for
+    trials that never logged it."""
+    return trials.get(f"metrics.{OBJECTIVE_METRIC}", pd.Series(np.nan, index=trials.index))
 
 
 def trials_frame(runs: pd.DataFrame, histories: pd.DataFrame) -> pd.DataFrame:

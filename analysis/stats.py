@@ -1,17 +1,16 @@
 """Paired tests on the test images: DE-CROP against the baseline, one configuration against another, and the
 interval of one arm's certified accuracy with the image as its unit.
 
-Paired tests: both methods certify the SAME test images (matched on ``idx``), and every seed of a setting
-certifies those same images again, so the unit of every test is the image. Per seed (one run): the exact
-McNemar test, a sign test on the images that one method certifies at r and the other does not. Over the S
-seeds of a setting: the image-level test, the exact sign-flip permutation test of the per-image differences
-d_i = (1/S) sum_s (c^M_is - c^B_is) (c = certified at r); summing discordant pairs over seeds instead would
-count one hard image S times as if it were S independent images, and gives p-values far too small. Each family
-of tests shown together (the image-level tests; the per-seed tests) is Holm-adjusted. `paired_outcomes` runs
-the image-level test of two arms given as seed -> rows (a preset's levels, the confirmation's configurations),
-`paired_radii` adds the Holm adjustment over the radii and the sweep's wording. `accuracy_interval`: the 95%
-interval of an arm's seed-averaged accuracy, resampling images. The regression of the search's objective and
-the hyperparameter importance live in `analysis.objective`.
+Paired tests: both methods certify the SAME test images (matched on ``idx``), and every seed certifies those same
+images again, so the unit of every test is the image. Over the S seeds of two arms: the image-level test, the
+exact sign-flip permutation test of the per-image differences d_i = (1/S) sum_s (c^M_is - c^B_is) (c = certified
+at r; with one seed it is the exact McNemar test); summing discordant pairs over seeds instead would count one
+hard image S times as if it were S independent images, and gives p-values far too small. Each family of tests
+shown together is Holm-adjusted. `paired_outcomes` runs the image-level test of two arms given as seed -> rows (a
+preset's levels, the confirmation's configurations), `paired_radii` adds the Holm adjustment over the radii and
+the sweep's wording. `accuracy_interval`: the 95% interval of an arm's seed-averaged accuracy, resampling images.
+The regression of the search's objective and the hyperparameter importance live in `analysis.objective`
+(`statistics` gathers them for the report).
 """
 
 from __future__ import annotations
@@ -23,27 +22,21 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 from scipy.stats import binom, bootstrap
-from statsmodels.stats.contingency_tables import mcnemar
 from statsmodels.stats.multitest import multipletests
 from statsmodels.stats.proportion import proportion_confint
 
 from decrop.rows import CertRow
 
 from .objective import importance, regression
-from .tables import method_name, method_rank
-
-IMAGE_LEVEL, PER_SEED = "image-level", "per seed"  # the two families of paired tests (the ``scope`` column)
 
 
 @dataclass
 class Statistics:
-    """Paired tests (image-level over seeds, and per seed), the regression table and Optuna's importance of the
-    search's parameters, each row with a plain-words ``sentence``; the notes say what could not be computed and
-    why (for the regression its fit, for the importance how many trials it rests on)."""
+    """The search's objective: the regression table and Optuna's importance of the searched parameters, each row
+    with a plain-words ``sentence``; the notes say what could not be computed and why (for the regression its
+    fit, for the importance how many trials it rests on)."""
 
-    paired: pd.DataFrame
     regression: pd.DataFrame
-    paired_notes: list[str] = field(default_factory=list)
     regression_notes: list[str] = field(default_factory=list)
     importance: pd.DataFrame = field(default_factory=pd.DataFrame)
     importance_notes: list[str] = field(default_factory=list)
@@ -120,27 +113,6 @@ def holm(p_values: Sequence[float] | np.ndarray) -> np.ndarray:
     with alpha keeps the chance of any false rejection in the family <= alpha under any dependence."""
     p = np.asarray(p_values, dtype=float)
     return multipletests(p, method="holm")[1] if p.size else p
-
-
-def mcnemar_counts(method_rows: Sequence[CertRow], baseline_rows: Sequence[CertRow],
-                   radius: float) -> dict[str, int]:
-    """Counts of the paired certified-at-r outcomes on the images both tables hold: n_pairs, both,
-    only_method, only_baseline, neither."""
-    a = {r.idx: r.correct == 1 and r.radius >= radius for r in method_rows}
-    b = {r.idx: r.correct == 1 and r.radius >= radius for r in baseline_rows}
-    common = a.keys() & b.keys()
-    pairs = [(a[i], b[i]) for i in common]
-    return {"n_pairs": len(common), "both": sum(x and y for x, y in pairs),
-            "only_method": sum(x and not y for x, y in pairs), "only_baseline": sum(y and not x for x, y in pairs),
-            "neither": sum(not (x or y) for x, y in pairs)}
-
-
-def mcnemar_p(counts: dict[str, int]) -> float:
-    """Exact McNemar p-value (two-sided binomial test on the discordant pairs); 1 without discordant pairs."""
-    if counts["only_method"] + counts["only_baseline"] == 0:
-        return 1.0
-    table = [[counts["both"], counts["only_method"]], [counts["only_baseline"], counts["neither"]]]
-    return float(mcnemar(table, exact=True).pvalue)
 
 
 def shared_images(tables: Sequence[Sequence[CertRow]]) -> list[int]:
@@ -235,7 +207,7 @@ def accuracy_interval(outcomes: np.ndarray, *, n_resamples: int = 10_000, seed: 
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The report's paired tests
+# The report's wording, and the search's statistics
 
 
 def holm_verdict(p_holm: float, n_tests: int, tie: str | None) -> str:
@@ -249,114 +221,8 @@ def holm_verdict(p_holm: float, n_tests: int, tie: str | None) -> str:
     return f"{adjusted}: compatible with equal performance"
 
 
-def _sentence(row: dict) -> str:
-    name, r = method_name(row["method"]), f"r={row['radius']:.2f}"
-    if row["scope"] == PER_SEED:
-        head = (f"{name} certifies {row['only_method']} images at {r} that the baseline misses, the baseline "
-                f"{row['only_baseline']} that {name} misses (of {row['n_pairs']} paired images)")
-        tie = "the two certify exactly the same images"
-    else:
-        more = "more" if row["difference_pp"] >= 0 else "fewer"
-        head = (f"Over {row['n_seeds']} seeds of the same {row['n_pairs']} images, {name} certifies "
-                f"{abs(row['difference_pp']):.1f} points {more} at {r} than the baseline (95% CI "
-                f"{row['ci_low_pp']:+.1f} to {row['ci_high_pp']:+.1f}); {row['only_method']} images favour {name}, "
-                f"{row['only_baseline']} the baseline")
-        tie = "no image favours either method"
-    tie = tie if row["only_method"] + row["only_baseline"] == 0 else None
-    return f"{head}; p={format_p(row['p_value'])}, {holm_verdict(row['p_holm'], row['n_tests'], tie)}."
-
-
-def _per_seed(cert: pd.DataFrame, rows: dict[tuple[str, str], Sequence[CertRow]]
-              ) -> tuple[list[dict], list[str], dict[tuple[str, str], list]]:
-    """Per-seed McNemar records, notes, and per (setting, method) the runs to test at image level: a list of
-    (run name, seed, method table, baseline table, radii)."""
-    test = cert[cert["split"] == "test"] if len(cert) else cert
-    records, notes, groups = [], [], {}
-    for run_id, group in (test.groupby("run_id", sort=False) if len(test) else []):
-        if (run_id, "test_baseline") not in rows:
-            continue
-        base = rows[(run_id, "test_baseline")]
-        for label, at_label in group[group["method"].str.startswith("decrop")].groupby("label", sort=False):
-            first, own = at_label.iloc[0], rows[(run_id, label)]
-            n_common = len(shared_images([own, base]))
-            if n_common < max(len(own), len(base)):
-                notes.append(f"run {first['run_name']}: {label} and test_baseline share {n_common} of their images; "
-                             f"only those are paired")
-            radii = sorted(at_label["radius"].unique())
-            for radius in radii:
-                counts = mcnemar_counts(own, base, radius)
-                records.append({"scope": PER_SEED, "setting": first["setting"], "seed": first["seed"],
-                                "run": first["run_name"], "method": first["method"], "radius": radius,
-                                "n_seeds": 1, **counts, "p_value": mcnemar_p(counts),
-                                "difference_pp": 100 * (counts["only_method"] - counts["only_baseline"])
-                                / max(counts["n_pairs"], 1)})
-            groups.setdefault((first["setting"], first["method"]), []).append(
-                (first["run_name"], first["seed"], own, base, radii))
-    return records, notes, groups
-
-
-def _image_level(setting: str, method: str, runs: list, notes: list[str]) -> list[dict]:
-    """Image-level records of one setting and method over its runs (seeds), one per radius all runs report."""
-    tables = [t for _, _, own, base, _ in runs for t in (own, base)]
-    images = shared_images(tables)
-    left_out = len(set().union(*({r.idx for r in t} for t in tables))) - len(images)
-    if left_out:
-        notes.append(f"{setting}, {method_name(method)}: {left_out} images are not certified by both methods in "
-                     f"all {len(runs)} seeds; the image-level test uses the {len(images)} present everywhere")
-    if not images:
-        return []
-    seeds = ", ".join(str(s) for _, s, *_ in runs)
-    records = []
-    for radius in sorted(set.intersection(*(set(radii) for *_, radii in runs))):
-        m = certified_matrix([own for _, _, own, _, _ in runs], images, radius)
-        b = certified_matrix([base for _, _, _, base, _ in runs], images, radius)
-        p, diff, (lo, hi) = image_level_test(m, b)
-        d = m.sum(axis=1).astype(int) - b.sum(axis=1).astype(int)
-        records.append({"scope": IMAGE_LEVEL, "setting": setting, "seed": pd.NA, "run": f"seeds {seeds}",
-                        "method": method, "radius": radius, "n_seeds": len(runs), "n_pairs": len(images),
-                        "only_method": int((d > 0).sum()), "only_baseline": int((d < 0).sum()), "p_value": p,
-                        "difference_pp": 100 * diff, "ci_low_pp": 100 * lo, "ci_high_pp": 100 * hi})
-    return records
-
-
-def paired_tests(cert: pd.DataFrame, rows: dict[tuple[str, str], Sequence[CertRow]]) -> tuple[pd.DataFrame,
-                                                                                                 list[str]]:
-    """Every DE-CROP test label against ``test_baseline`` of the same run at each reported radius: the exact
-    McNemar test per run (scope ``per seed``), and over the runs (seeds) of a setting the image-level
-    sign-flip test (scope ``image-level``, only with several seeds). Columns: scope, setting, seed, run, method,
-    radius, n_seeds, n_pairs (paired images), only_method / only_baseline (images the method certifies and
-    the baseline not, or the reverse; image-level: images with d_i > 0 / < 0), difference_pp (mean paired
-    difference in percentage points) with ci_low_pp / ci_high_pp (image-level), p_value, p_holm (Holm within
-    the scope's family), n_tests (its size) and sentence."""
-    records, notes, groups = _per_seed(cert, rows)
-    for (setting, method), runs in groups.items():
-        if len(runs) > 1:
-            records += _image_level(setting, method, runs, notes)
-    frame = pd.DataFrame(records)
-    if frame.empty:
-        return frame, notes
-    for _, family in frame.groupby("scope"):
-        frame.loc[family.index, "p_holm"] = holm(family["p_value"])
-        frame.loc[family.index, "n_tests"] = len(family)
-    counts = ["n_seeds", "n_pairs", "both", "only_method", "only_baseline", "neither", "n_tests"]
-    frame = frame.reindex(columns=[*frame.columns, *(c for c in counts if c not in frame)])
-    frame[counts] = frame[counts].astype("Int64")  # image-level rows have no both/neither: <NA>, not 3.0
-    frame["sentence"] = [_sentence(r) for r in frame.to_dict("records")]
-    frame["seed"] = frame["seed"].astype("Int64")
-    order = frame["scope"].map({IMAGE_LEVEL: 0, PER_SEED: 1})
-    frame = frame.assign(_s=order, _r=frame["method"].map(method_rank))
-    frame = frame.sort_values(["_s", "setting", "_r", "seed", "radius"]).drop(columns=["_s", "_r"])
-    columns = ["scope", "setting", "seed", "run", "method", "radius", "n_seeds", "n_pairs", "both", "only_method",
-               "only_baseline", "neither", "difference_pp", "ci_low_pp", "ci_high_pp", "p_value", "p_holm",
-               "n_tests", "sentence"]
-    return frame.reindex(columns=columns).reset_index(drop=True), notes
-
-
-def statistics(cert: pd.DataFrame, rows: dict[tuple[str, str], Sequence[CertRow]],
-               trials: pd.DataFrame) -> Statistics:
-    """Paired tests of each DE-CROP label against the baseline of the same run (`paired_tests`), the
-    objective's regression and Optuna's importance (`analysis.objective`)."""
-    tests, notes = paired_tests(cert, rows)
+def statistics(trials: pd.DataFrame) -> Statistics:
+    """The search trials' objective: its regression and Optuna's importance (`analysis.objective`)."""
     table, regression_notes = regression(trials)
     weights, importance_notes = importance(trials)
-    return Statistics(tests, table, notes, regression_notes, weights, importance_notes)
+    return Statistics(table, regression_notes, weights, importance_notes)

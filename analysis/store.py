@@ -18,12 +18,11 @@ from urllib.parse import unquote, urlparse
 
 from mlflow import MlflowClient
 
-from analysis.runs import PARENT_ROLES, ReportError, _first_line
-from tuning.tracking import ROLE_TAG, STUDY_TAG, redact_uri, resolve_tracking_uri
+from analysis.runs import ReportError, _first_line
+import tuning.schema as schema
+from tuning.schema import PARENT_ROLES, ROLE_TAG, STUDY_TAG, redact_uri, resolve_tracking_uri
 
 DEFAULT_STORAGE = Path("~/decrop-runs")  # the sweep's default --storage: stores are <storage>/<study>/mlflow.db
-SQLITE_HEADER = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite database file
-MLFLOW_TABLES = ("alembic_version", "experiments", "runs")  # what makes a SQLite file an MLflow store
 
 
 def _local_path(uri: str) -> Path | None:
@@ -36,11 +35,11 @@ def _local_path(uri: str) -> Path | None:
 
 
 def running_in_store(path: Path, experiments: Sequence[str] | None = None) -> list[str]:
-    """The studies of the local SQLite store at `path` whose parent run (a sweep, a preset or a method study) is
-    RUNNING, by name, among the experiments the report would read there: those named, else the most recently
-    created one other than Default (as `pick_experiments` chooses). Read with SQL over a read-only connection (no
-    MLflow client: opening a store may migrate, i.e. write, it). Empty for a file that is no MLflow store or
-    cannot be read: `open_store` judges those."""
+    """The studies of the local SQLite store at `path` whose parent run (a sweep or a preset) is RUNNING, by name,
+    among the experiments the report would read there: those named, else the most recently created one other
+    than Default (as `pick_experiments` chooses). Read with SQL over a read-only connection (no MLflow client:
+    opening a store may migrate, i.e. write, it). Empty for a file that is no MLflow store or cannot be read:
+    `open_store` judges those."""
     if experiments:
         which, values = f"e.name IN ({', '.join('?' * len(experiments))})", tuple(experiments)
     else:
@@ -124,37 +123,17 @@ class Store:
     snapshot: tempfile.TemporaryDirectory | None = None  # holds the read-only copy while the client reads it
 
 
-REPORT_FIX = ("the report reads only MLflow stores (the mlflow.db of a study: tuning/sweep.py, "
-              "scripts/method_study.py); pass one with --mlflow-uri. The file was not changed")
+REPORT_FIX = ("the report reads only MLflow stores (the mlflow.db of a study: tuning/sweep.py); pass one with "
+              "--mlflow-uri. The file was not changed")
 
 
 def check_mlflow_sqlite(path: Path, fix: str = REPORT_FIX) -> bool:
-    """Whether the SQLite file at `path` holds runs of this platform (a ``decrop.role`` tag), after checking,
-    read-only, that it is an MLflow store at all: the SQLite header, then MLflow's ``alembic_version``,
-    ``experiments`` and ``runs`` tables. ReportError (ending with `fix`) for anything else: MLflow would turn it
-    into a store (a 0-byte file becomes one; another application's database gains MLflow's tables)."""
-    if not path.is_file():
-        raise ReportError(f"{path} is not a file, so not an MLflow store; {fix}")
-    with open(path, "rb") as f:
-        header = f.read(len(SQLITE_HEADER))
-    if header != SQLITE_HEADER:
-        what = "an empty file (0 bytes)" if not header else "not a SQLite database"
-        raise ReportError(f"{path} is {what}, not an MLflow store; {fix}")
+    """`tuning.schema.check_mlflow_sqlite` (whether the file is an MLflow store of this platform, read-only), its
+    refusal as a ReportError ending with `fix`."""
     try:
-        con = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)  # mode=ro: SQLite never writes
-        try:
-            tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-            missing = [t for t in MLFLOW_TABLES if t not in tables]
-            if missing:
-                raise ReportError(f"{path} is a SQLite database but not an MLflow store (no "
-                                  f"{', '.join(missing)} table); {fix}")
-            ours = "tags" in tables and con.execute("SELECT 1 FROM tags WHERE key = ? LIMIT 1",
-                                                    (ROLE_TAG,)).fetchone() is not None
-        finally:
-            con.close()
-    except sqlite3.Error as err:
-        raise ReportError(f"cannot read {path} as a SQLite database ({err}); {fix}") from None
-    return ours
+        return schema.check_mlflow_sqlite(path, fix)
+    except schema.StoreError as err:
+        raise ReportError(str(err)) from None
 
 
 def _snapshot(path: Path) -> tuple[str, tempfile.TemporaryDirectory]:

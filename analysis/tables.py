@@ -1,7 +1,7 @@
 """The report's tables, from the tidy certified-accuracy frame (`analysis.runs.certification_frame`).
 
-Cells are percentages: ``acc [lo, hi]`` with the 95% Clopper-Pearson interval over the test images of one run,
-or ``mean ± std`` over seeds (sample standard deviation) when a setting was run with several seeds.
+Cells are percentages: ``acc [lo, hi]`` with the 95% Clopper-Pearson interval over the test images of one run.
+(A study's table, mean and spread over its seeds, is `analysis.studies.accuracy_display`.)
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .runs import SEARCHED
+from tuning.schema import SEARCHED
 
 METHOD_NAMES = {"none": "no denoiser", "baseline": "baseline (Salman et al.)",
                 "decrop_default": "DE-CROP (defaults)", "decrop": "DE-CROP", "decrop_best": "DE-CROP (best trial)",
@@ -34,11 +34,6 @@ def radius_column(radius: float) -> str:
 def interval_cell(acc: float, lo: float, hi: float) -> str:
     """``83.0 [74.2, 89.8]``: certified accuracy and its 95% interval, in %."""
     return f"{100 * acc:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
-
-
-def spread_cell(mean: float, std: float) -> str:
-    """``84.5 ± 1.2`` in %; the spread of a single seed is shown as ``± -``."""
-    return f"{100 * mean:.1f} ± {'-' if np.isnan(std) else f'{100 * std:.1f}'}"
 
 
 def _sorted(frame: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
@@ -71,25 +66,8 @@ def _radius_columns_in_order(frame: pd.DataFrame) -> pd.DataFrame:
     return frame[rest + radii + (["ACR"] if "ACR" in frame else [])]
 
 
-def seeds_table(cert: pd.DataFrame) -> pd.DataFrame:
-    """Mean ± std over seeds per (setting, method) at each radius and of the ACR; empty unless some setting has
-    several seeds."""
-    test = cert[cert["split"] == "test"]
-    if test.empty or test.groupby(["setting", "method", "radius"])["run_id"].nunique().max() < 2:
-        return pd.DataFrame()
-    records = []
-    for (setting, method), group in test.groupby(["setting", "method"], sort=False):
-        record = {"setting": setting, "method": method, "n_seeds": group["run_id"].nunique()}
-        for radius, at_r in group.groupby("radius"):
-            record[radius_column(radius)] = spread_cell(at_r["accuracy"].mean(), at_r["accuracy"].std())
-        acr = group.drop_duplicates("run_id")["acr"]
-        record["ACR"] = f"{acr.mean():.3f} ± {'-' if len(acr) < 2 else f'{acr.std():.3f}'}"
-        records.append(record)
-    return _radius_columns_in_order(_sorted(pd.DataFrame(records), ["setting"]))
-
-
 def trials_table(cert: pd.DataFrame, trials: pd.DataFrame) -> pd.DataFrame:
-    """One row per sweep trial, best objective first: trial, status, epochs, objective (validation),
+    """One row per search trial, best objective first: trial, status, epochs, objective (validation),
     validation certified accuracy (%) at each radius, the searched hyperparameters, and why trials without
     an objective have none."""
     if trials.empty:
@@ -116,8 +94,7 @@ def _short(value: object) -> object:
 
 
 def tables(cert: pd.DataFrame, trials: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """The report's tables by file stem, non-empty ones only, headline first: ``test_accuracy_seeds`` (several
-    seeds), ``test_accuracy`` (per run, with intervals), ``trials`` (sweep trials)."""
-    found = {"test_accuracy_seeds": seeds_table(cert), "test_accuracy": test_table(cert),
-             "trials": trials_table(cert, trials)}
+    """The report's tables besides the study sections' by file stem, non-empty ones only: ``trials`` (the search's
+    trials), ``test_accuracy`` (every run's test certifications, with intervals)."""
+    found = {"trials": trials_table(cert, trials), "test_accuracy": test_table(cert)}
     return {name: frame for name, frame in found.items() if not frame.empty}

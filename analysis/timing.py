@@ -9,7 +9,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .runs import CONFIRM_TRIAL, PARENT_ROLES, PRESET_TRIAL, SEARCH_TRIAL
+from tuning.schema import PARENT_ROLES
+
+from .runs import CONFIRM_TRIAL, SEARCH_TRIAL
 from .tables import method_name
 
 PHASES = ("prepare", "samples", "train", "certify_validation", "certify_test")  # in the order a trial runs them
@@ -27,12 +29,9 @@ def duration_text(seconds: float) -> str:
 
 
 def _part(run: pd.Series) -> str:
-    """The group a trial's time is counted in: search trials; the confirmation's configuration; the method (a
-    method study's runs: their role)."""
+    """The group a trial's time is counted in: search trials; the confirmation's configuration; the method."""
     if run["kind"] == SEARCH_TRIAL:
         return "search trials (DE-CROP)"
-    if run["kind"] not in (CONFIRM_TRIAL, PRESET_TRIAL):
-        return str(run["role"]).replace("_", " ") + "s"
     method = run["trial_method"] if isinstance(run["trial_method"], str) else "other"
     name = f"DE-CROP ({run['variant']})" if isinstance(run["variant"], str) else method_name(method)
     return f"confirmation: {name}" if run["kind"] == CONFIRM_TRIAL else name

@@ -1,15 +1,15 @@
-import os
 import random
 
 import numpy as np
 import pytest
 import torch
 
-# The test suite's own Ray clusters (tests that call ray.init in this process) listen on loopback with token
-# auth, like the sweep's private one (tuning.sweep.LOCAL_RAY_ENV); Ray reads both when it is imported, so they are
-# set here, before any test module imports it.
-for _key, _value in {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token"}.items():
-    os.environ.setdefault(_key, _value)
+from tuning.sweep import set_environment
+
+# The test suite's own Ray clusters (tests that call ray.init in this process, or drive tuning.studies without the
+# sweep's main) get the sweep's environment: loopback and token auth like its private Ray (LOCAL_RAY_ENV, read when
+# Ray is imported, so set here, before any test module imports it), and RAY_ENV.
+set_environment()
 
 
 @pytest.fixture(autouse=True)

@@ -1,9 +1,10 @@
 """The search space of a DE-CROP study, define-by-run for Optuna (no computation here, only suggestions).
 
-Searched: the mixing coefficient (the paper's alpha, `decrop.mixing`) of the interpolated samples, the loss weights w_cs and w_mmd (log
-scale), the interpolation count n_interp, the boundary attack, whether stage 2 (the domain discriminator)
-runs and, if it does, its gradient-reversal schedule (scale w_beta and steepness gamma). Parameter names are
-the config's dotted keys, so a trial's parameters are config overrides as they stand (plus ``stage2``).
+The space is declared once, in `tuning.schema.SPACE` (which the report reads too): the mixing coefficient (the
+paper's alpha, `decrop.mixing`) of the interpolated samples, the loss weights w_cs and w_mmd (log scale), the
+interpolation count n_interp, the boundary attack, whether stage 2 (the domain discriminator) runs and, if it
+does, its gradient-reversal schedule (scale w_beta and steepness gamma). Parameter names are the config's dotted
+keys, so a trial's parameters are config overrides as they stand (plus ``stage2``).
 """
 
 from __future__ import annotations
@@ -13,18 +14,20 @@ from typing import Any
 import optuna
 from ray.tune.search.optuna import OptunaSearch
 
+from .schema import SPACE
+
 STAGE2_FRACTION = 0.25  # stage 2's share of the epoch budget when the profile itself has no stage 2
 
 
 def define_space(trial: optuna.Trial) -> None:
-    trial.suggest_float("decrop.mixing", 0.2, 0.95)
-    trial.suggest_float("decrop.w_cs", 0.25, 16.0, log=True)
-    trial.suggest_float("decrop.w_mmd", 0.25, 16.0, log=True)
-    trial.suggest_categorical("decrop.n_interp", [1, 2, 5])
-    trial.suggest_categorical("decrop.attack", ["pgd", "autoattack", "deepfool", "none"])  # the paper's attacks
-    if trial.suggest_categorical("stage2", [True, False]):
-        trial.suggest_float("decrop.beta_scale", 0.25, 4.0, log=True)
-        trial.suggest_float("decrop.beta_gamma", 2.0, 20.0, log=True)
+    """Suggest every parameter of `SPACE` in its order; one whose ``only_if`` parameter came out False is not
+    suggested (stage 2's schedule without stage 2)."""
+    values: dict[str, Any] = {}
+    for p in SPACE:
+        if p.only_if is not None and not values[p.only_if]:
+            continue
+        values[p.name] = (trial.suggest_categorical(p.name, list(p.choices)) if p.choices is not None else
+                          trial.suggest_float(p.name, p.low, p.high, log=p.log))
 
 
 def total_epochs(base: dict[str, Any]) -> int:
@@ -52,11 +55,11 @@ def default_point(base: dict[str, Any]) -> dict[str, Any]:
     """The profile's own values of the searched parameters: the search's first trial (``points_to_evaluate``),
     so every study measures the method's defaults next to what it finds. ``trial_overrides`` of it reproduces
     the profile."""
-    point = {key: base[key] for key in ("decrop.mixing", "decrop.w_cs", "decrop.w_mmd", "decrop.n_interp",
-                                        "decrop.attack")}
-    point["stage2"] = int(base["decrop.stage2_epochs"]) > 0
-    if point["stage2"]:
-        point["decrop.beta_scale"], point["decrop.beta_gamma"] = base["decrop.beta_scale"], base["decrop.beta_gamma"]
+    point: dict[str, Any] = {}
+    for p in SPACE:
+        if p.only_if is not None and not point[p.only_if]:
+            continue
+        point[p.name] = int(base["decrop.stage2_epochs"]) > 0 if p.name == "stage2" else base[p.name]
     return point
 
 

@@ -8,8 +8,8 @@ finished trial reruns, no MLflow run is duplicated).
 
 **Does tuning help?** The search's best trial is chosen on a noisy validation objective, so its validation score
 is biased upward (the winner's curse). `confirm` therefore retrains the best configuration and the profile's
-defaults (and the baseline, and certifies the reference) on seeds the search never used, certifies them on the
-test subset, and tests per image (`analysis.stats.image_level_test`, Holm over the radii) whether the tuned
+defaults (and the baseline, and certifies the reference) on seeds the search never used and certifies them on
+the test subset; the study's report (`analysis.report`, written by the sweep next) tests whether the tuned
 configuration beats the defaults. That answer, not the search's own score, is the study's result.
 """
 
@@ -27,14 +27,15 @@ import ray.tune
 from optuna.samplers import TPESampler
 from ray.tune.schedulers import ASHAScheduler
 
-from analysis.stats import paired_radii
 from decrop.rows import CertRow
 from decrop.config import ExperimentConfig, from_flat
-from decrop.pipeline import NO_DENOISER, epochs_text, format_table, summarize
+from decrop.config import NO_DENOISER
+from decrop.pipeline import epochs_text, format_table, summarize
 
 from .presets import PRESETS, points
 from .space import FinalObjectiveOptunaSearch, default_point, define_space, total_epochs, trial_overrides
-from .tracking import TRIAL_TAG, MlflowStatusCallback, StudyTracker
+from .schema import BEST_TRIAL_TAG, TRIAL_TAG
+from .tracking import MlflowStatusCallback, StudyTracker
 from .trainable import StudySettings, trial_config, tune_trainable
 
 
@@ -135,7 +136,7 @@ def run_search(study: Study, num_trials: int, seed: int) -> dict[str, Any]:
                    progress=Progress(num_trials, "objective"))
     results = tuner.fit()
     best = results.get_best_result(metric="objective", mode="max", filter_nan_and_inf=True)
-    study.tracker.set_tag(study.parent, "decrop.best_trial_id", best.metrics["trial_id"])
+    study.tracker.set_tag(study.parent, BEST_TRIAL_TAG, best.metrics["trial_id"])
     print(f"{study.name}: best trial {best.metrics['trial_id']}: validation objective "
           f"{best.metrics['objective']:.4f} with {dict(best.config)}", flush=True)
     return dict(best.config)
@@ -162,7 +163,8 @@ def confirmation_points(base: dict[str, Any], best: dict[str, Any], seeds: list[
 def confirm(study: Study, best: dict[str, Any], seeds: list[int], cfg: ExperimentConfig,
             clean_accuracy: float) -> pd.DataFrame:
     """Retrain and test-certify the best configuration and the defaults on fresh `seeds`; print and log the
-    table (mean certified accuracy over the seeds) and the paired per-image test of best against defaults."""
+    table (certified accuracy pooled over the seeds). Its statistics (best against defaults, seed-level and per
+    image) are the study's report's, which the sweep writes next (`analysis.report`)."""
     grid = confirmation_points(study.settings.base, best, seeds)
     tested = dataclasses.replace(study, settings=dataclasses.replace(study.settings, validate=False, test=True))
     results = run_grid(tested, grid, "confirm")
@@ -172,21 +174,18 @@ def confirm(study: Study, best: dict[str, Any], seeds: list[int], cfg: Experimen
         label = point.get("label", point["method"])
         run_id = study.tracker.find_child(study.parent, {TRIAL_TAG: result.metrics["trial_id"]})
         rows.setdefault(label, {})[point["seed"]] = study.tracker.rows(run_id, f"test_{label}")
-    radii = cfg.certify.radii
     pooled = {label: [r for seed_rows in runs.values() for r in seed_rows] for label, runs in rows.items()}
     best_epochs = epochs_text(from_flat(trial_config(study.settings, best)), "decrop")
     table = summarize(pooled, cfg, clean_accuracy, epochs={"decrop_best": best_epochs})
-    tests = paired_radii(rows.get("decrop_best"), rows["decrop_default"], radii) if "decrop_best" in rows else None
     study.tracker.log_text(study.parent, table.to_csv(), "confirm/test_summary.csv")
     print(f"\nConfirmation on fresh seeds {seeds} (test subset, {len(rows['none'][seeds[0]])} images; certified "
           f"accuracy (%) pooled over the seeds):")
     print(format_table(table))
-    if tests is None:
+    if "decrop_best" not in rows:
         print("\nThe search's best configuration is the profile's defaults: there is nothing to confirm.")
     else:
-        study.tracker.log_text(study.parent, tests.to_csv(index=False), "confirm/best_vs_default.csv")
-        print("\nDoes tuning help? Best configuration against the defaults, per test image over the fresh seeds:")
-        print(tests.to_string(index=False))
+        print("\nDoes tuning help? The report compares the best configuration with the defaults over the fresh "
+              "seeds.")
     return table
 
 

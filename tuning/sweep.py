@@ -32,11 +32,18 @@ import sys
 import time
 from pathlib import Path
 
-# `python tuning/sweep.py` puts tuning/ on sys.path, not the repo root that holds the `tuning` package.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __package__ in (None, ""):  # run as `python tuning/sweep.py` (not imported): Python put tuning/ on sys.path,
+    sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repo root holds the packages (a checkout, a job)
 
-# Environment of every process of a study. cluster/runtime_env.yaml (and rayjob.yaml) repeat it for jobs on a
-# cluster; a local Ray started by this driver inherits it from os.environ.
+# Light imports only (pure Python, YAML): ray, mlflow, optuna and torch are imported once the arguments are valid.
+from decrop.config import MAX_SEED, check_name, load_config, to_flat  # noqa: E402
+from decrop.errors import BAD_INPUT  # noqa: E402
+from tuning.presets import ALL, PRESETS, SEARCH, preset_names, resolve  # noqa: E402
+from tuning.schema import PRESET_ROLE, SWEEP_ROLE, check_mlflow_sqlite  # noqa: E402
+from tuning.schema import redact_uri, resolve_tracking_uri  # noqa: E402
+
+# Environment of every process of a study (`set_environment`). cluster/runtime_env.yaml (and rayjob.yaml) repeat it
+# for jobs on a cluster; a local Ray started by this driver inherits it from os.environ.
 RAY_ENV = {
     # The per-epoch results of a trial carry the scheduler's metric (val/agreement) but not the searcher's
     # final objective, which only the last result has; Tune's strict check would reject them.
@@ -49,28 +56,28 @@ RAY_ENV = {
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     "RAY_AIR_NEW_OUTPUT": "0",
 }
-for _key, _value in RAY_ENV.items():
-    os.environ.setdefault(_key, _value)
 # A Ray that this driver starts itself (see connect(); not under `ray job submit`, which sets RAY_ADDRESS) listens
 # on loopback only. Ray binds GCS, raylet, workers, agents and its Prometheus exporters to the node's address, and
 # picks that address when ray is imported: with this flag "0" (Ray's switch for single-machine clusters) it is
 # 127.0.0.1, otherwise the machine's network address (0.0.0.0/:: for most listeners). Token auth is stated
 # explicitly (Ray 2.60's default for new local clusters, without its warning). Both are read when ray is
 # imported: set after that, they would reach Ray's daemons but not this process, which then disagrees with them.
-# On this one machine, no node is ever drained (preempted), so Ray Train's preemption watcher, one actor per
-# training run (~0.11 GiB each, two at the default study's peak, polling every 5 s), has nothing to watch;
-# Ray's own switch turns it off. A cluster's spot nodes keep it (cluster/ does not set it).
+# On this one machine, no node is ever drained (preempted), so Ray Train's preemption watcher, one polling actor
+# (and its memory) per training run, has nothing to watch; Ray's own switch turns it off. A cluster's spot nodes keep it (cluster/ does not set it).
 LOCAL_RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token",
                  "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
-if os.environ.get("RAY_ADDRESS", "local") == "local" and "ray" not in sys.modules:
-    for _key, _value in LOCAL_RAY_ENV.items():
-        os.environ.setdefault(_key, _value)
 
-# Light imports only (pure Python, YAML): ray, mlflow, optuna and torch are imported once the arguments are valid.
-from decrop.config import MAX_SEED, check_name, load_config, to_flat  # noqa: E402
-from decrop.errors import BAD_INPUT  # noqa: E402
-from tuning.presets import ALL, PRESETS, SEARCH, preset_names, resolve  # noqa: E402
-from tuning.uris import redact_uri, resolve_tracking_uri  # noqa: E402
+
+def set_environment() -> None:
+    """`RAY_ENV` into this process's environment (values already set win), and `LOCAL_RAY_ENV` too when this
+    driver will start its own Ray and ray is not imported yet. The first thing `main` does; a test that drives
+    `tuning.studies` itself calls it (tests/conftest.py)."""
+    for key, value in RAY_ENV.items():
+        os.environ.setdefault(key, value)
+    if os.environ.get("RAY_ADDRESS", "local") == "local" and "ray" not in sys.modules:
+        for key, value in LOCAL_RAY_ENV.items():
+            os.environ.setdefault(key, value)
+
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -126,8 +133,8 @@ def connect() -> None:
     # A private local cluster.
     private_token_file()  # before Ray writes one world-readable
     # With the dashboard (on 127.0.0.1): Train's PlacementGroupCleaner queries the controller's state
-    # through it, and without it never removes the placement group of a trial that ASHA stopped; two such
-    # leaks held both CPUs of the 2-core machine and the next trials waited forever.
+    # through it, and without it never removes the placement group of a trial that ASHA stopped; such leaks
+    # can hold every CPU of a small machine, and the next trials then wait forever.
     ray.init(num_cpus=os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1", **quiet)
     address, auth = ray.util.get_node_ip_address(), os.environ.get("RAY_AUTH_MODE", "token")
     if ipaddress.ip_address(address).is_loopback:
@@ -282,14 +289,9 @@ def _preflight(name: str, args: argparse.Namespace) -> None:
         if not path.exists():
             uri = None
         else:  # MLflow would turn any file into a store (a text file gains its tables): refuse, unchanged
-            from analysis.runs import ReportError
-            from analysis.store import check_mlflow_sqlite
-            try:
-                check_mlflow_sqlite(path, fix="--mlflow-uri must name an MLflow store (or a file not yet there, "
-                                              "which the study creates); the file was not changed")
-            except ReportError as err:
-                raise ValueError(str(err)) from None
-    role = "sweep" if name == SEARCH else "preset"
+            check_mlflow_sqlite(path, fix="--mlflow-uri must name an MLflow store (or a file not yet there, which "
+                                          "the study creates); the file was not changed")
+    role = SWEEP_ROLE if name == SEARCH else PRESET_ROLE
     from mlflow.exceptions import MlflowException
 
     from tuning.tracking import StudyTracker
@@ -353,7 +355,7 @@ def open_study(name: str, args: argparse.Namespace, base: dict, concurrent: int,
               **({"num_trials": args.num_trials, "seed": args.seed, "confirm_seeds": args.confirm_seeds}
                  if preset is None else {"factor": preset.key, "seeds": args.seeds, "levels": args.levels or "all"}),
               "classifier_sha256": classifier_sha256, **{f"base.{k}": v for k, v in base.items()}}
-    parent = tracker.start_sweep(study, params, args.resume, role="sweep" if preset is None else "preset")
+    parent = tracker.start_sweep(study, params, args.resume, role=SWEEP_ROLE if preset is None else PRESET_ROLE)
     settings = StudySettings(base=base, storage=str(storage), tracking_uri=uri, experiment=experiment,
                              parent_run_id=parent, workers=args.workers_per_trial,
                              gpus_per_worker=args.gpus_per_worker, cert_shards=args.cert_shards, preset=name,
@@ -387,13 +389,14 @@ def concurrency(args: argparse.Namespace) -> int:
 
 
 def report(study: Study) -> None:
-    """The study's analysis report (tables, figures, paired statistics) into <storage>/report."""
-    from analysis import report as analysis_report
-    analysis_report.main(["--mlflow-uri", study.settings.tracking_uri, "--experiment", study.settings.experiment,
-                          "--out", str(study.storage / "report")])
+    """The study's analysis report (tables, figures, seed-level statistics and verdicts) into <storage>/report:
+    the one place where the entry point calls analysis/ (the rest of tuning/ never imports it)."""
+    from analysis.report import run as write_report
+    write_report(study.settings.tracking_uri, [study.settings.experiment], study.storage / "report")
 
 
 def main(argv: list[str] | None = None) -> int:
+    set_environment()
     args = parse_args(argv)
     try:
         preset = resolve(args.preset)
@@ -404,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
         tic = time.perf_counter()
         # The data and the classifier (trained and cached once here, before trials could race to do it; a
         # user's file checked against the data) before Ray starts: a bad file is one line, not a traceback.
-        from decrop.pipeline import prepare
+        from decrop.prepare import prepare
         from decrop.runtime import release_memory
         prepared = prepare(cfg)
         # The driver keeps nothing else of it: the clean accuracy, and the classifier's sha256 (trial cache keys).

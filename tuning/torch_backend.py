@@ -2,9 +2,8 @@
 
 `ray.train.torch.TorchTrainer` imports torch as soon as it is built (its `TorchConfig` lives in a module that
 imports torch), and ``fit()`` instantiates the backend class in the calling process. A Tune trial actor only
-builds the trainer and waits for it, yet loading torch there cost ~0.4 GiB of anonymous memory per trial actor
-(torch's own import is 0.28 GiB), twice at the default study's peak, when two trials train at once
-(`benchmarks/results/sweep_cpu.md`).
+builds the trainer and waits for it, yet loading torch there costs every trial actor the memory of torch's
+import, once per trial training at the same time (`benchmarks/results/sweep_cpu.md` has the measurement).
 
 `TorchBackend` is Ray's `TorchConfig` (same fields, same defaults) and `torch_trainer` builds the
 `DataParallelTrainer` the way ``TorchTrainer.__init__`` does (backend nccl when the workers have GPUs, else

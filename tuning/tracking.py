@@ -1,11 +1,8 @@
 """Everything MLflow for a sweep; the rest of ``tuning/`` never calls mlflow directly.
 
-Schema (docs/architecture.md): one experiment per study; one *parent* run per sweep (tags ``decrop.study``,
-``decrop.role=sweep``); one nested *child* run per Tune trial (tags ``mlflow.parentRunId``, ``decrop.role=trial``,
-``decrop.trial_id``) holding the trial's flat config as params, ``train/*``, ``val/*`` and ``certify/*`` metrics,
-and the certification rows, curve, resolved config and weights as artifacts. Every run carries the git commit.
-A preset's parent has ``decrop.role=preset``; its trials certify the test images as ``certify_test_<method>/*``
-metrics and ``certify/test_<method>.tsv``.
+It writes the schema of `tuning.schema` (roles, tags, metric names): one experiment per study, a parent run per
+study, a nested child run per Tune trial. Every run carries the git commit. A preset's trials certify the test
+images as ``certify_test_<method>/*`` metrics and ``certify/test_<method>.tsv``.
 
 Runs are created explicitly and found again by tag, never remembered in process state: a resumed sweep
 (``Tuner.restore``) or a retried trial gets back the run it had, so no run is ever duplicated. Ray's
@@ -41,26 +38,12 @@ from ray.tune import Callback
 
 from decrop.rows import CertRow, average_certified_radius, certified_accuracy, read_rows, write_rows
 
-# The URI helpers live in a light module (the sweep checks its arguments without importing mlflow); they are
-# part of this module's interface.
-from .uris import default_tracking_uri, redact_uri, resolve_tracking_uri  # noqa: F401
+from .schema import (ATTEMPTS_METRIC, COMMIT_TAG, CURVE_STEPS_PER_UNIT, FAILURE_TAG, FAILURES_METRIC, PARENT_TAG,
+                     RESULT_TAG, ROLE_TAG, STUDY_TAG, TEST_CURVE_METRIC, TERMINAL_STATUSES, TRIAL_ROLE, TRIAL_TAG,
+                     acr_key, certification_prefix, metric_key)
 
 log = logging.getLogger(__name__)
 
-STUDY_TAG, ROLE_TAG, TRIAL_TAG, COMMIT_TAG = "decrop.study", "decrop.role", "decrop.trial_id", "decrop.git_commit"
-# What a trial is, for grouping the runs table: the preset (the paper's study, or "search"), its factor (the varied
-# config key), the factor's level, the method, the seed, and for the search's confirmation which configuration.
-PRESET_TAG, FACTOR_TAG, LEVEL_TAG, METHOD_TAG, SEED_TAG, VARIANT_TAG = (
-    "decrop.preset", "decrop.factor", "decrop.level", "decrop.method", "decrop.seed", "decrop.variant")
-# A trial's attempts: `trial/attempts` = n at step n when attempt n starts (Tune retries a failed trial, a resumed
-# study reruns an unfinished one), `trial/failed_attempts` = n at step n when failure n ends one (its last error line
-# in the tag `decrop.failure_<n>`). The run of a trial is one run across all of them.
-ATTEMPTS_METRIC, FAILURES_METRIC, FAILURE_TAG = "trial/attempts", "trial/failed_attempts", "decrop.failure_"
-RESULT_TAG = "decrop.trial_result"  # the final result a trial reported to Tune, as JSON
-CURVE_STEPS_PER_UNIT = 100  # certify*/curve: one step per hundredth of radius
-TEST_CURVE_METRIC = "certify_test/curve"  # every method's test curve under one name (the chart view overlays it)
-PARENT_TAG = "mlflow.parentRunId"  # MLflow's own tag: the UI folds child runs under their parent
-TERMINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
 _PARAMS_PER_BATCH = 100  # MLflow rejects a log_batch with more than 100 params
 _MAX_PARAM_VALUE = 6000  # ... or a param value longer than this
 _BAD_KEY_CHARS = re.compile(r"[^\w./\- ]")  # what MLflow accepts in a param key (colons aside: not on Windows)
@@ -105,13 +88,6 @@ def plot_certified_curve(rows_by_label: Mapping[str, Sequence[CertRow]], path: P
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     return path
-
-
-def certification_prefix(label: str) -> str:
-    """The metric prefix of a certification label: ``certify`` for "validation" (a trial's objective),
-    ``certify_<label>`` otherwise (``certify_test_baseline``); metrics are ``<prefix>/acc_r{r:.2f}`` and
-    ``<prefix>/acr``."""
-    return "certify" if label == "validation" else f"certify_{label}"
 
 
 def _quote(value: str) -> str:
@@ -235,7 +211,7 @@ class StudyTracker:
                   tags: Mapping[str, Any] | None = None) -> str:
         """The child run of a Tune trial (`child_run` keyed by the trial id, role ``trial``), named for a human
         (``decrop mixing=0.25 seed=1``) and tagged with what a runs table groups by (`TRIAL_TAGS`)."""
-        run_id = self.child_run(parent_run_id, {TRIAL_TAG: trial_id}, trial_name, params, role="trial")
+        run_id = self.child_run(parent_run_id, {TRIAL_TAG: trial_id}, trial_name, params, role=TRIAL_ROLE)
         for key, value in (tags or {}).items():
             if value is not None:
                 self.client.set_tag(run_id, key, str(value))
@@ -333,11 +309,10 @@ class StudyTracker:
         trials in one chart (a trial certifies one test label). Returns the metrics logged."""
         if not re.fullmatch(r"[\w\-]+", label):
             raise ValueError(f"label must be letters, digits, '_' or '-', got {label!r}")
-        prefix = certification_prefix(label)
-        metrics = {f"{prefix}/acc_r{r:.2f}": acc for r, acc in certified_accuracy(rows, radii).items()}
-        metrics[f"{prefix}/acr"] = average_certified_radius(rows)
+        metrics = {metric_key(label, r): acc for r, acc in certified_accuracy(rows, radii).items()}
+        metrics[acr_key(label)] = average_certified_radius(rows)
         self.log_metrics(run_id, metrics, step)
-        self.log_curve(run_id, rows, f"{prefix}/curve")
+        self.log_curve(run_id, rows, f"{certification_prefix(label)}/curve")
         if label.startswith("test_"):
             self.log_curve(run_id, rows, TEST_CURVE_METRIC)
         with tempfile.TemporaryDirectory() as tmp:

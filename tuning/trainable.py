@@ -10,8 +10,8 @@ per-epoch reports reach Tune through ``TuneReportCallback`` (so ASHA can stop we
 
 The trial function itself (the Tune trial actor, which mostly waits) never loads torch, the data or the
 classifier: a short-lived task prepares the data and generates DE-CROP's samples, rank 0 of the training saves
-the denoiser's weights file, and the certification tasks read that file. Loading torch costs ~0.4 GiB per
-process, and two trials train at once at the default study's peak (`benchmarks/results/sweep_cpu.md`).
+the denoiser's weights file, and the certification tasks read that file. Loading torch costs memory in every
+process, and several trials wait on their training at once (`benchmarks/results/sweep_cpu.md`).
 
 **Objective** (the search): certified agreement of the smoothed classifier on the first ``certify.val_images``
 validation images (`data.val_source`: extra unlabelled images or a held-out part of the limited subset),
@@ -27,7 +27,6 @@ nothing is selected on them.
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -45,7 +44,9 @@ from . import trial_cache
 from .certify_tasks import certify_parallel
 from .space import trial_overrides
 from .torch_backend import torch_trainer
-from .tracking import (FACTOR_TAG, LEVEL_TAG, METHOD_TAG, PRESET_TAG, SEED_TAG, VARIANT_TAG, StudyTracker)
+from .schema import (AGREEMENT_METRIC, BUDGET_PREFIX, FACTOR_TAG, LEVEL_TAG, METHOD_TAG, OBJECTIVE_METRIC, PRESET_TAG,
+                     REUSED_TAG, SEED_TAG, VALIDATION_LABEL, VARIANT_TAG, metric_key)
+from .tracking import StudyTracker
 
 
 @dataclass(frozen=True)
@@ -98,14 +99,15 @@ def _train_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
 
 
 # In a process of its own that ends with the task (max_calls=1), so that the trial actor never loads torch, the
-# data or the classifier: ~0.4 GiB less per trial waiting on its training. No CPU, as when the actor did it itself.
+# data or the classifier, and holds none of that memory while it waits on its training. No CPU, as when the actor did it itself.
 @ray.remote(num_cpus=0, max_calls=1)
 def _trial_data(flat: dict[str, Any], generate_samples: bool) -> dict[str, Any]:
-    """What a trial needs of `decrop.pipeline.prepare` (budget, validation and test indices) and the wall seconds
+    """What a trial needs of `decrop.prepare.prepare` (budget, validation and test indices) and the wall seconds
     of its phases; with `generate_samples`, DE-CROP's boundary and interpolated samples are generated and cached
     here, so the Train workers read the cache."""
     from decrop.classifier import classifier_key
-    from decrop.pipeline import prepare, samples_for
+    from decrop.prepare import prepare
+    from decrop.stages import samples_for
 
     tic = time.perf_counter()
     prep = prepare(from_flat(flat), log=_quiet, evaluate=False)
@@ -150,83 +152,139 @@ def _train(settings: StudySettings, flat: dict, method: str, trial_id: str, name
     return trainer.fit().return_value or {}
 
 
+class Trial:
+    """One attempt of one trial, phase by phase: `open` (its MLflow run), then `run`: `prepare` (data and
+    DE-CROP's samples, in a task), `reuse` (a cached result) or `train` then `certify`, and `finish`.
+    `run_trial` composes them; a test trainable can put a fault between `open` and `run`."""
+
+    def __init__(self, params: dict[str, Any], settings: StudySettings) -> None:
+        self.settings = settings
+        self.point = trial_point(params, settings.base)
+        self.method = self.point["method"]
+        self.label = self.point.get("label", self.method)
+        self.flat = trial_config(settings, params)
+        self.cfg = from_flat(self.flat)
+        self.trial_id = ray.tune.get_context().get_trial_id()
+        self.clock = PhaseClock()
+        self.tracker = StudyTracker(settings.tracking_uri, settings.experiment)
+        self.run_id = ""
+        self.weights = _weights_path(settings, self.trial_id) if self.method != NO_DENOISER else None
+        self.metrics: dict[str, float] = {}
+
+    def open(self) -> dict[str, float] | None:
+        """The trial's MLflow run, found again or created, with this attempt counted in it. Returns the saved
+        result instead when an earlier attempt finished (the driver died before Tune saved that)."""
+        earlier = self.tracker.find_trial_run(self.settings.parent_run_id, self.trial_id)
+        done = self.tracker.saved_result(earlier) if earlier else None
+        if done is not None:
+            return done
+        point = self.point
+        tags = {PRESET_TAG: self.settings.preset, FACTOR_TAG: self.settings.factor, LEVEL_TAG: point["level"],
+                METHOD_TAG: self.method, SEED_TAG: point["seed"], VARIANT_TAG: point.get("variant")}
+        self.run_id = self.tracker.trial_run(self.settings.parent_run_id, self.trial_id, point["name"], self.flat,
+                                             tags)
+        self.tracker.start_attempt(self.run_id)
+        self.tracker.log_text(self.run_id, to_yaml(self.cfg), "config.yaml")
+        self.clock.sink = (self.tracker, self.run_id)
+        return None
+
+    def run(self) -> dict[str, float]:
+        """Every phase after `open`; returns the result to report (also saved in the run)."""
+        key = self.cache_key()
+        cached = trial_cache.load(self.cfg.cache_dir, key) if key else None
+        data = self.prepare(generate_samples=self.method == "decrop" and cached is None)
+        if cached is not None:
+            self.reuse(cached)
+            return self.finish(None)
+        last = self.train()
+        if self.settings.validate:
+            self.certify_validation(data["val_indices"])
+        if self.settings.test:
+            self.certify_test(data["test_indices"], key)
+        return self.finish(last)
+
+    def cache_key(self) -> str | None:
+        """A trial that only reports the test subset, and whose result another study already computed with the
+        same config, seed, code and classifier, takes it (tuning.trial_cache): the paper's studies share the
+        profile's defaults. None for trials that validate (the search)."""
+        s = self.settings
+        if not s.test or s.validate:
+            return None
+        return trial_cache.trial_key(self.flat, s.workers, s.gpus_per_worker, s.classifier_sha256)
+
+    def prepare(self, generate_samples: bool) -> dict[str, Any]:
+        """The budget, validation and test indices, in a task of its own; DE-CROP's samples are generated (and
+        cached) there, once, before training, so that the DDP workers read the cache."""
+        data = ray.get(_trial_data.options(scheduling_strategy="SPREAD").remote(self.flat, generate_samples))
+        self.tracker.log_params(self.run_id, {f"{BUDGET_PREFIX}{k}": v for k, v in data["budget"].items()})
+        self.clock.record(data["times"])
+        return data
+
+    def reuse(self, cached: tuple) -> None:
+        source_weights, rows, source = cached
+        self.tracker.set_tag(self.run_id, REUSED_TAG, source)
+        if self.weights is not None:
+            self.weights.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source_weights, self.weights)
+            _log_weights(self.tracker, self.run_id, self.weights, self.cfg)
+        self.metrics.update(self.tracker.log_certification(self.run_id, rows, self.cfg.certify.radii,
+                                                           f"test_{self.label}"))
+        self.clock.lap("reused")
+
+    def train(self) -> dict[str, float]:
+        """The denoiser in a Ray Train run (`_train`), its weights logged; the last epoch's metrics ({} for the
+        no-denoiser reference, which trains nothing)."""
+        if self.weights is None:
+            return {}
+        last = _train(self.settings, self.flat, self.method, self.trial_id, self.point["name"])
+        self.clock.lap("train")
+        _log_weights(self.tracker, self.run_id, self.weights, self.cfg)
+        return last
+
+    def certify_validation(self, val_indices: list[int]) -> None:
+        """The search's objective. Decisions at the study's radii, stopped as soon as they are known
+        (decrop.sequential): the same guarantee per image, with fewer forward passes."""
+        cfg = self.cfg
+        val = val_indices[:cfg.certify.val_images]
+        rows = certify_parallel({**self.flat, "certify.mode": "sequential"}, {self.label: self.weights}, "val", val,
+                                self.settings.cert_shards, gpus_per_task=self.settings.gpus_per_worker)[self.label]
+        self.metrics.update(self.tracker.log_certification(self.run_id, rows, cfg.certify.radii,
+                                                           VALIDATION_LABEL))
+        self.metrics["objective"] = validation_objective(self.metrics, cfg.certify.radii)
+        self.tracker.log_metrics(self.run_id, {OBJECTIVE_METRIC: self.metrics["objective"]}, step=0)
+        self.clock.lap("certify_validation")
+
+    def certify_test(self, test_indices: list[int], key: str | None) -> None:
+        """The test subset, for reporting; the result goes to the trial cache under `key`."""
+        rows = certify_parallel(self.flat, {self.label: self.weights}, "test", test_indices,
+                                self.settings.cert_shards, gpus_per_task=self.settings.gpus_per_worker)[self.label]
+        self.metrics.update(self.tracker.log_certification(self.run_id, rows, self.cfg.certify.radii,
+                                                           f"test_{self.label}"))
+        self.clock.lap("certify_test")
+        if key is not None:
+            trial_cache.store(self.cfg.cache_dir, key, self.weights, rows,
+                              f"{self.settings.experiment}/{self.trial_id}")
+
+    def finish(self, last: dict[str, float] | None) -> dict[str, float]:
+        """The result (certification metrics, phase times, the last epoch's validation agreement unless the result
+        was reused: `last` None), saved in the run as the proof that the trial finished."""
+        result = {**self.metrics, **self.clock.times}
+        if last is not None:
+            result[AGREEMENT_METRIC] = last.get(AGREEMENT_METRIC, float("nan"))
+        self.tracker.save_result(self.run_id, result)
+        return result
+
+
 def run_trial(params: dict[str, Any], settings: StudySettings) -> None:
-    """The Tune function trainable (see module doc). Raises on failure so Tune marks the trial errored.
+    """The Tune function trainable (see module doc): `Trial.open`, then `Trial.run`, reported to Tune. Raises
+    on failure so Tune marks the trial errored.
 
     Idempotent once finished: the final result is recorded in the trial's MLflow run, and an attempt that finds it
     reports it again and does nothing else (Tune saves its own state only every few seconds, so a driver killed
     just after a trial ended restarts that trial on --resume)."""
-    point = trial_point(params, settings.base)
-    method, label = point["method"], point.get("label", point["method"])
-    flat = trial_config(settings, params)
-    cfg = from_flat(flat)
-    trial_id = ray.tune.get_context().get_trial_id()
-    clock = PhaseClock()
-    tracker = StudyTracker(settings.tracking_uri, settings.experiment)
-    earlier = tracker.find_trial_run(settings.parent_run_id, trial_id)
-    done = tracker.saved_result(earlier) if earlier else None
-    if done is not None:  # it finished, but the driver died before Tune saved that: report it again, redo nothing
-        ray.tune.report(done)
-        return
-    tags = {PRESET_TAG: settings.preset, FACTOR_TAG: settings.factor, LEVEL_TAG: point["level"],
-            METHOD_TAG: method, SEED_TAG: point["seed"], VARIANT_TAG: point.get("variant")}
-    run_id = tracker.trial_run(settings.parent_run_id, trial_id, point["name"], flat, tags)
-    tracker.start_attempt(run_id)
-    inject_fault(point["name"])
-    tracker.log_text(run_id, to_yaml(cfg), "config.yaml")
-    clock.sink = (tracker, run_id)
-
-    # A trial that only reports the test subset and whose result another study already computed with the same
-    # config, seed and code takes it (tuning.trial_cache): the paper's studies share the profile's defaults.
-    key = trial_cache.trial_key(flat, settings.workers, settings.gpus_per_worker,
-                                                settings.classifier_sha256) if (
-        settings.test and not settings.validate) else None
-    cached = trial_cache.load(cfg.cache_dir, key) if key else None
-    # DE-CROP's samples are generated (and cached) once, before training, so that the DDP workers read the cache.
-    data = ray.get(_trial_data.options(scheduling_strategy="SPREAD").remote(
-        flat, method == "decrop" and cached is None))
-    tracker.log_params(run_id, {f"budget.{k}": v for k, v in data["budget"].items()})
-    clock.record(data["times"])
-    weights = _weights_path(settings, trial_id) if method != NO_DENOISER else None
-    if cached is not None:
-        source_weights, rows, source = cached
-        tracker.set_tag(run_id, trial_cache.REUSED_TAG, source)
-        if weights is not None:
-            weights.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(source_weights, weights)
-            _log_weights(tracker, run_id, weights, cfg)
-        metrics = tracker.log_certification(run_id, rows, cfg.certify.radii, f"test_{label}")
-        clock.lap("reused")
-        tracker.save_result(run_id, {**metrics, **clock.times})
-        ray.tune.report({**metrics, **clock.times})
-        return
-
-    last = {}
-    if weights is not None:
-        last = _train(settings, flat, method, trial_id, point["name"])
-        clock.lap("train")
-        _log_weights(tracker, run_id, weights, cfg)
-    metrics: dict[str, float] = {}
-    if settings.validate:
-        # Decisions at the study's radii, stopped as soon as they are known (decrop.sequential): same guarantee
-        # per image, ~1.8x fewer forward passes at the quick profile's n.
-        val = data["val_indices"][:cfg.certify.val_images]
-        rows = certify_parallel({**flat, "certify.mode": "sequential"}, {label: weights}, "val", val,
-                                settings.cert_shards, gpus_per_task=settings.gpus_per_worker)[label]
-        metrics.update(tracker.log_certification(run_id, rows, cfg.certify.radii, "validation"))
-        metrics["objective"] = validation_objective(metrics, cfg.certify.radii)
-        tracker.log_metrics(run_id, {"certify/objective": metrics["objective"]}, step=0)
-        clock.lap("certify_validation")
-    if settings.test:
-        rows = certify_parallel(flat, {label: weights}, "test", data["test_indices"],
-                                settings.cert_shards, gpus_per_task=settings.gpus_per_worker)[label]
-        metrics.update(tracker.log_certification(run_id, rows, cfg.certify.radii, f"test_{label}"))
-        clock.lap("certify_test")
-        if key is not None:
-            trial_cache.store(cfg.cache_dir, key, weights, rows, f"{settings.experiment}/{trial_id}")
-    result = {**metrics, **clock.times, "val/agreement": last.get("val/agreement", float("nan"))}
-    tracker.save_result(run_id, result)
-    ray.tune.report(result)
+    trial = Trial(params, settings)
+    done = trial.open()
+    ray.tune.report(done if done is not None else trial.run())
 
 
 def _log_weights(tracker: StudyTracker, run_id: str, weights: Path, cfg: ExperimentConfig) -> None:
@@ -234,29 +292,6 @@ def _log_weights(tracker: StudyTracker, run_id: str, weights: Path, cfg: Experim
     run."""
     weights.with_suffix(".yaml").write_text(to_yaml(cfg))
     tracker.log_artifact(run_id, str(weights), "denoiser")
-
-
-FAIL_ONCE_ENV, FAIL_ALWAYS_ENV = "DECROP_TEST_FAIL_ONCE", "DECROP_TEST_FAIL_ALWAYS"
-
-
-def inject_fault(name: str) -> None:
-    """Test-only fault injection (tests/tuning/test_faults.py); does nothing unless one of these is set:
-
-    ``DECROP_TEST_FAIL_ALWAYS=<file>``: a trial whose name contains a line of that file (read at every attempt;
-    no file, no failure) raises on every attempt. ``DECROP_TEST_FAIL_ONCE=<marker file>``: the first attempt (of
-    any trial) that finds the marker absent creates it and raises; later attempts run normally.
-    Called in each attempt once its MLflow run exists, so the failure shows in that run."""
-    always, once = os.environ.get(FAIL_ALWAYS_ENV), os.environ.get(FAIL_ONCE_ENV)
-    if always and os.path.exists(always):
-        with open(always) as f:
-            if any(line.strip() and line.strip() in name for line in f):
-                raise RuntimeError(f"injected failure ({FAIL_ALWAYS_ENV}) of trial {name!r}")
-    if once:
-        try:
-            open(once, "x").close()  # exclusive: of trials racing for the marker, one fails
-        except FileExistsError:
-            return
-        raise RuntimeError(f"injected failure ({FAIL_ONCE_ENV}) of trial {name!r}")
 
 
 class PhaseClock:
@@ -292,14 +327,15 @@ class PhaseClock:
 def validation_objective(metrics: dict[str, float], radii: tuple[float, ...]) -> float:
     """The search's objective: certified agreement on the validation images averaged over the study's radii
     (a Riemann sum of the certified-accuracy curve, i.e. an ACR on the reported grid)."""
-    return sum(metrics[f"certify/acc_r{r:.2f}"] for r in radii) / len(radii)
+    return sum(metrics[metric_key(VALIDATION_LABEL, r)] for r in radii) / len(radii)
 
 
-def tune_trainable(settings: StudySettings):
-    """`run_trial` bound to `settings`, with the resources a trial itself holds: no CPU (a CPU held idle by every
-    trial driver deadlocks a machine whose CPUs its Train workers need), just a sliver of the head node, where the drivers
-    live. Its Train workers and certification tasks request their own."""
-    return ray.tune.with_resources(ray.tune.with_parameters(run_trial, settings=settings),
+def tune_trainable(settings: StudySettings, trial=run_trial):
+    """`trial` (`run_trial`; tests pass one that injects faults) bound to `settings`, with the resources a trial
+    itself holds: no CPU (a CPU held idle by every trial driver deadlocks a machine whose CPUs its Train workers
+    need), just a sliver of the head node, where the drivers live. Its Train workers and certification tasks
+    request their own."""
+    return ray.tune.with_resources(ray.tune.with_parameters(trial, settings=settings),
                                    {"cpu": 0, "node:__internal_head__": 0.01})
 
 

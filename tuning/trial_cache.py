@@ -27,7 +27,6 @@ from decrop.rows import CertRow, read_rows, write_rows
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCES = ("decrop", "tuning/train_loop.py", "tuning/certify_tasks.py")  # what computes a trial's rows
-REUSED_TAG = "decrop.reused_from"
 
 
 @functools.lru_cache(maxsize=1)

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from analysis.objective import importance, search_study
-from analysis.runs import SEARCHED
+from tuning.schema import SEARCHED
 
 
 def trials(n: int, seed: int = 0, objective: str = "decrop.mixing") -> pd.DataFrame:

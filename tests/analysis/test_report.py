@@ -1,7 +1,8 @@
-"""analysis/report.py against a real local MLflow store (SQLite in a temp folder) holding a synthetic sweep and a
-synthetic method study: every number is checked against a direct computation from the rows that were logged,
-the intervals against statsmodels, the paired tests against a binomial test, and each kind of bad input against
-its message and exit code 2."""
+"""analysis/report.py against a real local MLflow store (SQLite in a temp folder) holding a synthetic search with
+its confirmation and a synthetic preset study, written as tuning/tracking.py's StudyTracker writes them: every
+number is checked against a direct computation from the rows that were logged, the intervals against
+statsmodels, and each kind of bad input against its message and exit code 2. (tests/analysis/test_studies.py
+checks the study sections themselves.)"""
 
 import os
 import re
@@ -15,22 +16,23 @@ import numpy as np
 import pandas as pd
 import pytest
 from mlflow import MlflowClient
-from scipy.stats import binomtest
 from statsmodels.stats.proportion import proportion_confint
 
 import tuning.tracking
 from analysis import report
-from analysis.runs import SEARCHED, certification_frame, check_logged
-from analysis.stats import holm, image_level_test, regression
-from analysis.tables import interval_cell, spread_cell
-from decrop.rows import CertRow
-from tuning.tracking import StudyTracker, default_tracking_uri
+from analysis.runs import certification_frame, check_logged, objective_column
+from analysis.stats import regression
+from analysis.tables import interval_cell
+from decrop.rows import CertRow, average_certified_radius
+from tuning.schema import (FACTOR_TAG, LEVEL_TAG, METHOD_TAG, PRESET_TAG, SEARCHED, SEED_TAG, VARIANT_TAG,
+                           default_tracking_uri)
+from tuning.tracking import StudyTracker
 
 REPO = Path(__file__).resolve().parents[2]
 
 RADII = [0.0, 0.25, 0.5]
-STUDY_RADII = [*RADII, 0.75]  # method_study.py's --radii: 0.75 is only in the metric names, not certify.radii
-SETTINGS = {"sigma0.25_percent1": 0.25, "sigma0.5_percent1": 0.5}
+PRESET_RADII = [*RADII, 0.75]  # the preset's certified radii: 0.75 is only in the metric names, not certify.radii
+LEVELS = {"0.25": 0.25, "0.5": 0.5}  # the sigma preset's levels run here
 
 
 def make_rows(rng: np.random.Generator, n: int, skill: float) -> list[CertRow]:
@@ -62,10 +64,19 @@ def flat(**over):
             "decrop.beta_gamma": 10.0, **over}
 
 
+def confirmation_trial(tracker: StudyTracker, parent: str, label: str, seed: int, params: dict) -> str:
+    """A trial of the search's confirmation, tagged as tuning/trainable.py tags it."""
+    method, variant = ("decrop", label.removeprefix("decrop_")) if label.startswith("decrop_") else (label, None)
+    tags = {PRESET_TAG: "search", METHOD_TAG: method, SEED_TAG: seed, VARIANT_TAG: variant}
+    return tracker.trial_run(parent, f"c_{label}_{seed}", f"{label} seed={seed}",
+                             {**params, "seed": seed, "methods": str([] if method == "none" else [method])}, tags)
+
+
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    """One store: a sweep (14 certified trials, 2 stopped by ASHA, test labels on the parent), a method study
-    (2 settings x 2 seeds), an experiment whose trials were all stopped or failed, and an empty one."""
+    """One store: a search (14 certified trials, 2 stopped by ASHA) with its confirmation on seed 1, a preset
+    study (sigma: 2 levels x 2 seeds of DE-CROP and the baseline, the reference once per level), an experiment
+    whose trials were all stopped or failed, and an empty one."""
     root = tmp_path_factory.mktemp("store")
     uri = default_tracking_uri(root)
     rng = np.random.default_rng(0)
@@ -83,7 +94,7 @@ def store(tmp_path_factory):
 
         sweep = StudyTracker(uri, "sweep-exp")
         parent = sweep.start_sweep("sweep-exp", {f"base.{k}": v for k, v in flat().items()}, resume=False)
-        trial_ids = []
+        trial_ids, objectives = [], {}
         for i in range(16):
             params = flat(**{"decrop.mixing": round(rng.uniform(0.2, 0.95), 3),
                              "decrop.w_cs": round(float(np.exp(rng.uniform(-1.4, 2.8))), 3),
@@ -91,41 +102,54 @@ def store(tmp_path_factory):
                              "decrop.n_interp": [1, 2][i % 2], "decrop.attack": ["pgd", "none"][(i // 2) % 2],
                              "decrop.beta_scale": round(float(np.exp(rng.uniform(-1.4, 1.4))), 3),
                              "decrop.beta_gamma": round(float(np.exp(rng.uniform(0.7, 3.0))), 3)})
-            run = sweep.trial_run(parent, f"t{i:02d}", f"trial_t{i:02d}", params)
+            run = sweep.trial_run(parent, f"t{i:02d}", f"trial_t{i:02d}", params,
+                                  {PRESET_TAG: "search", METHOD_TAG: "decrop", SEED_TAG: 0})
             stopped = i in (3, 9)
             for epoch in range(1, 3 if stopped else 5):  # step = epoch number, as decrop.training logs
                 sweep.log_metrics(run, {"val/agreement": 0.4 + 0.1 * epoch + 0.01 * i}, step=epoch)
             if not stopped:
                 rows[(run, "validation")] = make_rows(rng, 30, skill=rng.uniform(0.4, 0.9))
                 sweep.log_certification(run, rows[(run, "validation")], RADII, "validation")
-                trial_ids.append((run, f"t{i:02d}"))
+                # the objective here is the validation ACR (what the search once optimised), so that the trials
+                # table and the regression are those of tests/analysis/golden/sweep
+                objectives[run] = average_certified_radius(rows[(run, "validation")])
+                sweep.log_metrics(run, {"certify/objective": objectives[run]}, step=0)
+                trial_ids.append((run, f"t{i:02d}", params))
             sweep.finish(run, "FINISHED")
-        best_run, best_id = max(trial_ids, key=lambda t: sweep.client.get_run(t[0]).data.metrics["certify/acr"])
+        best_run, best_id, best = max(trial_ids, key=lambda t: objectives[t[0]])
         sweep.set_tag(parent, "decrop.best_trial_id", best_id)
+        confirmation = {}
         for label, skill in [("none", 0.3), ("baseline", 0.6), ("decrop_default", 0.7), ("decrop_best", 0.8)]:
-            rows[(parent, f"test_{label}")] = make_rows(rng, 80, skill)
-            sweep.log_certification(parent, rows[(parent, f"test_{label}")], RADII, f"test_{label}")
+            run = confirmation_trial(sweep, parent, label, 1, best if label == "decrop_best" else flat())
+            confirmation[label] = run
+            rows[(run, f"test_{label}")] = make_rows(rng, 80, skill)
+            sweep.log_certification(run, rows[(run, f"test_{label}")], RADII, f"test_{label}")
+            sweep.finish(run, "FINISHED")
         sweep.finish(parent, "FINISHED")
 
-        # the shape scripts/method_study.py records: a "study" parent, a "method_run" child per setting and seed
-        study = StudyTracker(uri, "method-exp")
-        study_parent = study.start_sweep("method-exp", {"grid": "sigma=0.25,0.5", "seeds": "0 1"}, resume=False,
-                                         role="study")
-        method_runs = {}
-        for setting, sigma in SETTINGS.items():
-            for seed in (0, 1):
-                run = study.child_run(study_parent, {"decrop.setting": setting, "decrop.seed": str(seed)},
-                                      f"{setting}/seed{seed}", flat(sigma=sigma, seed=seed,
-                                                                    methods="['baseline', 'decrop']"),
-                                      role="method_run")
-                method_runs[(setting, seed)] = run
-                for label, skill in [("none", 0.3), ("baseline", 0.55), ("decrop", 0.75)]:
-                    rows[(run, f"test_{label}")] = make_rows(rng, 40, skill)
-                    study.log_certification(run, rows[(run, f"test_{label}")], STUDY_RADII, f"test_{label}")
-                study.finish(run, "FINISHED")
-        study.finish(study_parent, "FINISHED")
+        # a paper's study: a preset parent, one trial per level, method and seed (the reference on the first seed)
+        study = StudyTracker(uri, "preset-exp")
+        preset_parent = study.start_sweep("preset-exp", {"preset": "sigma", "factor": "sigma", "seeds": "[0, 1]",
+                                                         "base.certify.radii": str(RADII)}, resume=False,
+                                          role="preset")
+        preset_runs = {}
+        for level, sigma in LEVELS.items():
+            for method, skill, seeds in [("none", 0.3, (0,)), ("baseline", 0.55, (0, 1)), ("decrop", 0.75, (0, 1))]:
+                for seed in seeds:
+                    tags = {PRESET_TAG: "sigma", FACTOR_TAG: "sigma", LEVEL_TAG: level, METHOD_TAG: method,
+                            SEED_TAG: seed}
+                    run = study.trial_run(preset_parent, f"p_{level}_{method}_{seed}",
+                                          f"{method} sigma={level} seed={seed}",
+                                          flat(sigma=sigma, seed=seed, methods=str([] if method == "none" else
+                                                                                   [method])), tags)
+                    preset_runs[(level, method, seed)] = run
+                    rows[(run, f"test_{method}")] = make_rows(rng, 40, skill)
+                    study.log_certification(run, rows[(run, f"test_{method}")], PRESET_RADII, f"test_{method}")
+                    study.finish(run, "FINISHED")
+        study.finish(preset_parent, "FINISHED")
     return SimpleNamespace(root=root, uri=uri, rows=rows, sweep_parent=parent, best_run=best_run,
-                           study_parent=study_parent, method_runs=method_runs, client=MlflowClient(uri))
+                           objectives=objectives, confirmation=confirmation, preset_parent=preset_parent,
+                           preset_runs=preset_runs, client=MlflowClient(uri))
 
 
 @pytest.fixture(scope="module")
@@ -136,14 +160,14 @@ def sweep_report(store, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def study_report(store, tmp_path_factory):
-    out = tmp_path_factory.mktemp("study_report")
-    assert report.main(["--mlflow-uri", store.uri, "--experiment", "method-exp", "--out", str(out)]) == 0
+def preset_report(store, tmp_path_factory):
+    out = tmp_path_factory.mktemp("preset_report")
+    assert report.main(["--mlflow-uri", store.uri, "--experiment", "preset-exp", "--out", str(out)]) == 0
     return out
 
 
-def test_tidy_frame_matches_the_logged_rows(store, sweep_report, study_report):
-    for out, radii in ((sweep_report, RADII), (study_report, STUDY_RADII)):
+def test_tidy_frame_matches_the_logged_rows(store, sweep_report, preset_report):
+    for out, radii in ((sweep_report, RADII), (preset_report, PRESET_RADII)):
         cert = pd.read_csv(out / "certified.csv")
         assert len(cert) == len(radii) * cert.groupby(["run_id", "label"]).ngroups
         assert sorted(cert["radius"].unique()) == radii
@@ -158,86 +182,48 @@ def test_tidy_frame_matches_the_logged_rows(store, sweep_report, study_report):
             assert row.split == ("validation" if row.label == "validation" else "test")
             assert row.method == ("decrop" if row.label == "validation" else row.label.removeprefix("test_"))
     sweep = pd.read_csv(sweep_report / "certified.csv")
-    assert sweep.groupby("role")["run_id"].nunique().to_dict() == {"sweep": 1, "trial": 14}
-    best = sweep[sweep["label"] == "test_decrop_best"].iloc[0]  # the best trial's hyperparameters
-    assert best["decrop.mixing"] == float(store.client.get_run(store.best_run).data.params["decrop.mixing"])
+    assert sweep.groupby("kind")["run_id"].nunique().to_dict() == {"confirm_trial": 4, "search_trial": 14}
+    assert set(sweep.loc[sweep["kind"] == "search_trial", "label"]) == {"validation"}
+    preset = pd.read_csv(preset_report / "certified.csv")
+    assert preset.groupby("kind")["run_id"].nunique().to_dict() == {"preset_trial": len(store.preset_runs)}
+    assert set(preset["setting"]) == {"preset-exp sigma=0.25", "preset-exp sigma=0.5"}
 
 
-def test_tables_equal_a_direct_computation(store, sweep_report, study_report):
-    table = pd.read_csv(sweep_report / "test_accuracy.csv")
-    assert list(table["method"]) == ["none", "baseline", "decrop_default", "decrop_best"]
+def check_per_run(table: pd.DataFrame, run_of, store, radii):
+    """Each row of a ``test_accuracy`` table (one run's test certification) against its logged rows; `run_of`
+    names the run of a row."""
     for row in table.to_dict("records"):
-        rows = store.rows[(store.sweep_parent, f"test_{row['method']}")]
-        for r in RADII:
+        rows = store.rows[(run_of(row), f"test_{row['method']}")]
+        for r in radii:
             k = len(certified(rows, r))
             lo, hi = proportion_confint(k, len(rows), alpha=0.05, method="beta")
             assert row[f"r={r:.2f}"] == interval_cell(k / len(rows), lo, hi)
 
-    seeds = pd.read_csv(study_report / "test_accuracy_seeds.csv")
-    assert len(seeds) == 2 * 3 and set(seeds["n_seeds"]) == {2}
-    for row in seeds.to_dict("records"):
-        for r in STUDY_RADII:
-            accs = [len(certified(store.rows[(store.method_runs[(row["setting"], s)], f"test_{row['method']}")],
-                                  r)) / 40 for s in (0, 1)]
-            assert row[f"r={r:.2f}"] == spread_cell(np.mean(accs), np.std(accs, ddof=1))
+
+def test_tables_equal_a_direct_computation(store, sweep_report, preset_report):
+    """Every run's own test table (its interval over the images) and the search's trials."""
+    table = pd.read_csv(sweep_report / "test_accuracy.csv")
+    assert list(table["method"]) == ["none", "baseline", "decrop_default", "decrop_best"]
+    assert set(table["setting"]) == {"sweep-exp confirmation"} and set(table["seed"]) == {1}
+    check_per_run(table, lambda row: store.confirmation[row["method"]], store, RADII)
+    table = pd.read_csv(preset_report / "test_accuracy.csv")
+    assert len(table) == len(store.preset_runs)
+    check_per_run(table, lambda row: store.preset_runs[(row["setting"].removeprefix("preset-exp sigma="),
+                                                        row["method"], row["seed"])], store, PRESET_RADII)
 
     trials = pd.read_csv(sweep_report / "trials.csv")
     assert len(trials) == 16 and trials["objective"].notna().sum() == 14
     assert set(trials.loc[trials["objective"].isna(), "note"]) == {"stopped early by ASHA"}
     assert list(trials["epochs"]) == [4] * 14 + [2, 2]  # the last logged epoch
     assert trials["objective"].iloc[0] == pytest.approx(
-        store.client.get_run(store.best_run).data.metrics["certify/acr"], abs=1e-4)
+        store.client.get_run(store.best_run).data.metrics["certify/objective"], abs=1e-4)
 
 
-def direct_mcnemar(a_rows, b_rows, r):
-    a, b = certified(a_rows, r), certified(b_rows, r)
-    only_a, only_b = len(a - b), len(b - a)
-    return only_a, only_b, binomtest(only_a, only_a + only_b, 0.5).pvalue if only_a + only_b else 1.0
-
-
-def test_paired_tests_per_seed_and_image_level(store, sweep_report, study_report):
-    assert not (sweep_report / "mcnemar.csv").exists() and not (study_report / "mcnemar.csv").exists()
-    tests = pd.read_csv(sweep_report / "paired_tests.csv")
-    assert set(tests["method"]) == {"decrop_default", "decrop_best"} and set(tests["scope"]) == {"per seed"}
-    assert np.allclose(tests["p_holm"], holm(tests["p_value"])) and set(tests["n_tests"]) == {len(tests)}
-    for row in tests.itertuples():
-        only_m, only_b, p = direct_mcnemar(store.rows[(store.sweep_parent, f"test_{row.method}")],
-                                           store.rows[(store.sweep_parent, "test_baseline")], row.radius)
-        assert (row.only_method, row.only_baseline) == (only_m, only_b)
-        assert row.p_value == pytest.approx(p)
-        assert f"certifies {only_m} images at r={row.radius:.2f} that the baseline misses" in row.sentence
-        assert f"Holm-adjusted over {len(tests)} tests p={row.p_holm:.2g}" in row.sentence
-
-    tests = pd.read_csv(study_report / "paired_tests.csv")
-    assert len(tests) == (2 + 4) * 4  # 2 image-level settings and 4 runs, 4 radii, one DE-CROP label
-    assert list(tests["scope"]) == ["image-level"] * 8 + ["per seed"] * 16  # the headline family first
-    for scope, family in tests.groupby("scope"):  # each family is Holm-adjusted on its own
-        assert np.allclose(family["p_holm"], holm(family["p_value"])) and set(family["n_tests"]) == {len(family)}
-    for row in tests[tests["scope"] == "per seed"].itertuples():
-        run = store.method_runs[(row.setting, int(row.seed))]
-        only_m, only_b, p = direct_mcnemar(store.rows[(run, "test_decrop")], store.rows[(run, "test_baseline")],
-                                           row.radius)
-        assert (row.only_method, row.only_baseline, row.p_value) == (only_m, only_b, pytest.approx(p))
-    for row in tests[tests["scope"] == "image-level"].itertuples():
-        # the image, not the (image, seed) pair, is the unit: d_i = mean over seeds of method - baseline
-        tables = {s: (store.rows[(store.method_runs[(row.setting, s)], "test_decrop")],
-                      store.rows[(store.method_runs[(row.setting, s)], "test_baseline")]) for s in (0, 1)}
-        images = sorted({r.idx for pair in tables.values() for rows in pair for r in rows})
-        method = np.array([[i in certified(tables[s][0], row.radius) for s in (0, 1)] for i in images])
-        baseline = np.array([[i in certified(tables[s][1], row.radius) for s in (0, 1)] for i in images])
-        d = method.mean(axis=1) - baseline.mean(axis=1)
-        assert (row.n_seeds, row.n_pairs) == (2, 40)
-        assert (row.only_method, row.only_baseline) == ((d > 0).sum(), (d < 0).sum())
-        assert row.difference_pp == pytest.approx(100 * d.mean())
-        assert row.ci_low_pp <= row.difference_pp <= row.ci_high_pp
-        assert row.p_value == pytest.approx(image_level_test(method, baseline).p_value)
-        assert "Over 2 seeds of the same 40 images, DE-CROP certifies" in row.sentence
-    markdown = (study_report / "report.md").read_text()
-    section = markdown.split("## Paired tests against the baseline")[1].split("## What drives")[0]
-    assert not [line for line in section.splitlines() if line.startswith("|") and "pooled" in line]
-    assert "The unit of every paired test is the test image" in markdown
-    assert "Image-level tests over the seeds of each setting (8 tests, one Holm family)" in markdown
-    assert "Exact McNemar test per seed (16 tests, one Holm family)" in markdown
+def test_the_objective_is_certify_objective():
+    """A trial without ``certify/objective`` has no objective: its validation ACR (``certify/acr``) is not one."""
+    trials = pd.DataFrame({"metrics.certify/objective": [0.5, np.nan], "metrics.certify/acr": [0.3, 0.4]})
+    assert objective_column(trials).tolist()[0] == 0.5 and np.isnan(objective_column(trials).iloc[1])
+    assert objective_column(trials.drop(columns="metrics.certify/objective")).isna().all()
 
 
 def test_regression_has_one_coefficient_per_varying_parameter(sweep_report):
@@ -267,21 +253,23 @@ def test_check_logged_warns_on_a_mismatch(store):
     assert len(warnings) == 1 and "trial_x, validation, r=0.25" in warnings[0]
 
 
-def test_html_embeds_every_figure_and_the_report_is_logged(store, sweep_report, study_report, capsys):
-    for out, parent in ((sweep_report, store.sweep_parent), (study_report, store.study_parent)):
+def test_html_embeds_every_figure_and_the_report_is_logged(store, sweep_report, preset_report, capsys):
+    for out, parent in ((sweep_report, store.sweep_parent), (preset_report, store.preset_parent)):
         pngs = sorted(p.name for p in out.glob("*.png"))
         html = (out / "report.html").read_text()
-        assert len(pngs) >= 2
+        assert len(pngs) >= 1
         assert html.count('<img src="data:image/png;base64,') == len(pngs)
         markdown = (out / "report.md").read_text()
         assert sorted(re.findall(r"!\[[^]]*\]\(([^)]+)\)", markdown)) == pngs
         logged = {Path(f.path).name for f in store.client.list_artifacts(parent, "report")}
         assert logged == {p.name for p in out.iterdir()}
     sweep_pngs = {p.name for p in sweep_report.glob("*.png")}
-    assert {"certified_accuracy.png", "search_history.png", "hyperparameter_effects.png",
+    assert {"sweep-exp_confirmation_certified_accuracy.png", "search_history.png", "hyperparameter_effects.png",
             "validation_agreement.png", "factor_validation_decrop_attack.png"} <= sweep_pngs
-    assert "factor_test_sigma.png" in {p.name for p in study_report.glob("*.png")}
-    assert "No search history: these runs contain no sweep trials." in (study_report / "report.md").read_text()
+    # a preset's report: its study's figure; no search, so neither the search's figures nor their placeholders
+    assert {p.name for p in preset_report.glob("*.png")} == {"preset-exp_certified_accuracy.png"}
+    markdown = (preset_report / "report.md").read_text()
+    assert "No search history" not in markdown and "## What drives the objective" not in markdown
 
 
 def test_defaults_pick_the_newest_store_and_experiment(store, tmp_path, monkeypatch, capsys):
@@ -296,10 +284,10 @@ def test_defaults_pick_the_newest_store_and_experiment(store, tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)
     assert report.main([]) == 0
     out = capsys.readouterr().out
-    assert f"{home}/decrop-runs/new/mlflow.db" in out and "loading the runs of method-exp" in out
+    assert f"{home}/decrop-runs/new/mlflow.db" in out and "loading the runs of preset-exp" in out
     assert f"report: reading {home}/decrop-runs/new/mlflow.db, the newest store under {home}/decrop-runs" in out
-    assert "| setting" in out  # the headline table
-    assert (tmp_path / "reports" / "method-exp" / "report.html").exists()
+    assert "preset-exp:\n| level" in out  # the headline table: the preset's
+    assert (tmp_path / "reports" / "preset-exp" / "report.html").exists()
 
 
 def test_runs_as_a_script(tmp_path):
@@ -319,7 +307,7 @@ def bad(argv, capsys) -> str:
 
 def test_bad_experiments(store, tmp_path, capsys):
     err = bad(["--mlflow-uri", store.uri, "--experiment", "nope", "--out", str(tmp_path)], capsys)
-    assert "unknown experiment 'nope'" in err and "'sweep-exp'" in err and "'method-exp'" in err
+    assert "unknown experiment 'nope'" in err and "'sweep-exp'" in err and "'preset-exp'" in err
     err = bad(["--mlflow-uri", store.uri, "--experiment", "empty-exp", "--out", str(tmp_path)], capsys)
     assert "experiment 'empty-exp' has no runs" in err
     err = bad(["--mlflow-uri", store.uri, "--experiment", "stopped-exp", "--out", str(tmp_path)], capsys)
@@ -369,17 +357,12 @@ def test_an_out_that_is_a_file_is_refused_before_any_run_is_read(store, tmp_path
 GOLDEN = Path(__file__).resolve().parent / "golden"
 
 
-@pytest.mark.parametrize("kind", ["sweep", "study"])
-def test_old_stores_give_the_same_tables_as_before(kind, sweep_report, study_report):
-    """An older sweep (test labels on its parent) and a method study: every table the report wrote before the
-    study sections existed (tests/analysis/golden, from that version on this store) comes out the same; the tidy
-    frame only gains the ``kind`` column (run ids differ from store to store)."""
-    out = {"sweep": sweep_report, "study": study_report}[kind]
-    for golden in sorted((GOLDEN / kind).glob("*.csv")):
-        expected, found = pd.read_csv(golden), pd.read_csv(out / golden.name)
-        if golden.name == "certified.csv":
-            assert set(found["kind"]) <= {"sweep", "search_trial", "method_run"}
-            found = found.drop(columns=["run_id", "parent_run_id", "kind"])
+def test_the_searchs_tables_are_the_same_as_before(sweep_report):
+    """The search's trials table and the regression of its objective (tests/analysis/golden/sweep: written by the
+    report of an earlier version from these trials) come out the same."""
+    for golden in sorted((GOLDEN / "sweep").glob("*.csv")):
+        expected, found = pd.read_csv(golden), pd.read_csv(sweep_report / golden.name)
         pd.testing.assert_frame_equal(found, expected, check_exact=False, rtol=1e-12)
-    markdown = (out / "report.md").read_text()
-    assert "## Headline" in markdown and "## Where the time went" in markdown and "## Study" not in markdown
+    markdown = (sweep_report / "report.md").read_text()
+    assert "## The search sweep-exp: confirmation on fresh seeds" in markdown
+    assert "## What drives the objective" in markdown and "## Where the time went" in markdown

@@ -1,27 +1,22 @@
 """analysis/stats.py's paired tests on small hand-built outcomes: the exact sign-flip distribution against brute
 force, the image-level test against exact McNemar (one seed) and scipy's permutation test, the defect it fixes
-(seeds of the same images are not independent pairs), Holm against its definition, the report's frame, two arms
-paired by seed and image (the sweep's best-against-defaults table) and one arm's interval over images."""
+(seeds of the same images are not independent pairs), Holm against its definition, two arms paired by seed and
+image (the sweep's best-against-defaults table) and one arm's interval over images."""
 
 import itertools
 
 import numpy as np
-import pandas as pd
 import pytest
 from scipy.stats import binomtest, bootstrap, permutation_test
 from statsmodels.stats.contingency_tables import mcnemar
 from statsmodels.stats.proportion import proportion_confint
 
-from analysis.runs import certification_frame
 from analysis.stats import (
-    IMAGE_LEVEL,
-    PER_SEED,
     accuracy_interval,
     holm,
     image_level_test,
     paired_outcomes,
     paired_radii,
-    paired_tests,
     sign_flip_distribution,
     sign_flip_p,
 )
@@ -135,89 +130,12 @@ def test_holm_matches_its_definition_and_is_monotone():
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The report's frame, built from CertRows the way analysis/report.py builds it
+# Two arms over seeds (presets, the confirmation) and one arm's interval
+
 
 def rows_of(certified: np.ndarray, images: list[int]) -> list[CertRow]:
     """One CertRow per image: certified ones correct with radius 0.6, the others abstain."""
     return [CertRow(i, 0, 0 if c else -1, 0.6 if c else 0.0, int(c), 0.1) for i, c in zip(images, certified)]
-
-
-def study(method: np.ndarray, baseline: np.ndarray, missing: dict[int, int] | None = None):
-    """A one-setting study with a run per seed (column), test_decrop and test_baseline; `missing` drops image
-    idx from the baseline table of seed s."""
-    images = list(range(0, 10 * len(method), 10))
-    runs, rows = [], {}
-    for s in range(method.shape[1]):
-        run_id = f"run{s}"
-        runs.append({"run_id": run_id, "run_name": f"setting/seed{s}", "role": "method_run", "setting": "setting",
-                     "seed": s, "params.certify.radii": "[0.0, 0.5]"})
-        rows[(run_id, "test_decrop")] = rows_of(method[:, s], images)
-        base = rows_of(baseline[:, s], images)
-        rows[(run_id, "test_baseline")] = [r for r in base if (missing or {}).get(s) != r.idx]
-    runs = pd.DataFrame(runs).set_index("run_id", drop=False)
-    return certification_frame(runs, rows), rows
-
-
-def test_report_frame_has_image_level_and_per_seed_families_holm_adjusted():
-    rng = np.random.default_rng(5)
-    method, baseline = outcomes(rng, 30, 3, 0.7, 0.4)
-    cert, rows = study(method, baseline)
-    frame, notes = paired_tests(cert, rows)
-    assert notes == []
-    image, seed = frame[frame["scope"] == IMAGE_LEVEL], frame[frame["scope"] == PER_SEED]
-    assert list(frame["scope"]) == [IMAGE_LEVEL] * 2 + [PER_SEED] * 6  # image-level first; radii 0 and 0.5
-    for row in image.itertuples():
-        p, difference, (lo, hi) = image_level_test(method, baseline)  # every certified row has radius 0.6
-        assert (row.n_seeds, row.n_pairs, row.p_value) == (3, 30, pytest.approx(p))
-        assert (row.difference_pp, row.ci_low_pp, row.ci_high_pp) == pytest.approx((100 * difference, 100 * lo,
-                                                                                    100 * hi))
-        d = method.sum(axis=1).astype(int) - baseline.sum(axis=1)
-        assert (row.only_method, row.only_baseline) == ((d > 0).sum(), (d < 0).sum())
-    for family in (image, seed):
-        assert np.allclose(family["p_holm"], holm(family["p_value"]))
-        assert (family["n_tests"] == len(family)).all()
-        for row in family.itertuples():
-            assert f"p={row.p_value:.2g}, Holm-adjusted over {len(family)} tests p={row.p_holm:.2g}" in row.sentence
-    assert "Over 3 seeds of the same 30 images, DE-CROP certifies" in image["sentence"].iloc[0]
-    assert "pooled" not in " ".join(frame["sentence"])
-
-
-def test_images_missing_from_one_seed_are_left_out_with_a_note():
-    rng = np.random.default_rng(6)
-    method, baseline = outcomes(rng, 20, 3, 0.6, 0.5)
-    cert, rows = study(method, baseline, missing={1: 50})  # image idx 50 (row 5) lacks seed 1's baseline
-    frame, notes = paired_tests(cert, rows)
-    assert any("run setting/seed1: test_decrop and test_baseline share 19 of their images" in n for n in notes)
-    assert any("setting, DE-CROP: 1 images are not certified by both methods in all 3 seeds; the image-level "
-               "test uses the 19 present everywhere" in n for n in notes)
-    image = frame[frame["scope"] == IMAGE_LEVEL].iloc[0]
-    keep = np.arange(20) != 5
-    assert image["n_pairs"] == 19
-    assert image["p_value"] == pytest.approx(image_level_test(method[keep], baseline[keep]).p_value)
-    per_seed = frame[frame["scope"] == PER_SEED].groupby("seed")["n_pairs"].unique()
-    assert [list(v) for v in per_seed] == [[20], [19], [20]]
-
-
-def test_one_seed_gives_only_per_seed_tests():
-    rng = np.random.default_rng(7)
-    cert, rows = study(*outcomes(rng, 15, 1, 0.6, 0.5))
-    frame, _ = paired_tests(cert, rows)
-    assert set(frame["scope"]) == {PER_SEED} and len(frame) == 2
-
-
-def test_identical_methods_in_the_report_read_as_a_tie():
-    method = np.random.default_rng(8).random((12, 2)) < 0.5
-    cert, rows = study(method, method.copy())
-    frame, _ = paired_tests(cert, rows)
-    assert (frame["p_value"] == 1).all() and (frame["p_holm"] == 1).all() and (frame["difference_pp"] == 0).all()
-    image = frame[frame["scope"] == IMAGE_LEVEL]["sentence"]
-    assert image.str.endswith("Holm-adjusted over 2 tests p=1: no image favours either method.").all()
-    per_seed = frame[frame["scope"] == PER_SEED]["sentence"]
-    assert per_seed.str.endswith("Holm-adjusted over 4 tests p=1: the two certify exactly the same images.").all()
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Two arms over seeds (presets, the confirmation) and one arm's interval
 
 
 def seed_tables(outcomes: np.ndarray, images: list[int]) -> dict[int, list[CertRow]]:
@@ -244,7 +162,7 @@ def test_paired_outcomes_pairs_seeds_by_key_and_images_by_idx():
         paired_outcomes({5: m[0]}, r, [0.0])
 
 
-def test_paired_radii_is_the_sweeps_best_against_defaults_table():
+def test_paired_radii_is_the_confirmations_best_against_defaults_table():
     rng = np.random.default_rng(10)
     best, default = outcomes(rng, 40, 2, 0.8, 0.4)
     images = list(range(40))
@@ -256,9 +174,6 @@ def test_paired_radii_is_the_sweeps_best_against_defaults_table():
     assert list(frame["p"]) == pytest.approx([p, p, 1.0])
     assert list(frame["p (Holm over radii)"]) == pytest.approx(list(holm([p, p, 1.0])))
     assert list(frame["verdict"]) == ["tuned better", "tuned better", "no difference shown"]
-    studies = pytest.importorskip("tuning.studies")
-    if studies.paired_radii is not paired_radii:  # until tuning/studies.py calls this one
-        pd.testing.assert_frame_equal(frame, studies.paired_radii([b[0], b[1]], [d[0], d[1]], (0.0, 0.5, 0.75)))
 
 
 def test_accuracy_interval_is_clopper_pearson_when_the_seeds_agree_else_a_bootstrap_over_images():

@@ -17,7 +17,8 @@ import analysis.store
 import tuning.tracking
 from analysis import report
 from decrop.rows import CertRow, write_rows
-from tuning.tracking import StudyTracker, default_tracking_uri
+from tuning.schema import default_tracking_uri
+from tuning.tracking import StudyTracker
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -22,8 +22,9 @@ from analysis import report
 from analysis.inference import crossed_test
 from analysis.stats import holm, image_level_test, paired_radii
 from decrop.rows import CertRow
-from tuning.tracking import (FACTOR_TAG, LEVEL_TAG, METHOD_TAG, PRESET_TAG, SEED_TAG, VARIANT_TAG,
-                             StudyTracker, default_tracking_uri)
+from tuning.schema import (FACTOR_TAG, LEVEL_TAG, METHOD_TAG, PRESET_TAG, SEED_TAG, VARIANT_TAG,
+                           default_tracking_uri)
+from tuning.tracking import StudyTracker
 
 RADII = [0.0, 0.25, 0.5]  # the profile's certify.radii
 TABLE_RADII = [0.0, 0.25, 0.5, 0.75]  # with the paper's
@@ -126,7 +127,7 @@ def search_study(uri, rng, difficulty):
         if i not in (3, 8):  # stopped by ASHA: no certification, no phase times
             validation = make_rows(difficulty, 0.6, rng)
             tracker.log_certification(run, validation, RADII, "validation")
-            tracker.log_metrics(run, {"certify/acr": params["decrop.mixing"]}, step=1)  # the objective = mixing
+            tracker.log_metrics(run, {"certify/objective": params["decrop.mixing"]}, step=0)  # the objective = mixing
             w.times[run] = {"time/prepare": 2.0, "time/train": 30.0 + i, "time/certify_validation": 5.0}
             tracker.log_metrics(run, w.times[run], step=0)
             trials.append((f"s{i:02d}", params))

@@ -27,7 +27,7 @@ import psutil
 from helpers import TINY_SWEEP
 from tuning.space import FinalObjectiveOptunaSearch, define_space
 from tuning.sweep import RAY_ENV
-from tuning.tracking import ATTEMPTS_METRIC, default_tracking_uri
+from tuning.schema import ATTEMPTS_METRIC, default_tracking_uri
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -3,8 +3,9 @@ a trial whose code raises (retried; a grid ends with "rerun with --resume" and t
 goes on), a Ray Train worker killed mid-training (resumes from its checkpoint), a certification task killed (rerun,
 identical rows). The driver killed, and a node removed, are in test_fault_restarts.py.
 
-Injection: `tuning.trainable.inject_fault` (``DECROP_TEST_FAIL_ONCE``, ``DECROP_TEST_FAIL_ALWAYS``, set here for
-the whole Ray; the files they name switch failures on and off), and SIGKILL of processes found among this test
+Injection: the test-only trainable `helpers.faulty_trainable` (``DECROP_TEST_FAIL_ONCE``, ``DECROP_TEST_FAIL_ALWAYS``,
+set here for the whole Ray; the files they name switch failures on and off; the studies run it in place of
+`tuning.trainable.tune_trainable`), and SIGKILL of processes found among this test
 process's own descendants (never another Ray on the machine). Tiny settings (``TINY_SWEEP``). Times measured on 2
 cores shared with other studies (load ~7): Ray start ~20 s, classifier ~30 s, the tests as their docstrings say.
 """
@@ -22,14 +23,14 @@ import ray
 import ray.tune
 import psutil  # Ray's bundled copy: importable once ray is imported
 
-from helpers import TINY_SWEEP
+from helpers import FAIL_ALWAYS_ENV, FAIL_ONCE_ENV, TINY_SWEEP, faulty_trainable
 from decrop.config import from_flat, load_config, to_flat
-from decrop.pipeline import prepare
+from decrop.prepare import prepare
 from tuning import studies, sweep
 from tuning.certify_tasks import certify_parallel
-from tuning.tracking import (ATTEMPTS_METRIC, FAILURE_TAG, FAILURES_METRIC, MlflowStatusCallback,
-                             StudyTracker, default_tracking_uri)
-from tuning.trainable import FAIL_ALWAYS_ENV, FAIL_ONCE_ENV, StudySettings, tune_trainable
+from tuning.schema import ATTEMPTS_METRIC, FAILURE_TAG, FAILURES_METRIC, default_tracking_uri
+from tuning.tracking import MlflowStatusCallback, StudyTracker
+from tuning.trainable import StudySettings, tune_trainable
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -48,6 +49,12 @@ def faults(tmp_path_factory):
     once, always = root / "fail-once", root / "fail-always"
     once.touch()  # present: no injected failure until a test removes it
     return {"root": root, "sets": sets, "once": once, "always": always}
+
+
+@pytest.fixture(autouse=True)
+def injected(monkeypatch):
+    """The studies run the test-only trainable, which raises where the injection files say."""
+    monkeypatch.setattr(studies, "tune_trainable", faulty_trainable)
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +177,7 @@ def test_a_search_goes_on_when_a_trial_fails_once(faults, local_ray, tmp_path):
     args = sweep.parse_args(["--num-trials", "2", "--study", "retry", "--storage", str(tmp_path), "--cert-shards",
                              "1", *_args(faults["sets"])])
     cfg = load_config(sweep.profile_path("quick"), args.overrides)
-    study = sweep.open_study("search", args, to_flat(cfg), concurrent=2)
+    study = sweep.open_study("search", args, to_flat(cfg), concurrent=2, classifier_sha256="0" * 64)
     faults["once"].unlink()
     try:
         best = studies.run_search(study, num_trials=2, seed=0)

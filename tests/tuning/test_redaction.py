@@ -4,7 +4,7 @@
 import pytest
 
 from tuning import sweep
-from tuning.tracking import redact_uri
+from tuning.schema import redact_uri
 
 
 @pytest.mark.parametrize("uri, shown", [
@@ -46,7 +46,7 @@ def test_sweep_start_line_shows_no_password(tmp_path, monkeypatch, capsys):
     def stop(*args, **kwargs):
         raise Stop
 
-    import decrop.pipeline
+    import decrop.prepare
     import tuning.studies
     import tuning.tracking
     from types import SimpleNamespace
@@ -54,7 +54,7 @@ def test_sweep_start_line_shows_no_password(tmp_path, monkeypatch, capsys):
     # No server, no data, no Ray: the study's start line (open_study) is printed before its first trial.
     monkeypatch.setattr(tuning.tracking, "StudyTracker", Tracker)
     monkeypatch.setattr(sweep, "preflight", lambda name, args: None)
-    monkeypatch.setattr(decrop.pipeline, "prepare", lambda cfg: SimpleNamespace(
+    monkeypatch.setattr(decrop.prepare, "prepare", lambda cfg: SimpleNamespace(
         clean_accuracy=1.0, budget={"classifier_sha256": "0" * 64}))
     monkeypatch.setattr(sweep, "connect", lambda: None)
     monkeypatch.setattr(sweep, "check_cluster", lambda args: None)

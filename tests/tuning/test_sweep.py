@@ -10,7 +10,8 @@ import ray
 from helpers import TINY_SWEEP as TINY
 from tuning import studies, sweep
 from tuning.space import default_point, define_space, trial_overrides
-from tuning.tracking import StudyTracker, default_tracking_uri
+from tuning.schema import default_tracking_uri
+from tuning.tracking import StudyTracker
 
 REPO = Path(__file__).resolve().parents[2]
 

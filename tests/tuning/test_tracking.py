@@ -12,17 +12,9 @@ from mlflow import MlflowClient
 
 from decrop.rows import CertRow, average_certified_radius, certified_accuracy, read_rows
 from decrop.config import ExperimentConfig, to_flat
-from tuning.tracking import (
-    ATTEMPTS_METRIC,
-    FAILURE_TAG,
-    FAILURES_METRIC,
-    MlflowStatusCallback,
-    StudyTracker,
-    default_tracking_uri,
-    git_commit,
-    plot_certified_curve,
-    resolve_tracking_uri,
-)
+from tuning.schema import (ATTEMPTS_METRIC, FAILURE_TAG, FAILURES_METRIC, default_tracking_uri,
+                           resolve_tracking_uri)
+from tuning.tracking import MlflowStatusCallback, StudyTracker, git_commit, plot_certified_curve
 
 ROWS = [  # idx label predict radius correct time samples: certified correct, wrong, abstain, small radius
     CertRow(0, 3, 3, 0.8125, 1, 0.5, 1100),
@@ -243,13 +235,13 @@ def test_plot_certified_curve_two_labels(tmp_path):
 
 
 def test_child_runs_are_found_again_by_their_tags(tracker):
-    parent = tracker.start_sweep("m", {}, resume=False, role="study")
-    seed0 = {"decrop.setting": "sigma0.5", "decrop.seed": "0"}
-    first = tracker.child_run(parent, seed0, "sigma0.5/seed0", {"sigma": 0.5}, role="method_run")
-    assert tracker.child_run(parent, seed0, "sigma0.5/seed0", {"sigma": 0.5}, role="method_run") == first
-    second = tracker.child_run(parent, {**seed0, "decrop.seed": "1"}, "sigma0.5/seed1", {}, role="method_run")
+    parent = tracker.start_sweep("m", {}, resume=False, role="preset")
+    seed0 = {"decrop.level": "0.5", "decrop.seed": "0"}
+    first = tracker.child_run(parent, seed0, "sigma0.5/seed0", {"sigma": 0.5}, role="trial")
+    assert tracker.child_run(parent, seed0, "sigma0.5/seed0", {"sigma": 0.5}, role="trial") == first
+    second = tracker.child_run(parent, {**seed0, "decrop.seed": "1"}, "sigma0.5/seed1", {}, role="trial")
     assert second != first and tracker.find_child(parent, {"decrop.seed": "1"}) == second
-    assert tracker.find_child(parent, {"decrop.setting": "sigma0.25"}) is None
-    assert tracker.client.get_run(first).data.tags["decrop.role"] == "method_run"
-    # a method study's parent and a sweep's parent of the same name are different runs
+    assert tracker.find_child(parent, {"decrop.level": "0.25"}) is None
+    assert tracker.client.get_run(first).data.tags["decrop.role"] == "trial"
+    # a preset's parent and a sweep's parent of the same name are different runs
     assert tracker.start_sweep("m", {}, resume=False) != parent

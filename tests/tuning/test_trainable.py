@@ -14,9 +14,10 @@ import ray.tune
 from helpers import TINY_SWEEP
 from decrop.rows import read_rows
 from decrop.config import load_config, to_flat
-from decrop.pipeline import prepare
+from decrop.prepare import prepare
 from tuning.space import default_point
-from tuning.tracking import MlflowStatusCallback, StudyTracker, default_tracking_uri
+from tuning.schema import default_tracking_uri
+from tuning.tracking import MlflowStatusCallback, StudyTracker
 from tuning.trainable import StudySettings, load_denoiser_state, tune_trainable
 
 REPO = Path(__file__).resolve().parents[2]
