@@ -39,8 +39,7 @@ if __package__ in (None, ""):  # run as `python tuning/sweep.py` (not imported):
 from decrop.config import MAX_SEED, check_name, load_config, to_flat  # noqa: E402
 from decrop.errors import BAD_INPUT  # noqa: E402
 from tuning.presets import ALL, PRESETS, SEARCH, preset_names, resolve  # noqa: E402
-from tuning.schema import PRESET_ROLE, SWEEP_ROLE, check_mlflow_sqlite  # noqa: E402
-from tuning.schema import redact_uri, resolve_tracking_uri  # noqa: E402
+from tuning.schema import PRESET_ROLE, SWEEP_ROLE, check_mlflow_sqlite, redact_uri, resolve_tracking_uri  # noqa: E402
 
 # Environment of every process of a study (`set_environment`). cluster/runtime_env.yaml (and rayjob.yaml) repeat it
 # for jobs on a cluster; a local Ray started by this driver inherits it from os.environ.
@@ -63,7 +62,8 @@ RAY_ENV = {
 # explicitly (Ray 2.60's default for new local clusters, without its warning). Both are read when ray is
 # imported: set after that, they would reach Ray's daemons but not this process, which then disagrees with them.
 # On this one machine, no node is ever drained (preempted), so Ray Train's preemption watcher, one polling actor
-# (and its memory) per training run, has nothing to watch; Ray's own switch turns it off. A cluster's spot nodes keep it (cluster/ does not set it).
+# (and its memory) per training run, has nothing to watch; Ray's own switch turns it off. A cluster's spot nodes
+# keep it (cluster/ does not set it).
 LOCAL_RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token",
                  "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
