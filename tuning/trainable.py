@@ -99,7 +99,8 @@ def _train_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
 
 
 # In a process of its own that ends with the task (max_calls=1), so that the trial actor never loads torch, the
-# data or the classifier, and holds none of that memory while it waits on its training. No CPU, as when the actor did it itself.
+# data or the classifier, and holds none of that memory while it waits on its training. No CPU, as when the actor
+# did it itself.
 @ray.remote(num_cpus=0, max_calls=1)
 def _trial_data(flat: dict[str, Any], generate_samples: bool) -> dict[str, Any]:
     """What a trial needs of `decrop.prepare.prepare` (budget, validation and test indices) and the wall seconds
