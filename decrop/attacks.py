@@ -27,7 +27,7 @@ model's mixed submodule modes with ``model.train()`` afterwards, and draws its r
   stops just past the boundary, clamped to [0, 1] only; `eps` does not bound it. Ours, not torchattacks': that
   one applies the overshoot to each step and clamps each step to [0, 1], so where clamping shortens the steps it
   converges onto the boundary without crossing it. Measured: it left 65% of the quick profile's correctly
-  classified Fashion-MNIST images (15 of 32 toy images in tests/test_attacks.py) on the boundary, still
+  classified Fashion-MNIST images (15 of 32 toy images in tests/decrop/test_attacks.py) on the boundary, still
   classified as `y`; this one crossed for all of them.
 - `none`: the paper's ablation without boundary samples: the partner of each image is a random *other* image of
   the same class from the batch (itself only when it is alone in its class). The supplementary (table 2) uses

@@ -23,7 +23,7 @@ statistics, and `--workers-per-trial` becomes a hyperparameter. Here instead:
 Why gradients come out right: with autograd collectives whose backward is a sum over workers, worker r's
 gradient is that of sum_k l_k (its own and the others' losses, through the collectives); DDP then averages, so
 the parameters see the gradient of (1/W) sum_k l_k. Choosing l_k = W * (share of the global mean) + (global
-terms) makes that equal to the one-process loss. `tests/test_distributed.py` checks it with 2 gloo workers.
+terms) makes that equal to the one-process loss. `tests/decrop/test_distributed.py` checks it with 2 gloo workers.
 
 `torch.nn.SyncBatchNorm` does the BatchNorm part on GPUs but refuses CPU tensors; `GlobalBatchNorm` is one
 implementation for both, so the CPU tests exercise the code that GPU runs use. One process (``Shard()``) makes

@@ -133,7 +133,7 @@ class DecropObjective(BaseObjective):
     construction: rank 0's weights are broadcast here, and its gradients are averaged over the workers before
     its step (`decrop.distributed.Shard.average_gradients`). Every worker's gradient is that of the one-process
     domain loss, so the average is too: the objective stays that of one process (checked with 2 gloo workers in
-    tests/test_distributed.py). Not wrapped in DDP, which would average the same gradients but prefix the
+    tests/decrop/test_distributed.py). Not wrapped in DDP, which would average the same gradients but prefix the
     checkpointed state dict with ``module.``: the explicit all-reduce sits where the step order needs it.
     """
 

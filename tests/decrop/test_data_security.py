@@ -16,9 +16,9 @@ import torch
 from decrop import data, datafiles
 from decrop.data import as_tensors, load_dataset
 from decrop.errors import DatasetNotFoundError
-from test_data import _dump_py2, _synthetic_cifar, _synthetic_fmnist_dir, _write_idx_gz  # tests/test_data.py
+from test_data import _dump_py2, _synthetic_cifar, _synthetic_fmnist_dir, _write_idx_gz  # tests/decrop/test_data.py
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 # ------------------------------------------------------------------------------------------------ CIFAR-10
@@ -71,7 +71,7 @@ def test_the_cli_refuses_a_tampered_batch(tmp_path, capsys):
     marker = tmp_path / "pwned"
     with open(tmp_path / "data" / "cifar-10-batches-py" / "data_batch_1", "wb") as f:
         pickle.dump(_Payload(os.system, f"touch {marker}"), f, protocol=2)
-    quick = Path(__file__).resolve().parents[1] / "configs" / "quick.yaml"
+    quick = Path(__file__).resolve().parents[2] / "configs" / "quick.yaml"
     code = cli.main(["run", "--config", str(quick), "--set", "data.dataset=cifar10", "--set",
                      f"data.root={tmp_path / 'data'}", "--out", str(tmp_path / "out")])
     assert code == 2 and not marker.exists()

@@ -174,7 +174,7 @@ def test_prepare_on_a_folder_uses_every_training_image(tmp_path, exported):
 # ---- issue 22, items 5 and 6: the odd image named, image size bounded before decoding, class-name files, and the
 # folder profile
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def write_png_header(path: Path, width: int, height: int) -> None:

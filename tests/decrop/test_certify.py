@@ -272,7 +272,7 @@ def test_certified_radii_of_a_linear_classifier_are_sound_and_not_vacuous(mode: 
 # 2 x alpha fails clearly more often than a level-alpha certifier may. Exact mode: pA just below CP(170 of 200),
 # failure probability alpha - 1e-5 (the binomial tail). Sequential mode, one radius r*: the threshold
 # Phi(r* / sigma) is CP(170 of 200) at the final look's level 0.8 alpha and pA sits just below it (failure
-# measured at ~8.5% with decrop.sequential's own simulation, tests/test_sequential.py).
+# measured at ~8.5% with decrop.sequential's own simulation, tests/decrop/test_sequential.py).
 POWER = dict(num=1500, sigma=0.25, n0=20, n=200, alpha=0.1)
 
 

@@ -13,7 +13,7 @@ from decrop.rows import read_rows
 from decrop.cli import main
 from decrop.config import load_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 FMNIST = Path(os.environ.get("DECROP_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 TINY = ["classifier.epochs=1", "train.epochs=2", "train.adam_epochs=1", "data.test_every=1000",
         "data.val_size=50", "certify.val_images=10", "certify.n0=20", "certify.n=100", "certify.batch_size=100",

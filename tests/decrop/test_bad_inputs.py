@@ -5,7 +5,7 @@ Each case must end with exit code 2 and one line ``error: ...`` that names the p
 traceback), before any compute (training, sample generation, certification and export are replaced by functions
 that fail the test if called) and before Ray starts (the sweep's `connect` fails the test too, and Ray must not
 be initialised afterwards); nothing in the case's folder may be created, changed or deleted (every file's bytes
-and mtime, every folder's name). Run: ``pytest -q tests/test_bad_inputs.py`` (~1-2 min on 2 busy cores: the
+and mtime, every folder's name). Run: ``pytest -q tests/decrop/test_bad_inputs.py`` (~1-2 min on 2 busy cores: the
 data-loading cases read Fashion-MNIST; no Ray, no training).
 """
 
@@ -38,7 +38,7 @@ from tuning import sweep
 from tuning.schema import default_tracking_uri
 from tuning.tracking import StudyTracker
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 QUICK = str(REPO / "configs" / "quick.yaml")
 FMNIST = Path(os.environ.get("DECROP_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 CUDA = torch.cuda.is_available()

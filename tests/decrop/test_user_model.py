@@ -29,9 +29,9 @@ from decrop.runtime import eval_mode
 from decrop.smoothed import load_smoothed
 from decrop.user_model import UserClassifier, load_user_classifier
 
-from test_folder_data import make_folder  # tests/test_folder_data.py: image folders on disk
+from test_folder_data import make_folder  # tests/decrop/test_folder_data.py: image folders on disk
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 FMNIST = Path(os.environ.get("DECROP_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 INFO = DatasetInfo("folder", channels=1, image_size=16, num_classes=3, mean=(0.5,), std=(0.5,),
                    classes=("a", "b", "c"))

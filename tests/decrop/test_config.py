@@ -6,7 +6,7 @@ from decrop.config import (ExperimentConfig, describe, from_dict, from_flat, loa
                            to_dict, to_flat, to_yaml)
 from decrop.errors import ConfigError
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 @pytest.mark.parametrize("profile", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.stem)

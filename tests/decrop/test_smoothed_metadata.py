@@ -12,7 +12,7 @@ from decrop.cli import main
 from decrop.errors import SmoothedModelError
 from decrop.smoothed import FORMAT, load_smoothed
 
-from test_archive import SIGMA, rewrite, write_smoothed  # tests/test_archive.py
+from test_archive import SIGMA, rewrite, write_smoothed  # tests/decrop/test_archive.py
 from test_archive import smoothed_metadata as _exported
 
 
