@@ -152,8 +152,7 @@ class StudyTracker:
     def start_sweep(self, study: str, params: Mapping[str, Any], resume: bool, role: str = "sweep") -> str:
         """The parent run id of `study`: created (and `params` logged), or with ``resume`` the existing one set back
         to RUNNING (a missing one is created). ValueError when it exists and ``resume`` is False. `role` is
-        ``sweep`` for the search, ``preset`` for one of the paper's studies (``study`` in stores of the former
-        method-study script)."""
+        `SWEEP_ROLE` for the search, `PRESET_ROLE` for one of the paper's studies."""
         existing = self._search(f"tags.`{STUDY_TAG}` = {_quote(study)} and tags.`{ROLE_TAG}` = {_quote(role)}")
         if existing and not resume:
             raise ValueError(f"study {study!r} already has a {role} run ({existing[0].info.run_id}) in MLflow "

@@ -124,18 +124,3 @@ def test_grid_runs_level_by_level_and_seed_by_seed(name):
     order = [(list(preset.levels).index(p["level"]) if p["level"] is not None else 0, p["seed"])
              for p in grid if p["method"] != "none"]
     assert order == sorted(order)
-
-
-def test_an_interrupted_or_failed_grid_is_not_a_finished_study():
-    """Ctrl-C makes Tune return the trials it had: the sweep must say the study is unfinished, not report it."""
-    from types import SimpleNamespace
-
-    from tuning.studies import check_grid
-
-    done = SimpleNamespace(error=None, metrics={"done": True})
-    running = SimpleNamespace(error=None, metrics={"done": False, "val/agreement": 0.5})
-    check_grid([done, done], 2, "s")  # all finished: nothing to say
-    with pytest.raises(RuntimeError, match="3 of 4 trials of s did not finish .* rerun with --resume"):
-        check_grid([done, running], 4, "s")  # one unfinished, two never started
-    with pytest.raises(RuntimeError, match="1 of 2 trials of s failed .* rerun with --resume"):
-        check_grid([done, SimpleNamespace(error=ValueError("x"), metrics={})], 2, "s")
