@@ -19,10 +19,12 @@ REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.ray
 
-# What the driver subprocess runs: the sweep's connect(), then it reports the node's ports and waits for stdin.
+# What the driver subprocess runs: what the sweep's main() does first (set_environment(), then connect()), then
+# it reports the node's ports and waits for stdin.
 DRIVER = """
 import json, sys
-from tuning.sweep import connect
+from tuning.sweep import connect, set_environment
+set_environment()
 connect()
 import ray
 (node,) = ray.nodes()
