@@ -110,6 +110,20 @@ def asha(epochs: int) -> ASHAScheduler:
                          reduction_factor=3, stop_last_trials=False)
 
 
+class Interrupted(RuntimeError):
+    """Tune ended before every trial had: Ctrl-C (SIGINT) or SIGUSR1 reached the driver, and Tune saved its state
+    and returned the trials it had instead of raising."""
+
+
+def check_finished(name: str, results: ray.tune.ResultGrid, expected: int) -> None:
+    """`Interrupted` unless all `expected` trials ended (TERMINATED: finished, or stopped by the scheduler) or
+    errored. Tune's own test for an incomplete run; a trial's ``done`` flag is not one (a trial that reruns on
+    resume only to report its saved result may end without it)."""
+    ended = results.num_terminated + results.num_errors
+    if ended < expected:
+        raise Interrupted(f"interrupted with {ended} of {expected} trials of {name} ended")
+
+
 def run_grid(study: Study, grid: list[dict[str, Any]], name: str) -> ray.tune.ResultGrid:
     """Run the points of `grid` as Tune trials (no search, no early stopping); every trial must succeed."""
     print(f"{study.name}: {len(grid)} trials ({name})", flush=True)
@@ -121,6 +135,7 @@ def run_grid(study: Study, grid: list[dict[str, Any]], name: str) -> ray.tune.Re
     if failed:
         raise RuntimeError(f"{len(failed)} of {len(grid)} trials of {study.name} failed (first: {failed[0].error}); "
                            f"rerun with --resume to retry them")
+    check_finished(study.name, results, len(grid))
     return results
 
 
@@ -135,6 +150,7 @@ def run_search(study: Study, num_trials: int, seed: int) -> dict[str, Any]:
                    scheduler=asha(total_epochs(base)), num_samples=num_trials,
                    progress=Progress(num_trials, "objective"))
     results = tuner.fit()
+    check_finished(study.name, results, num_trials)
     best = results.get_best_result(metric="objective", mode="max", filter_nan_and_inf=True)
     study.tracker.set_tag(study.parent, BEST_TRIAL_TAG, best.metrics["trial_id"])
     print(f"{study.name}: best trial {best.metrics['trial_id']}: validation objective "

@@ -420,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import optuna
 
-    from tuning.studies import confirm, run_preset, run_search
+    from tuning.studies import Interrupted, confirm, run_preset, run_search
     base = to_flat(cfg)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # no line per Optuna study created in memory
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # nor per store opened
@@ -449,7 +449,8 @@ def main(argv: list[str] | None = None) -> int:
                 run_preset(study, name, args.seeds, levels)
                 print(f"{study.name}: trials done in {time.perf_counter() - phase:.0f}s", flush=True)
         except (RuntimeError, KeyboardInterrupt) as err:
-            study.tracker.finish(study.parent, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+            killed = isinstance(err, (KeyboardInterrupt, Interrupted))
+            study.tracker.finish(study.parent, "KILLED" if killed else "FAILED")
             print(f"error: {study.name} stopped: {err or 'interrupted'}; what finished is kept: rerun the same "
                   f"command with --resume to continue", file=sys.stderr)
             return 1

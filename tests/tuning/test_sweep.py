@@ -1,11 +1,17 @@
 """The sweep command: errors before any compute, the search space, and (slow) a real sweep with resume."""
 
+import os
+import signal
+import sys
+import time
 from pathlib import Path
 
 import mlflow
 import optuna
 import pytest
 import ray
+import ray.tune
+from ray import cloudpickle
 
 from helpers import TINY_SWEEP as TINY
 from tuning import studies, sweep
@@ -138,6 +144,34 @@ def test_tiny_search_confirms_on_fresh_seeds_and_resume_duplicates_nothing(local
     # ... and without --resume an existing study is refused before anything runs
     assert sweep.main(args) == 2
     assert "--resume" in capsys.readouterr().err
+
+
+def _toy_trial(config):
+    if config["x"] == 0:  # the first trial stops the study as Ctrl-C would (Tune treats SIGUSR1 as SIGINT)
+        os.kill(config["driver"], signal.SIGUSR1)
+        time.sleep(2)
+    ray.tune.report({"x": config["x"]})
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("interrupt", [False, True])
+def test_an_interrupted_grid_is_not_taken_for_a_finished_one(local_ray, tmp_path, interrupt):
+    """Tune answers Ctrl-C by saving its state and returning the trials it has, without an error: the study must
+    stop as interrupted (its parent run KILLED, no report), not go on as if every trial had ended."""
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import a test module
+    grid = [0, 1, 2] if interrupt else [1, 2, 3]
+    tuner = ray.tune.Tuner(_toy_trial, param_space={"x": ray.tune.grid_search(grid), "driver": os.getpid()},
+                           tune_config=ray.tune.TuneConfig(max_concurrent_trials=1),
+                           run_config=ray.tune.RunConfig(storage_path=str(tmp_path), verbose=0))
+    results = tuner.fit()
+    if interrupt:
+        with pytest.raises(studies.Interrupted, match=r"of 3 trials of toy ended"):
+            studies.check_finished("toy", results, len(grid))
+    else:
+        assert results.num_errors == 0 and results.num_terminated == len(grid)
+        studies.check_finished("toy", results, len(grid))
+        with pytest.raises(studies.Interrupted):  # a trial the searcher never created counts too
+            studies.check_finished("toy", results, len(grid) + 1)
 
 
 def _smoke_levels(name: str) -> list[str]:
