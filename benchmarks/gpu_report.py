@@ -114,22 +114,46 @@ def certify_section(records: list[dict]) -> tuple[list[str], dict]:
     return lines, summary
 
 
+def _train_details(r: dict) -> str:
+    """One table cell: what a training step's record measured."""
+    step = r["step"]
+    if step == "nccl_step":
+        return (f"setup {r['setup_s']:.1f} s, first step {r['first_step_s']:.2f} s, then "
+                f"{r['step_s'] * 1e3:.0f} ms/step (batch {r['batch']})")
+    if step == "ray_train":
+        return (f"{r['train_images']} images, {r['denoiser']} + {r['classifier']}: driver preparation "
+                f"{r['prep_s']:.0f} s, ray.init {r['ray_init_s']:.0f} s, fit() {r['fit_s']:.1f} s, "
+                f"epoch {r['epoch_s']:.2f} s")
+    if step == "train_step":
+        return ", ".join(f"{name} {r[f'{key}_ms']:.1f} ms/step ({r[f'{key}_images_per_s']:,.0f} images/s)"
+                         for name, key in (("stage 1", "stage1"), ("stage 2", "stage2"), ("baseline", "baseline"))
+                         ) + f"; {r['denoiser']} + {r['classifier']}, batch {r['batch']}"
+    if step == "kseed_step":
+        return "; ".join(f"K={k}: grouped {r[f'k{k}_grouped_ms']:.1f} ms, separate {r[f'k{k}_separate_ms']:.1f} ms "
+                         f"({r[f'k{k}_separate_over_grouped']:.2f}x)" for k in (1, 3, 10))
+    if step == "decrop_run":
+        phases = ", ".join(f"{k} {v:.0f} s" for k, v in r["phases_s"].items())
+        return (f"`run` {r['run_s']:.0f} s ({phases}), `export` {r['export_s']:.0f} s "
+                f"({r['export_bytes'] / 2 ** 20:.1f} MiB); trained {', '.join(r['trained'])}")
+    if step == "resume":
+        return (f"{r['denoiser']} + {r['classifier']}, {r['epochs']} epochs: resumed vs uninterrupted max weight "
+                f"difference {r['resumed_max_diff']:.1e}; with the CUDA noise restarted {r['noise_restarted_max_diff']:.1e}")
+    return ""
+
+
 def train_section(records: list[dict]) -> list[str]:
-    lines = ["## DDP training, 1 epoch", "",
+    lines = ["## Training", "",
              "`nccl_step`: world-size-1 torch.distributed + DDP, DE-CROP objective, DnCNN-17x64 through ResNet-110, "
              "batch 64. `ray_train`: one Ray Train `TorchTrainer` run (1 GPU worker) of "
-             "`tuning.train_loop.train_loop_per_worker`, paper profile on a synthetic CIFAR-10, 1 epoch.", "",
+             "`tuning.train_loop.train_loop_per_worker`, paper profile on a synthetic CIFAR-10, 1 epoch. "
+             "`train_step`: the quick profile's steps (as `benchmarks/train_speed.py` times them on a CPU core). "
+             "`kseed_step`: K seeds as one grouped-conv denoiser vs K separate ones. `decrop_run`: a whole "
+             "`python -m decrop run` (paper model sizes, synthetic CIFAR-10, a few steps of each phase) and "
+             "`python -m decrop export`. `resume`: a run resumed from its checkpoint against the uninterrupted one "
+             "(see benchmarks/gpu_train.py).", "",
              "| step | backend | status | wall s | details |", "|---|---|---|---|---|"]
     for r in records:
-        if r.get("status") != "ok":
-            details = r.get("message", "")
-        elif r["step"] == "nccl_step":
-            details = (f"setup {r['setup_s']:.1f} s, first step {r['first_step_s']:.2f} s, then "
-                       f"{r['step_s'] * 1e3:.0f} ms/step (batch {r['batch']})")
-        else:
-            details = (f"{r['train_images']} images, {r['denoiser']} + {r['classifier']}: driver preparation "
-                       f"{r['prep_s']:.0f} s, ray.init {r['ray_init_s']:.0f} s, fit() {r['fit_s']:.1f} s, "
-                       f"epoch {r['epoch_s']:.2f} s")
+        details = _train_details(r) if r.get("status") == "ok" else r.get("message", "")
         wall = f"{r['wall_s']:.0f}" if "wall_s" in r else "-"
         lines.append(f"| {r['step']} | {r.get('backend', '-')} | {r['status']} | {wall} | {details} |")
     return lines

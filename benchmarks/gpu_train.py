@@ -18,6 +18,22 @@ needs from a dataset. Random data: the numbers are timings, not accuracies.
    boundary/interpolated samples first (their time is ``prep_s``), so the worker reads them from the cache.
    Reported: ``fit()``'s wall time and the epoch's own time (``train/epoch_time`` from the worker).
 
+3. ``train_step``: the quick profile's training step on the device (`benchmarks/train_speed.py`'s `Case`: the
+   library's objectives stepped by Adam, DnCNN-7x32 through the small CNN, batch 32, 1x28x28): ms per step and
+   images per second for DE-CROP stage 1, stage 2 and the baseline, beside the CPU's numbers in
+   ``benchmarks/results/train_speed_cpu.md``.
+4. ``kseed_step``: K seeds as one grouped-conv denoiser against K separate ones (`train_speed.kseed_cases`),
+   K = 1, 3, 10: where one small DnCNN leaves a GPU mostly idle, sharing the work may pay (on a CPU it does not).
+5. ``decrop_run``: a whole ``python -m decrop run`` in a subprocess on the paper's model sizes (ResNet-110
+   trained 1 epoch, DnCNN-17x64) and the synthetic CIFAR-10: a few steps of every phase (subset, boundary and
+   interpolated samples, baseline, DE-CROP stage 1 and stage 2, certification of 10 test images at n = 1,000),
+   then ``python -m decrop export`` of the smoothed model a user takes home.
+6. ``resume``: training resumed from a checkpoint on the device continues the uninterrupted run: DE-CROP at the
+   paper's sizes for 3 epochs (2 of stage 1, 1 of stage 2), stopped after epoch 1, its `ResumeState` written
+   and read back as Ray Train's workers do (``weights_only``), resumed. Deterministic kernels where torch has
+   them; the resumed weights must match the uninterrupted ones far more closely than a control run whose CUDA
+   noise restarts from its seed (the bug that once lost a GPU run's noise stream) does.
+
 Each step appends one JSON line to `--out`; a failing step is recorded with its error. Where ray or mlflow is
 not installed (the GPU image's own python3 has torch but not the project's venv), ``ray_train`` is recorded as
 skipped and ``nccl_step`` is the DDP check.
@@ -26,10 +42,12 @@ skipped and ``nccl_step`` is the DDP check.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import pickle
 import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -175,6 +193,167 @@ def ray_train(flat: dict, storage: Path, gpu: bool) -> dict:
             "loss": final.get("train/loss")}
 
 
+def _median_step(fn, device: torch.device, warm: int = 3, steps: int = 10) -> float:
+    """Seconds of one call of `fn`: the median of `steps` synchronised calls after `warm` ones."""
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    for _ in range(warm):
+        fn()
+    times = []
+    for _ in range(steps):
+        sync()
+        tic = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - tic)
+    return float(np.median(times))
+
+
+def _quick_profile(quick: bool):
+    tiny = ["denoiser.depth=3", "denoiser.width=8", "train.batch_size=4"] if quick else []
+    return load_config(REPO / "configs" / "quick.yaml", tiny)
+
+
+def _need_torchattacks(step: str) -> None:
+    if missing_modules("torchattacks"):  # the boundary samples' attacks; pure Python, so it can be carried
+        raise Skipped(f"torchattacks is not installed in {sys.executable}: {step} makes boundary samples with it; "
+                      f"put the venv's site-packages/torchattacks on PYTHONPATH (pure Python, any version of "
+                      f"Python 3) or use the project's venv")
+
+
+def train_step(device: torch.device, quick: bool) -> dict:
+    """The quick profile's DE-CROP stage 1, stage 2 and baseline steps on `device` (see the module doc)."""
+    from benchmarks.train_speed import Case
+
+    cfg = _quick_profile(quick)
+    torch.manual_seed(0)
+    classifier = create_model(cfg.classifier.arch, in_channels=1).to(device).eval().requires_grad_(False)
+    base = create_model(cfg.denoiser.arch, in_channels=1, depth=cfg.denoiser.depth, width=cfg.denoiser.width)
+    batch = cfg.train.batch_size
+    images = tuple(torch.rand(batch, 1, 28, 28) for _ in range(2 + cfg.decrop.n_interp))
+    labels = torch.randint(0, 10, (batch,))
+    out = {"batch": batch, "denoiser": f"dncnn-{cfg.denoiser.depth}x{cfg.denoiser.width}",
+           "classifier": cfg.classifier.arch}
+    for kind in ("decrop stage 1", "decrop stage 2", "baseline"):
+        case = Case(kind, "today", cfg, classifier, base, images, labels, device)
+        seconds = _median_step(case.step, device, steps=3 if quick else 20)
+        key = kind.replace("decrop ", "").replace(" ", "")
+        out.update({f"{key}_ms": seconds * 1e3, f"{key}_images_per_s": batch / seconds})
+    return out
+
+
+def kseed_step(device: torch.device, quick: bool) -> dict:
+    """K seeds as one grouped-conv network against K separate denoisers, K = 1, 3, 10 (see the module doc)."""
+    from benchmarks.train_speed import kseed_cases
+
+    cfg = _quick_profile(quick)
+    torch.manual_seed(0)
+    out = {"batch": cfg.train.batch_size, "denoiser": f"dncnn-{cfg.denoiser.depth}x{cfg.denoiser.width}"}
+    for k, grouped, separate in kseed_cases(cfg, 1, 28, 2 + cfg.decrop.n_interp, device):
+        g = _median_step(grouped, device, steps=3 if quick else 10)
+        sep = _median_step(separate, device, steps=3 if quick else 10)
+        out.update({f"k{k}_grouped_ms": g * 1e3, f"k{k}_separate_ms": sep * 1e3, f"k{k}_separate_over_grouped": sep / g})
+    return out
+
+
+def run_config_overrides(data_root: Path, cache: Path, device: torch.device, quick: bool) -> list[str]:
+    """``--set`` items of the whole-run step: the paper profile on the synthetic CIFAR-10, a few steps of every
+    phase (100 training images, 2 + 1 epochs, 10 test images at n = 1,000)."""
+    overrides = [f"data.root={data_root}", f"cache_dir={cache}", f"device={device.type}", "data.percent=1",
+                 "data.val_size=64", "data.test_every=100", "classifier.epochs=1", "train.epochs=2",
+                 "train.adam_epochs=1", "decrop.stage2_epochs=1", "decrop.attack_steps=5", "decrop.interp_steps=5",
+                 "certify.n=1000", "certify.val_images=8", "methods=[baseline, decrop]"]
+    if quick:
+        overrides += ["data.percent=10", "data.test_every=50", "certify.n=100", "classifier.arch=resnet20",
+                      "denoiser.depth=3", "denoiser.width=8", "decrop.attack_steps=2", "decrop.interp_steps=2",
+                      "train.batch_size=16"]
+    return overrides
+
+
+def decrop_run(data_root: Path, work: Path, device: torch.device, quick: bool) -> dict:
+    """``python -m decrop run`` then ``python -m decrop export`` in subprocesses (see the module doc)."""
+    _need_torchattacks("decrop_run")
+    sets = [arg for item in run_config_overrides(data_root, work / "cache", device, quick) for arg in ("--set", item)]
+    env = {**os.environ, "PYTHONPATH": os.environ["PYTHONPATH"]}
+    timings = {}
+    for name, command in (
+            ("run", ["run", "--config", str(REPO / "configs" / "paper.yaml"), *sets, "--out", str(work / "run")]),
+            ("export", ["export", "--run", str(work / "run"), "--method", "decrop", "--out",
+                        str(work / "smoothed.pt2")])):
+        tic = time.perf_counter()
+        done = subprocess.run([sys.executable, "-m", "decrop", *command], env=env, capture_output=True, text=True)
+        timings[f"{name}_s"] = time.perf_counter() - tic
+        print(done.stdout[-4000:], done.stderr[-4000:], sep="\n", flush=True)
+        if done.returncode != 0:
+            tail = (done.stderr.strip() or done.stdout.strip()).splitlines()[-1:] or ["(no output)"]
+            raise RuntimeError(f"python -m decrop {name} exited {done.returncode}: {tail[0][:300]}")
+    run = json.loads((work / "run" / "run.json").read_text())
+    return {**timings, "phases_s": {k: round(v, 1) for k, v in run["timings"].items()},
+            "trained": list(run["methods"]), "export_bytes": (work / "smoothed.pt2").stat().st_size}
+
+
+def resume_check(device: torch.device, quick: bool) -> dict:
+    """Straight, resumed and noise-restarted DE-CROP runs on `device` (see the module doc)."""
+    _need_torchattacks("resume")
+    import dataclasses
+
+    from decrop.data import dataset_info
+    from decrop.prepare import Prepared
+    from decrop.samples import generate_samples
+    from decrop.stages import ResumeState, TrainHooks, method_stages, run_stages
+    from torch.utils.data import TensorDataset
+
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    torch.use_deterministic_algorithms(True, warn_only=True)  # a few backward kernels have no deterministic form
+    sizes = (["classifier.arch=resnet20", "denoiser.depth=3", "denoiser.width=8", "train.batch_size=8"] if quick
+             else [])
+    cfg = load_config(REPO / "configs" / "paper.yaml", ["train.epochs=2", "train.adam_epochs=1", "decrop.stage2_epochs=1",
+                                                         "decrop.attack_steps=5", "decrop.interp_steps=5", *sizes])
+    torch.manual_seed(0)
+    classifier = create_model(cfg.classifier.arch, in_channels=3, num_classes=10).to(device).eval()
+    classifier.requires_grad_(False)
+    n = 4 * cfg.train.batch_size  # 4 steps per epoch
+    images, labels = torch.rand(n, 3, 32, 32), torch.arange(n) % 10
+    prep = Prepared(cfg=cfg, device=device, info=dataset_info("cifar10"), classifier=classifier,
+                    train_images=images, train_labels=labels, train_indices=np.arange(n),
+                    val_images=torch.rand(8, 3, 32, 32, device=device), val_targets=labels[:8].to(device),
+                    val_indices=np.arange(n, n + 8), test_set=TensorDataset(images, labels),
+                    test_indices=np.arange(4), clean_accuracy=0.0)
+    samples = generate_samples(classifier, images.to(device), labels.to(device), cfg.decrop, seed=0)
+    branches = (images, *(t.cpu() for t in samples.as_images()))
+
+    def train(hooks: TrainHooks | None = None) -> dict[str, torch.Tensor]:
+        model, _ = run_stages(prep, classifier, branches, method_stages("decrop", prep, classifier), hooks=hooks)
+        return {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
+
+    tic = time.perf_counter()
+    straight = train()
+    straight_s = time.perf_counter() - tic
+    saved = []
+    train(TrainHooks(on_epoch_end=lambda epoch, metrics, state: saved.append(state()) if epoch == 0 else None))
+    file = io.BytesIO()  # through a checkpoint file, as Ray Train's workers keep it
+    torch.save(saved[0].as_dict(), file)
+    file.seek(0)
+    state = ResumeState.from_dict(torch.load(file, weights_only=True))
+    resumed = train(TrainHooks(resume=state))
+    restarted = train(TrainHooks(resume=dataclasses.replace(state, rng={**state.rng, "cuda": None})))
+
+    def diff(other: dict[str, torch.Tensor]) -> float:
+        return max((straight[k] - other[k]).abs().max().item() for k in straight)
+    resumed_diff, control_diff = diff(resumed), diff(restarted)
+    out = {"denoiser": f"dncnn-{cfg.denoiser.depth}x{cfg.denoiser.width}", "classifier": cfg.classifier.arch,
+           "epochs": 3, "steps_per_epoch": 4, "straight_s": straight_s, "resumed_max_diff": resumed_diff,
+           "noise_restarted_max_diff": control_diff}
+    # On a CPU the CUDA state plays no part (the control equals the resumed run): the resumed run must be exact.
+    bound = 1e-2 * control_diff if device.type == "cuda" else 0.0
+    if resumed_diff > bound:
+        raise RuntimeError(f"the resumed run does not continue the uninterrupted one: max weight difference "
+                           f"{resumed_diff:.2e}, against {control_diff:.2e} when the CUDA noise restarts")
+    return out
+
+
 def record(out: Path, step: str, common: dict, fn) -> None:
     """Run `fn` and append its result (or its error) as one JSON line to `out`, and print it."""
     entry = {"part": "train", "step": step, **common}
@@ -193,13 +372,18 @@ def record(out: Path, step: str, common: dict, fn) -> None:
     print(json.dumps(entry), flush=True)
 
 
+STEPS = ("nccl_step", "ray_train", "train_step", "kseed_step", "decrop_run", "resume")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda")
     p.add_argument("--out", type=Path, required=True, help="JSON-lines file the records are appended to")
     p.add_argument("--quick", action="store_true", help="tiny models and data: checks the script on a CPU")
-    p.add_argument("--steps", nargs="+", default=["nccl_step", "ray_train"], choices=["nccl_step", "ray_train"])
+    p.add_argument("--steps", nargs="+", default=list(STEPS), choices=STEPS)
     args = p.parse_args(argv)
+    if "resume" in args.steps:  # deterministic cuBLAS (read when CUDA starts): the resume check compares weights
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error(f"--device {args.device} but torch {torch.__version__} sees no CUDA device; "
@@ -220,6 +404,17 @@ def main(argv: list[str] | None = None) -> int:
                                            "denoiser": f"dncnn-{flat['denoiser.depth']}x{flat['denoiser.width']}",
                                            "classifier": flat["classifier.arch"]},
                    lambda: ray_train(flat, tmp / "ray", device.type == "cuda"))
+    if "train_step" in args.steps:
+        record(args.out, "train_step", common, lambda: train_step(device, args.quick))
+    if "kseed_step" in args.steps:
+        record(args.out, "kseed_step", common, lambda: kseed_step(device, args.quick))
+    if "decrop_run" in args.steps:
+        with tempfile.TemporaryDirectory(prefix="decrop-gpu-run-") as tmp:
+            tmp = Path(tmp)
+            write_synthetic_cifar(tmp / "data", *((100, 100) if args.quick else (2000, 1000)))
+            record(args.out, "decrop_run", common, lambda: decrop_run(tmp / "data", tmp, device, args.quick))
+    if "resume" in args.steps:
+        record(args.out, "resume", common, lambda: resume_check(device, args.quick))
     return 0
 
 

@@ -61,27 +61,29 @@ CONTENDED_EXIT = 3
 VARIANTS = ("today", "NCHW", "channels_last inputs", "compile")
 
 
-def _objective(kind: str, cfg, classifier):
+def _objective(kind: str, cfg, classifier, device: torch.device):
     if kind == "baseline":
         return StabilityObjective(cfg.sigma)
-    disc = DomainDiscriminator(classifier.feature_dim) if kind == "decrop stage 2" else None
+    disc = DomainDiscriminator(classifier.feature_dim).to(device) if kind == "decrop stage 2" else None
     return DecropObjective(cfg.sigma, cfg.decrop, disc)
 
 
 class Case:
-    """One objective's step in one variant: fixed images, a denoiser copy, its Adam."""
+    """One objective's step in one variant: fixed images, a denoiser copy, its Adam, on `device` (the classifier
+    is there already; benchmarks/gpu_train.py times the same step on a GPU)."""
 
-    def __init__(self, kind: str, variant: str, cfg, classifier, base_denoiser, images, labels):
+    def __init__(self, kind: str, variant: str, cfg, classifier, base_denoiser, images, labels,
+                 device: torch.device = torch.device("cpu")):
         self.kind, self.variant = kind, variant
         torch.manual_seed(1)
-        self.objective = _objective(kind, cfg, classifier)
+        self.objective = _objective(kind, cfg, classifier, device)
         weights = torch.contiguous_format if variant == "NCHW" else torch.channels_last
-        self.denoiser = copy.deepcopy(base_denoiser).to(memory_format=weights)
+        self.denoiser = copy.deepcopy(base_denoiser).to(device, memory_format=weights)
         self.model = torch.compile(self.denoiser) if variant == "compile" else self.denoiser
         inputs = torch.channels_last if variant == "channels_last inputs" else torch.contiguous_format
-        self.images = tuple(im.contiguous(memory_format=inputs) for im in
+        self.images = tuple(im.to(device).contiguous(memory_format=inputs) for im in
                             (images[:1] if kind == "baseline" else images))
-        self.labels = labels
+        self.labels = labels.to(device)
         self.classifier = classifier
         self.optimizer = torch.optim.Adam(self.denoiser.parameters(), lr=cfg.train.lr)
         self.compile_s = 0.0
@@ -159,17 +161,17 @@ def grouped_dncnn(channels: int, depth: int, width: int, k: int) -> nn.Sequentia
     return nn.Sequential(*layers)
 
 
-def kseed_cases(cfg, channels: int, image: int, batches: int):
+def kseed_cases(cfg, channels: int, image: int, batches: int, device: torch.device = torch.device("cpu")):
     """(K, grouped step, separate steps) for K = 1, 3, 10: the stage-1 denoiser's forward + backward over its
-    `batches` branches (each branch a call of its own, as the objective makes them)."""
+    `batches` branches (each branch a call of its own, as the objective makes them), on `device`."""
     d = cfg.denoiser
     out = []
     for k in (1, 3, 10):
-        grouped = grouped_dncnn(channels, d.depth, d.width, k).to(memory_format=torch.channels_last)
-        xs = [torch.rand(cfg.train.batch_size, channels * k, image, image) for _ in range(batches)]
+        grouped = grouped_dncnn(channels, d.depth, d.width, k).to(device, memory_format=torch.channels_last)
+        xs = [torch.rand(cfg.train.batch_size, channels * k, image, image, device=device) for _ in range(batches)]
         separate = [create_model("dncnn", in_channels=channels, depth=d.depth, width=d.width)
-                    .to(memory_format=torch.channels_last) for _ in range(k)]
-        xs1 = [torch.rand(cfg.train.batch_size, channels, image, image) for _ in range(batches)]
+                    .to(device, memory_format=torch.channels_last) for _ in range(k)]
+        xs1 = [torch.rand(cfg.train.batch_size, channels, image, image, device=device) for _ in range(batches)]
 
         def run_grouped(grouped=grouped, xs=xs):
             sum(grouped(x).sum() for x in xs).backward()

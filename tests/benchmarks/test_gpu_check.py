@@ -1,7 +1,7 @@
 """The GPU check's pieces that run without a GPU: the synthetic CIFAR-10, the report, the refusal without CUDA.
 
-The whole check on a CPU (``DECROP_GPU_CHECK_DEVICE=cpu bash benchmarks/gpu_check.sh --quick``, ~2 min with a
-Ray Train run) is marked slow and ray.
+The whole check on a CPU (``DECROP_GPU_CHECK_DEVICE=cpu bash benchmarks/gpu_check.sh --quick``, ~3 min with a
+Ray Train run and a whole ``python -m decrop run``) is marked slow and ray.
 """
 
 import json
@@ -51,6 +51,29 @@ def test_report_names_the_best_variant_and_the_paper_protocols_time(tmp_path, ca
     assert raw["summary"]["target_met"] and len(raw["certify"]) == 3
 
 
+def test_report_shows_what_each_training_step_measured(tmp_path):
+    common = {"part": "train", "device": "cuda", "quick": False, "status": "ok", "wall_s": 12.0}
+    records = [
+        {**common, "step": "train_step", "batch": 32, "denoiser": "dncnn-7x32", "classifier": "small_cnn",
+         "stage1_ms": 4.0, "stage1_images_per_s": 8000.0, "stage2_ms": 5.0, "stage2_images_per_s": 6400.0,
+         "baseline_ms": 2.0, "baseline_images_per_s": 16000.0},
+        {**common, "step": "kseed_step", **{f"k{k}_{part}": value for k in (1, 3, 10) for part, value in
+                                            (("grouped_ms", 2.0), ("separate_ms", 2.0 * k), ("separate_over_grouped", k))}},
+        {**common, "step": "decrop_run", "run_s": 50.0, "export_s": 20.0, "phases_s": {"classifier": 9.0},
+         "trained": ["baseline", "decrop"], "export_bytes": 8 * 2 ** 20},
+        {**common, "step": "resume", "denoiser": "dncnn-17x64", "classifier": "resnet110", "epochs": 3,
+         "resumed_max_diff": 1e-7, "noise_restarted_max_diff": 3e-3},
+        {**common, "step": "decrop_run", "status": "skipped", "message": "torchattacks is not installed"}]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert write(tmp_path) == 0
+    text = (tmp_path / "gpu_check.md").read_text()
+    assert "stage 1 4.0 ms/step (8,000 images/s)" in text and "baseline 2.0 ms/step (16,000 images/s)" in text
+    assert "K=10: grouped 2.0 ms, separate 20.0 ms (10.00x)" in text
+    assert "`run` 50 s (classifier 9 s), `export` 20 s (8.0 MiB); trained baseline, decrop" in text
+    assert "max weight difference 1.0e-07; with the CUDA noise restarted 3.0e-03" in text
+    assert "| decrop_run | - | skipped | 12 | torchattacks is not installed |" in text
+
+
 def test_without_ray_the_train_step_is_recorded_as_skipped_with_its_reason(tmp_path, monkeypatch):
     # the GPU image's own python3 has torch but neither ray nor mlflow
     monkeypatch.setattr(gpu_train, "missing_modules", lambda *names: ["ray", "mlflow"])
@@ -82,5 +105,7 @@ def test_the_whole_check_runs_on_a_cpu_with_quick_sizes(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     raw = json.loads((tmp_path / "gpu_check.json").read_text())
     assert {r["variant"] for r in raw["certify"] if r["status"] == "ok"} >= {"fp32", "tf32", "bf16", "bf16-foldbn"}
-    assert [(r["step"], r["status"]) for r in raw["train"]] == [("nccl_step", "ok"), ("ray_train", "ok")]
+    assert [(r["step"], r["status"]) for r in raw["train"]] == [(step, "ok") for step in gpu_train.STEPS]
+    resume = next(r for r in raw["train"] if r["step"] == "resume")
+    assert resume["resumed_max_diff"] == 0.0  # on a CPU, the resumed run is the uninterrupted one, bit for bit
     assert "QUICK VALIDATION RUN" in (tmp_path / "gpu_check.md").read_text()
