@@ -17,7 +17,9 @@ family, whatever report shows them. Per test:
 The verdict: *reproduced* when every test is supported; *partly reproduced* when some are; *contradicted* when
 some are contradicted and none supported; *not reproduced* when none is either way but every ``better`` or
 ``trend`` interval excludes the smallest effect worth detecting (5 points); *inconclusive* otherwise; *not
-tested* when no test could run. Beside each seed-level test, the image-level test (`analysis.stats.
+tested* when no test could run. A claim whose declared comparisons did not all run (a study still under way, or
+run on fewer levels) is never *reproduced* nor *not reproduced*: those words speak for every comparison, so it is
+*inconclusive* until they have run (its Holm family is also smaller than the claim's). Beside each seed-level test, the image-level test (`analysis.stats.
 image_level_test`) describes only the trained models at hand ("for these trained models").
 """
 
@@ -39,6 +41,7 @@ from .stats import certified_matrix, holm, image_level_test, shared_images
 from .tables import method_name
 
 SUPPORTED, CONTRADICTED, OPEN, NOT_INTERPRETABLE = "supported", "contradicted", "open", "not interpretable"
+NOT_RUN = "not run"  # the end of a note on a declared comparison (or trend level) that has no runs
 REPRODUCED, PARTLY, NOT_REPRODUCED = "reproduced", "partly reproduced", "not reproduced"
 CONTRADICTED_CLAIM, INCONCLUSIVE, NOT_TESTED = "contradicted", "inconclusive", "not tested"
 
@@ -107,7 +110,7 @@ def _pairwise(study: StudyArms, comparison: Comparison, degenerate: dict, notes:
     for level in comparison.levels:
         arm, reference, ref_level = _arms(study, comparison, level)
         if arm is None or reference is None:
-            notes.append(f"{comparison.kind} {comparison.arm} vs {comparison.reference} at {level}: not run")
+            notes.append(f"{comparison.kind} {comparison.arm} vs {comparison.reference} at {level}: {NOT_RUN}")
             continue
         limit = max(certifiable(arm), certifiable(reference))
         for radius in comparison.radii:
@@ -157,6 +160,7 @@ def _trend(study: StudyArms, comparison: Comparison, degenerate: dict, notes: li
     for level in comparison.levels:
         arm, reference, _ = _arms(study, comparison, level)
         if arm is None or reference is None:
+            notes.append(f"trend: level {level} {NOT_RUN}")
             continue
         if (arm.level, arm.method) in degenerate or (reference.level, reference.method) in degenerate:
             notes.append(f"trend: level {level} left out (a degenerate arm)")
@@ -197,7 +201,18 @@ def _outcome(row: dict) -> str:
     return OPEN
 
 
-def _rule(tests: pd.DataFrame) -> tuple[str, str]:
+def _rule(tests: pd.DataFrame, not_run: int = 0) -> tuple[str, str]:
+    """The verdict word and why, from the tests' outcomes; `not_run`: declared comparisons without runs."""
+    word, reason = _word(tests)
+    if not_run and word in (REPRODUCED, NOT_REPRODUCED):
+        return INCONCLUSIVE, (f"{reason}, but {not_run} declared comparison(s) not run yet: {word} only once "
+                              f"every one has run")
+    if not_run and word != NOT_TESTED:
+        return word, f"{reason}; {not_run} declared comparison(s) not run yet"
+    return word, reason
+
+
+def _word(tests: pd.DataFrame) -> tuple[str, str]:
     live = tests[tests["outcome"] != NOT_INTERPRETABLE] if len(tests) else tests
     if live.empty:
         return NOT_TESTED, ("no comparison could be tested" if tests.empty else
@@ -248,5 +263,5 @@ def verdict(study: StudyArms, claim: Claim) -> Verdict:
         tests["outcome"] = [_outcome(row) for row in tests.to_dict("records")]
         tests["seeds_needed"] = [_seeds_needed(row, int(live.sum())) for row in tests.to_dict("records")]
         tests = tests[COLUMNS]
-    word, reason = _rule(tests)
+    word, reason = _rule(tests, sum(note.endswith(NOT_RUN) for note in notes))
     return Verdict(word, reason, tests, list(degenerate.values()), notes)
