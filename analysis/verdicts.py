@@ -19,8 +19,9 @@ some are contradicted and none supported; *not reproduced* when none is either w
 ``trend`` interval excludes the smallest effect worth detecting (5 points); *inconclusive* otherwise; *not
 tested* when no test could run. A claim whose declared comparisons did not all run (a study still under way, or
 run on fewer levels) is never *reproduced* nor *not reproduced*: those words speak for every comparison, so it is
-*inconclusive* until they have run (its Holm family is also smaller than the claim's). Beside each seed-level test, the image-level test (`analysis.stats.
-image_level_test`) describes only the trained models at hand ("for these trained models").
+*inconclusive* until they have run (its Holm family is also smaller than the claim's); what ran can still support
+or contradict it. Beside each seed-level test, the image-level test (`analysis.stats.image_level_test`)
+describes only the trained models at hand ("for these trained models").
 """
 
 from __future__ import annotations
