@@ -137,7 +137,8 @@ def _train_details(r: dict) -> str:
                 f"({r['export_bytes'] / 2 ** 20:.1f} MiB); trained {', '.join(r['trained'])}")
     if step == "resume":
         return (f"{r['denoiser']} + {r['classifier']}, {r['epochs']} epochs: resumed vs uninterrupted max weight "
-                f"difference {r['resumed_max_diff']:.1e}; with the CUDA noise restarted {r['noise_restarted_max_diff']:.1e}")
+                f"difference {r['resumed_max_diff']:.1e}; with the CUDA noise restarted "
+                f"{r['noise_restarted_max_diff']:.1e}")
     return ""
 
 

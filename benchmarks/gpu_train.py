@@ -253,7 +253,8 @@ def kseed_step(device: torch.device, quick: bool) -> dict:
     for k, grouped, separate in kseed_cases(cfg, 1, 28, 2 + cfg.decrop.n_interp, device):
         g = _median_step(grouped, device, steps=3 if quick else 10)
         sep = _median_step(separate, device, steps=3 if quick else 10)
-        out.update({f"k{k}_grouped_ms": g * 1e3, f"k{k}_separate_ms": sep * 1e3, f"k{k}_separate_over_grouped": sep / g})
+        out.update({f"k{k}_grouped_ms": g * 1e3, f"k{k}_separate_ms": sep * 1e3,
+                    f"k{k}_separate_over_grouped": sep / g})
     return out
 
 
@@ -309,8 +310,9 @@ def resume_check(device: torch.device, quick: bool) -> dict:
     torch.use_deterministic_algorithms(True, warn_only=True)  # a few backward kernels have no deterministic form
     sizes = (["classifier.arch=resnet20", "denoiser.depth=3", "denoiser.width=8", "train.batch_size=8"] if quick
              else [])
-    cfg = load_config(REPO / "configs" / "paper.yaml", ["train.epochs=2", "train.adam_epochs=1", "decrop.stage2_epochs=1",
-                                                         "decrop.attack_steps=5", "decrop.interp_steps=5", *sizes])
+    cfg = load_config(REPO / "configs" / "paper.yaml", ["train.epochs=2", "train.adam_epochs=1",
+                                                         "decrop.stage2_epochs=1", "decrop.attack_steps=5",
+                                                         "decrop.interp_steps=5", *sizes])
     torch.manual_seed(0)
     classifier = create_model(cfg.classifier.arch, in_channels=3, num_classes=10).to(device).eval()
     classifier.requires_grad_(False)

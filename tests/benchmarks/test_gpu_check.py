@@ -57,8 +57,8 @@ def test_report_shows_what_each_training_step_measured(tmp_path):
         {**common, "step": "train_step", "batch": 32, "denoiser": "dncnn-7x32", "classifier": "small_cnn",
          "stage1_ms": 4.0, "stage1_images_per_s": 8000.0, "stage2_ms": 5.0, "stage2_images_per_s": 6400.0,
          "baseline_ms": 2.0, "baseline_images_per_s": 16000.0},
-        {**common, "step": "kseed_step", **{f"k{k}_{part}": value for k in (1, 3, 10) for part, value in
-                                            (("grouped_ms", 2.0), ("separate_ms", 2.0 * k), ("separate_over_grouped", k))}},
+        {**common, "step": "kseed_step", **{f"k{k}_{part}": value for k in (1, 3, 10) for part, value in (
+            ("grouped_ms", 2.0), ("separate_ms", 2.0 * k), ("separate_over_grouped", k))}},
         {**common, "step": "decrop_run", "run_s": 50.0, "export_s": 20.0, "phases_s": {"classifier": 9.0},
          "trained": ["baseline", "decrop"], "export_bytes": 8 * 2 ** 20},
         {**common, "step": "resume", "denoiser": "dncnn-17x64", "classifier": "resnet110", "epochs": 3,
