@@ -276,14 +276,13 @@ def decrop_run(data_root: Path, work: Path, device: torch.device, quick: bool) -
     """``python -m decrop run`` then ``python -m decrop export`` in subprocesses (see the module doc)."""
     _need_torchattacks("decrop_run")
     sets = [arg for item in run_config_overrides(data_root, work / "cache", device, quick) for arg in ("--set", item)]
-    env = {**os.environ, "PYTHONPATH": os.environ["PYTHONPATH"]}
-    timings = {}
+    timings = {}  # the subprocesses inherit PYTHONPATH (the repository, set at import)
     for name, command in (
             ("run", ["run", "--config", str(REPO / "configs" / "paper.yaml"), *sets, "--out", str(work / "run")]),
             ("export", ["export", "--run", str(work / "run"), "--method", "decrop", "--out",
                         str(work / "smoothed.pt2")])):
         tic = time.perf_counter()
-        done = subprocess.run([sys.executable, "-m", "decrop", *command], env=env, capture_output=True, text=True)
+        done = subprocess.run([sys.executable, "-m", "decrop", *command], capture_output=True, text=True)
         timings[f"{name}_s"] = time.perf_counter() - tic
         print(done.stdout[-4000:], done.stderr[-4000:], sep="\n", flush=True)
         if done.returncode != 0:

@@ -1,11 +1,14 @@
 """The one rule from a claim's tests to its verdict word (`analysis.verdicts`), on hand-made outcomes."""
 
+import numpy as np
 import pandas as pd
 import pytest
 
+from analysis.arms import PRESET, Arm, StudyArms
 from analysis.verdicts import (CONTRADICTED, CONTRADICTED_CLAIM, INCONCLUSIVE, NOT_INTERPRETABLE, NOT_REPRODUCED,
-                               NOT_TESTED, OPEN, PARTLY, REPRODUCED, SUPPORTED, _rule)
-from tuning.presets import BETTER, SIMILAR, TREND
+                               NOT_TESTED, OPEN, PARTLY, REPRODUCED, SUPPORTED, _rule, verdict)
+from decrop.rows import CertRow
+from tuning.presets import BETTER, PRESETS, SIMILAR, TREND
 
 
 def outcomes(*rows: tuple[str, str, float, float]) -> pd.DataFrame:
@@ -43,3 +46,26 @@ def test_a_claim_with_comparisons_not_run_is_never_reproduced_nor_not_reproduced
     assert _rule(outcomes(*rows))[0] == complete
     word, why = _rule(outcomes(*rows), not_run=3)
     assert word == partial and "3 declared comparison(s) not run yet" in why
+
+
+def test_a_study_under_way_counts_the_declared_comparisons_it_has_not_run():
+    """The sigma claim rests on DE-CROP against the baseline at four levels; a study with one level done (a
+    strong effect there) is inconclusive, naming the three comparisons not run, not reproduced on one level."""
+    rng = np.random.default_rng(0)
+    images = list(range(0, 800, 20))
+    hard = rng.uniform(0, 1, len(images))
+    arms = {}
+    for method, skill in (("decrop", 0.8), ("baseline", 0.4), ("none", 0.2)):
+        arm = Arm("0.25", method)
+        for seed in range(4):
+            margins = skill - hard + 0.05 * rng.standard_normal(len(images))
+            arm.seeds[seed] = [CertRow(i, i % 10, i % 10, round(min(0.9, m), 4), 1, 0.1, 100)
+                               for i, m in zip(images, margins) if m > 0]
+            arm.runs[seed] = pd.Series({"params.certify.n": "1000", "params.certify.alpha": "0.001",
+                                        "params.sigma": "0.25"})
+        arms[("0.25", method)] = arm
+    study = StudyArms(PRESET, "s", "p", "sigma", "sigma", ["0.25"], arms, [0.0, 0.25, 0.5], [0.0, 0.25, 0.5])
+    judged = verdict(study, PRESETS["sigma"].claim)
+    assert (judged.tests["outcome"] == SUPPORTED).all()  # where it ran, the effect is clear
+    assert judged.word == INCONCLUSIVE and "3 declared comparison(s) not run yet" in judged.reason
+    assert sum(note.endswith("not run") for note in judged.notes) == 3
