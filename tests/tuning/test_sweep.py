@@ -156,8 +156,9 @@ def _toy_trial(config):
 @pytest.mark.ray
 @pytest.mark.parametrize("interrupt", [False, True])
 def test_an_interrupted_grid_is_not_taken_for_a_finished_one(local_ray, tmp_path, interrupt):
-    """Tune answers Ctrl-C by saving its state and returning the trials it has, without an error: the study must
-    stop as interrupted (its parent run KILLED, no report), not go on as if every trial had ended."""
+    """Tune answers Ctrl-C by saving its state and returning the trials it has, without an error: `check_finished`
+    (which run_grid and run_search call) must raise Interrupted, so that the sweep marks the parent run KILLED and
+    writes no report instead of going on as if every trial had ended."""
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import a test module
     grid = [0, 1, 2] if interrupt else [1, 2, 3]
     tuner = ray.tune.Tuner(_toy_trial, param_space={"x": ray.tune.grid_search(grid), "driver": os.getpid()},
