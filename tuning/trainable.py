@@ -39,6 +39,7 @@ import ray.tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from decrop.config import NO_DENOISER, ExperimentConfig, config_hash, from_flat, to_flat, to_yaml
+from decrop.rows import CertRow
 
 from . import trial_cache
 from .certify_tasks import certify_parallel
@@ -245,26 +246,27 @@ class Trial:
     def certify_validation(self, val_indices: list[int]) -> None:
         """The search's objective. Decisions at the study's radii, stopped as soon as they are known
         (decrop.sequential): the same guarantee per image, with fewer forward passes."""
-        cfg = self.cfg
-        val = val_indices[:cfg.certify.val_images]
-        rows = certify_parallel({**self.flat, "certify.mode": "sequential"}, {self.label: self.weights}, "val", val,
-                                self.settings.cert_shards, gpus_per_task=self.settings.gpus_per_worker)[self.label]
-        self.metrics.update(self.tracker.log_certification(self.run_id, rows, cfg.certify.radii,
-                                                           VALIDATION_LABEL))
-        self.metrics["objective"] = validation_objective(self.metrics, cfg.certify.radii)
+        self._certify({**self.flat, "certify.mode": "sequential"}, "val",
+                      val_indices[:self.cfg.certify.val_images], VALIDATION_LABEL)
+        self.metrics["objective"] = validation_objective(self.metrics, self.cfg.certify.radii)
         self.tracker.log_metrics(self.run_id, {OBJECTIVE_METRIC: self.metrics["objective"]}, step=0)
         self.clock.lap("certify_validation")
 
     def certify_test(self, test_indices: list[int], key: str | None) -> None:
         """The test subset, for reporting; the result goes to the trial cache under `key`."""
-        rows = certify_parallel(self.flat, {self.label: self.weights}, "test", test_indices,
-                                self.settings.cert_shards, gpus_per_task=self.settings.gpus_per_worker)[self.label]
-        self.metrics.update(self.tracker.log_certification(self.run_id, rows, self.cfg.certify.radii,
-                                                           f"test_{self.label}"))
+        rows = self._certify(self.flat, "test", test_indices, f"test_{self.label}")
         self.clock.lap("certify_test")
         if key is not None:
             trial_cache.store(self.cfg.cache_dir, key, self.weights, rows,
                               f"{self.settings.experiment}/{self.trial_id}")
+
+    def _certify(self, flat: dict[str, Any], split: str, indices: list[int], label: str) -> list[CertRow]:
+        """The denoiser certified on `indices` of `split` as parallel tasks under `flat`; the rows logged under
+        `label` and their metrics kept for the result."""
+        rows = certify_parallel(flat, {self.label: self.weights}, split, indices, self.settings.cert_shards,
+                                gpus_per_task=self.settings.gpus_per_worker)[self.label]
+        self.metrics.update(self.tracker.log_certification(self.run_id, rows, self.cfg.certify.radii, label))
+        return rows
 
     def finish(self, last: dict[str, float] | None) -> dict[str, float]:
         """The result (certification metrics, phase times, the last epoch's validation agreement unless the result
