@@ -16,6 +16,7 @@ configuration beats the defaults. That answer, not the search's own score, is th
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,11 +152,23 @@ def run_search(study: Study, num_trials: int, seed: int) -> dict[str, Any]:
                    progress=Progress(num_trials, "objective"))
     results = tuner.fit()
     check_finished(study.name, results, num_trials)
-    best = results.get_best_result(metric="objective", mode="max", filter_nan_and_inf=True)
+    best = best_result(results, base)
     study.tracker.set_tag(study.parent, BEST_TRIAL_TAG, best.metrics["trial_id"])
     print(f"{study.name}: best trial {best.metrics['trial_id']}: validation objective "
           f"{best.metrics['objective']:.4f} with {dict(best.config)}", flush=True)
     return dict(best.config)
+
+
+def best_result(results: ray.tune.ResultGrid, base: dict[str, Any]) -> ray.tune.Result:
+    """The trial with the highest validation objective. Ties (few validation images make them common) go to
+    the profile's defaults, then to the smallest trial id, so a resumed study picks the same trial as the run
+    it resumes (the order of a restored result grid is not the order of the first run)."""
+    default = trial_overrides(default_point(base), base)
+    scored = [r for r in results if math.isfinite(r.metrics.get("objective", math.nan))]
+    if not scored:
+        raise RuntimeError("no trial of the search reported a validation objective")
+    return min(scored, key=lambda r: (-r.metrics["objective"], trial_overrides(dict(r.config), base) != default,
+                                      str(r.metrics["trial_id"])))
 
 
 def confirmation_points(base: dict[str, Any], best: dict[str, Any], seeds: list[int]) -> list[dict[str, Any]]:

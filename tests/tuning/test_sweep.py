@@ -82,6 +82,26 @@ def test_default_point_is_in_the_space_and_reproduces_the_profile():
     assert on["train.epochs"] + on["decrop.stage2_epochs"] == base["train.epochs"]
 
 
+def test_the_best_trial_is_the_same_whatever_the_order_of_the_results():
+    from types import SimpleNamespace
+    from decrop.config import load_config, to_flat
+    base = to_flat(load_config(REPO / "configs" / "quick.yaml"))
+    default = default_point(base)
+    other = {**default, "decrop.w_cs": default["decrop.w_cs"] + 1.0}
+
+    def result(config, objective, trial_id):
+        return SimpleNamespace(config=config, metrics={"objective": objective, "trial_id": trial_id})
+
+    tie = [result(other, 0.375, "a"), result(default, 0.375, "b"), result(other, 0.25, "c"),
+           result(other, float("nan"), "d")]
+    for results in (tie, tie[::-1]):  # a restored result grid need not keep the first run's order
+        assert studies.best_result(results, base).metrics["trial_id"] == "b"  # a tie goes to the defaults
+    no_default = [result(other, 0.5, "f"), result(other, 0.5, "e")]
+    for results in (no_default, no_default[::-1]):
+        assert studies.best_result(results, base).metrics["trial_id"] == "e"
+    assert studies.best_result([result(other, 0.5, "g"), *tie], base).metrics["trial_id"] == "g"  # better wins
+
+
 @pytest.fixture(scope="module")
 def local_ray():
     """One local Ray for the module's sweeps (connect() joins a running one); a 1-epoch classifier, cached."""
