@@ -93,9 +93,9 @@ def class_list(root: Path, classes: Sequence[str] = ()) -> tuple[tuple[str, ...]
     return names, found[0]
 
 
-def _class_index(folder: Path, classes: tuple[str, ...], listed_in: Path | None) -> int:
-    """The class (index into `classes`) of the class folder `folder`: its name, or with a class file
-    (`listed_in`) also its index."""
+def _class_index(folder: Path, classes: tuple[str, ...], listed_in: Path | str | None) -> int:
+    """The class (index into `classes`) of the class folder `folder`: its name, or, when the classes have a fixed
+    order (`listed_in`: the class file, or the words for another source such as a saved model), also its index."""
     name = folder.name
     number = int(name) if listed_in is not None and name.isascii() and name.isdecimal() else None
     if name in classes:
@@ -107,21 +107,25 @@ def _class_index(folder: Path, classes: tuple[str, ...], listed_in: Path | None)
         return k
     if number is not None and number < len(classes):
         return number
-    if listed_in is not None:
+    if isinstance(listed_in, Path):
         raise FolderDataError(f"class folder {folder} is neither a class of {listed_in} nor a class index 0.."
                               f"{len(classes) - 1}: name it by its class's index (or name) in {listed_in.name}, or "
                               f"add the class to the file")
+    if listed_in is not None:
+        raise FolderDataError(f"class folder {folder} is neither a class of {listed_in} {list(classes)} nor a class "
+                              f"index 0..{len(classes) - 1}: rename the folder to its class's name or index")
     raise FolderDataError(f"class folder {folder} is not one of the classes {list(classes)}: "
                           f"rename the folder, or for a run add the class to data.classes")
 
 
-def scan_class_folders(folder: Path, classes: Sequence[str] = (), listed_in: Path | None = None
+def scan_class_folders(folder: Path, classes: Sequence[str] = (), listed_in: Path | str | None = None
                        ) -> tuple[list[Path], Tensor, tuple[str, ...]]:
     """``(files, labels (N,) int64, classes)`` of a folder of class sub-folders ``folder/<class>/*``.
 
     The label of a file is the index of its folder's name in `classes` (the classifier's output order; empty:
     the folder names sorted, which then become `classes`). With `listed_in` (the ``classes.txt`` that listed
-    `classes`, see `class_list`) a folder may instead be named by the class's index, ``0`` to ``len(classes)-1``.
+    `classes`, see `class_list`, or the words naming another fixed source, such as a saved model's class list) a
+    folder may instead be named by the class's index, ``0`` to ``len(classes)-1``.
     Files are ordered by their path inside the class folder, then by the folder's name, so that files named by a
     dataset's index keep that dataset's order. Raises FolderDataError for a missing or empty folder, an image
     file outside a class folder, an empty class folder, a folder not in `classes`, two folders of one class, or

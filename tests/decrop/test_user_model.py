@@ -4,6 +4,7 @@ export with predict/certify, and the equality of the folder/exported-model path 
 import copy
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,7 @@ from decrop.models import build_denoiser, smoothed_model
 from decrop.pipeline import run_experiment
 from decrop.prepare import prepare, subset_for
 from decrop.runtime import eval_mode
-from decrop.smoothed import load_smoothed
+from decrop.smoothed import load_smoothed, read_new_images
 from decrop.user_model import UserClassifier, load_user_classifier
 
 from test_folder_data import make_folder  # tests/decrop/test_folder_data.py: image folders on disk
@@ -253,6 +254,24 @@ def test_certify_and_predict_commands_use_the_engine_on_new_images(run_dir, mode
     printed = capsys.readouterr().out.splitlines()
     assert printed[0].split("\t") == ["idx", "label", "predict", "correct", "time", "samples", "class", "file"]
     assert all(line.split("\t")[1] == "-1" and line.split("\t")[3] == "-1" for line in printed[1:])  # unlabelled
+
+
+def test_new_images_may_be_in_folders_named_by_class_index(run_dir, tmp_path, capsys):
+    out, root, cfg, denoiser = run_dir
+    main(["export", "--run", str(out), "--out", str(tmp_path / "smoothed.pt2")])
+    smoothed = load_smoothed(tmp_path / "smoothed.pt2")
+    by_name = read_new_images(root / "test", smoothed)
+    shutil.copytree(root / "test" / "a", tmp_path / "by_index" / "0")  # as a training folder with classes.txt is
+    shutil.copytree(root / "test" / "c", tmp_path / "by_index" / "2")
+    by_index = read_new_images(tmp_path / "by_index", smoothed)
+    assert by_index[2].tolist() == by_name[2].tolist() == [0, 0, 2, 2]
+    torch.testing.assert_close(by_index[1], by_name[1])
+    shutil.copytree(root / "test" / "a", tmp_path / "by_index" / "3")  # the model has classes 0..2
+    capsys.readouterr()
+    assert main(["predict", "--model", str(tmp_path / "smoothed.pt2"), "--images", str(tmp_path / "by_index")]) == 2
+    err = capsys.readouterr().err
+    assert "is neither a class of the model's classes ['a', 'b', 'c'] nor a class index 0..2" in err
+    assert "Traceback" not in err
 
 
 def test_a_program_without_sigma_is_refused(model, tmp_path, capsys):
