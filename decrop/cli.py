@@ -115,7 +115,8 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
                             "anything but tensors, compiled code, code in the program's JSON), and metadata "
                             "(sigma, classes, input shape) that disagrees with its config or program")
         p.add_argument("--images", type=Path, required=True,
-                       help="a folder of PNG/JPEG images, or of class sub-folders named as the model's classes or by their indices")
+                       help="a folder of PNG/JPEG images, or of class sub-folders named as the model's classes "
+                            "or by their indices")
         for dest in SMOOTH_FLAGS:
             if dest != "n0" or name == "certify":
                 _add_field_flag(p, dest)
