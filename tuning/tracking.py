@@ -38,9 +38,9 @@ from ray.tune import Callback
 
 from decrop.rows import CertRow, average_certified_radius, certified_accuracy, read_rows, write_rows
 
-from .schema import (ATTEMPTS_METRIC, COMMIT_TAG, CURVE_STEPS_PER_UNIT, FAILURE_TAG, FAILURES_METRIC, PARENT_TAG,
-                     RESULT_TAG, ROLE_TAG, STUDY_TAG, TEST_CURVE_METRIC, TERMINAL_STATUSES, TRIAL_ROLE, TRIAL_TAG,
-                     acr_key, certification_prefix, metric_key)
+from .schema import (ATTEMPTS_METRIC, COMMIT_TAG, CURVE_STEPS_PER_UNIT, FAILURE_TAG, FAILURES_METRIC, PARENT_ROLES,
+                     PARENT_TAG, RESULT_TAG, ROLE_TAG, STUDY_TAG, SWEEP_ROLE, TEST_CURVE_METRIC, TERMINAL_STATUSES,
+                     TRIAL_ROLE, TRIAL_TAG, acr_key, certification_prefix, metric_key)
 
 log = logging.getLogger(__name__)
 
@@ -149,10 +149,13 @@ class StudyTracker:
     # ---------------------------------------------------------------------------------------------------
     # Runs
 
-    def start_sweep(self, study: str, params: Mapping[str, Any], resume: bool, role: str = "sweep") -> str:
+    def start_sweep(self, study: str, params: Mapping[str, Any], resume: bool, role: str = SWEEP_ROLE) -> str:
         """The parent run id of `study`: created (and `params` logged), or with ``resume`` the existing one set back
         to RUNNING (a missing one is created). ValueError when it exists and ``resume`` is False. `role` is
-        `SWEEP_ROLE` for the search, `PRESET_ROLE` for one of the paper's studies."""
+        `SWEEP_ROLE` for the search, `PRESET_ROLE` for one of the paper's studies (nothing else: the report reads
+        only the schema's roles)."""
+        if role not in PARENT_ROLES:
+            raise ValueError(f"a study's parent run has role {' or '.join(PARENT_ROLES)}, not {role!r}")
         existing = self._search(f"tags.`{STUDY_TAG}` = {_quote(study)} and tags.`{ROLE_TAG}` = {_quote(role)}")
         if existing and not resume:
             raise ValueError(f"study {study!r} already has a {role} run ({existing[0].info.run_id}) in MLflow "
@@ -192,17 +195,17 @@ class StudyTracker:
         runs = self._search(where)
         return runs[0] if runs else None
 
-    def child_run(self, parent_run_id: str, tags: Mapping[str, str], run_name: str, params: Mapping[str, Any],
-                  role: str) -> str:
+    def child_run(self, parent_run_id: str, tags: Mapping[str, str], run_name: str, params: Mapping[str, Any]
+                  ) -> str:
         """The child run of the parent identified by `tags` (e.g. a trial id, or a setting and seed): the existing
-        one (set back to RUNNING: a resumed or retried piece of work) or a new nested one with `role`. `params`
-        not yet logged are logged."""
+        one (set back to RUNNING: a resumed or retried piece of work) or a new nested one, role ``trial`` (the
+        schema's only child role). `params` not yet logged are logged."""
         run = self._find_child(parent_run_id, tags)
         if run is not None:
             self.client.update_run(run.info.run_id, status="RUNNING")
         else:
             run = self.client.create_run(self.experiment_id, run_name=run_name, tags={
-                PARENT_TAG: parent_run_id, ROLE_TAG: role, COMMIT_TAG: self.commit, **tags})
+                PARENT_TAG: parent_run_id, ROLE_TAG: TRIAL_ROLE, COMMIT_TAG: self.commit, **tags})
         self._log_new_params(run, params)
         return run.info.run_id
 
@@ -210,7 +213,7 @@ class StudyTracker:
                   tags: Mapping[str, Any] | None = None) -> str:
         """The child run of a Tune trial (`child_run` keyed by the trial id, role ``trial``), named for a human
         (``decrop mixing=0.25 seed=1``) and tagged with what a runs table groups by (`TRIAL_TAGS`)."""
-        run_id = self.child_run(parent_run_id, {TRIAL_TAG: trial_id}, trial_name, params, role=TRIAL_ROLE)
+        run_id = self.child_run(parent_run_id, {TRIAL_TAG: trial_id}, trial_name, params)
         for key, value in (tags or {}).items():
             if value is not None:
                 self.client.set_tag(run_id, key, str(value))

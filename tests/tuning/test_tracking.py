@@ -237,11 +237,13 @@ def test_plot_certified_curve_two_labels(tmp_path):
 def test_child_runs_are_found_again_by_their_tags(tracker):
     parent = tracker.start_sweep("m", {}, resume=False, role="preset")
     seed0 = {"decrop.level": "0.5", "decrop.seed": "0"}
-    first = tracker.child_run(parent, seed0, "sigma0.5/seed0", {"sigma": 0.5}, role="trial")
-    assert tracker.child_run(parent, seed0, "sigma0.5/seed0", {"sigma": 0.5}, role="trial") == first
-    second = tracker.child_run(parent, {**seed0, "decrop.seed": "1"}, "sigma0.5/seed1", {}, role="trial")
+    first = tracker.child_run(parent, seed0, "sigma0.5/seed0", {"sigma": 0.5})
+    assert tracker.child_run(parent, seed0, "sigma0.5/seed0", {"sigma": 0.5}) == first
+    second = tracker.child_run(parent, {**seed0, "decrop.seed": "1"}, "sigma0.5/seed1", {})
     assert second != first and tracker.find_child(parent, {"decrop.seed": "1"}) == second
     assert tracker.find_child(parent, {"decrop.level": "0.25"}) is None
     assert tracker.client.get_run(first).data.tags["decrop.role"] == "trial"
     # a preset's parent and a sweep's parent of the same name are different runs
     assert tracker.start_sweep("m", {}, resume=False) != parent
+    with pytest.raises(ValueError, match="role sweep or preset, not 'study'"):  # a role the report cannot read
+        tracker.start_sweep("n", {}, resume=False, role="study")
