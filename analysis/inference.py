@@ -15,9 +15,13 @@ one is set to 0, and the variance below uses what remains). The variance of the 
 
     Var(mean d) = s2_seed / S + s2_image / I + s2_resid / (S I),
 
-estimated from the mean squares; its degrees of freedom by Satterthwaite. The test of mu = 0 is the t test with
-that standard error and those degrees of freedom, and the 95% interval is built from the same two numbers, so the
-interval excludes 0 exactly when p < 0.05. "No difference" claims get two one-sided tests (TOST) against a
+estimated from the mean squares; its degrees of freedom by Satterthwaite, never more than those of MS_seed +
+MS_image: with few seeds the seed component rests on S - 1 degrees of freedom, and when its estimate falls below
+0 and is dropped from the variance, that uncertainty remains (without the cap the test rejects a true null far
+more often than its level when seeds differ and S is 2 or 3). The test of mu = 0 is the t test with that
+standard error and those degrees of freedom, and the 95% interval is built from the same two numbers, so the
+interval excludes 0 exactly when p < 0.05. A verdict needs `MIN_SEEDS` seeds: with 2 the test is too liberal
+whatever its degrees of freedom (`tests/analysis/test_inference.py` simulates its error rate). "No difference" claims get two one-sided tests (TOST) against a
 declared margin, which agree with the 90% interval lying inside (-margin, +margin).
 
 `seeds_for_power` turns estimated components into the number of seeds that detects a given difference with a
@@ -31,6 +35,9 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy.stats import nct, t as student_t
+
+
+MIN_SEEDS = 3  # the fewest paired seeds whose seed-level test a verdict rests on
 
 
 @dataclass(frozen=True)
@@ -82,7 +89,8 @@ def _mean_squares(d: np.ndarray) -> tuple[float, float, float, int, int, int]:
 def _variance_and_df(ms: tuple[float, float, float], dfs: tuple[int, int, int], images: int, seeds: int
                      ) -> tuple[float, float, Components]:
     """Var(mean d) and its Satterthwaite df from the mean squares (seed, image, residual), with the variance
-    components truncated at 0 (the terms of a truncated component leave the linear combination)."""
+    components truncated at 0 (the terms of a truncated component leave the linear combination); the df never
+    more than those of MS_seed + MS_image (the module's docstring says why)."""
     ms_seed, ms_image, ms_resid = ms
     seed_part, image_part = ms_seed > ms_resid, ms_image > ms_resid
     # I*s2_seed + S*s2_image + s2_resid as a combination of the mean squares (E[MS_seed] = s2_resid +
@@ -98,6 +106,9 @@ def _variance_and_df(ms: tuple[float, float, float], dfs: tuple[int, int, int], 
     combo = sum(c * m for c, m in zip(coef, ms))
     terms = sum((c * m) ** 2 / df for c, m, df in zip(coef, ms, dfs) if c != 0 and df > 0)
     df = combo ** 2 / terms if terms > 0 else math.inf
+    held = ((ms_seed, dfs[0]), (ms_image, dfs[1]))  # the mean squares that carry the seed and image terms
+    if ms_seed + ms_image > 0:
+        df = min(df, (ms_seed + ms_image) ** 2 / sum(m ** 2 / k for m, k in held if k > 0))
     components = Components(seed=max(0.0, (ms_seed - ms_resid) / images),
                             image=max(0.0, (ms_image - ms_resid) / seeds), resid=ms_resid)
     return combo / (images * seeds), df, components
@@ -106,7 +117,8 @@ def _variance_and_df(ms: tuple[float, float, float], dfs: tuple[int, int, int], 
 def crossed_test(method: np.ndarray, reference: np.ndarray) -> SeedLevelTest:
     """Seed-level paired test of two arms: `method` and `reference` are (images, seeds) arrays of 0/1 outcomes,
     row i the same image, column s the same seed in both (paired by seed). Needs at least 2 seeds and 2 images
-    (ValueError otherwise): with one seed there is no seed-to-seed variance to estimate."""
+    (ValueError otherwise): with one seed there is no seed-to-seed variance to estimate. A verdict needs
+    `MIN_SEEDS`."""
     m, r = np.asarray(method, dtype=float), np.asarray(reference, dtype=float)
     if m.shape != r.shape or m.ndim != 2:
         raise ValueError(f"crossed_test needs two (images, seeds) arrays of one shape, got {m.shape}, {r.shape}")
@@ -130,8 +142,9 @@ def crossed_test(method: np.ndarray, reference: np.ndarray) -> SeedLevelTest:
 
 def power(components: Components, seeds: int, images: int, effect: float, alpha: float = 0.05) -> float:
     """Power of the two-sided `crossed_test` at level `alpha` to detect a mean difference `effect` (a fraction)
-    with `seeds` seeds and `images` images, when the true variance components are `components`."""
-    if seeds < 2:
+    with `seeds` seeds and `images` images, when the true variance components are `components` (0 below
+    `MIN_SEEDS`, where no verdict rests on the test)."""
+    if seeds < MIN_SEEDS:
         return 0.0
     c = components
     e_seed, e_image, e_resid = c.resid + images * c.seed, c.resid + seeds * c.image, c.resid
@@ -146,9 +159,9 @@ def power(components: Components, seeds: int, images: int, effect: float, alpha:
 
 def seeds_for_power(components: Components, images: int, effect: float = 0.05, alpha: float = 0.05,
                     target: float = 0.8, most: int = 100) -> int | None:
-    """The fewest seeds (>= 2) whose `power` reaches `target`; None when even `most` seeds do not (the image
-    component alone can make an effect undetectable on a fixed number of test images)."""
-    for seeds in range(2, most + 1):
+    """The fewest seeds (>= `MIN_SEEDS`) whose `power` reaches `target`; None when even `most` seeds do not (the
+    image component alone can make an effect undetectable on a fixed number of test images)."""
+    for seeds in range(MIN_SEEDS, most + 1):
         if power(components, seeds, images, effect, alpha) >= target:
             return seeds
     return None

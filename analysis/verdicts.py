@@ -36,7 +36,7 @@ from scipy.stats import t as student_t
 from tuning.presets import BETTER, SAME_LEVEL, SIMILAR, SMALLEST_EFFECT, TREND, Claim, Comparison
 
 from .arms import Arm, StudyArms, certifiable
-from .inference import Components, crossed_test, seeds_for_power
+from .inference import MIN_SEEDS, Components, crossed_test, seeds_for_power
 from .runs import level_text
 from .stats import certified_matrix, holm, image_level_test, shared_images
 from .tables import method_name
@@ -128,9 +128,9 @@ def _pairwise(study: StudyArms, comparison: Comparison, degenerate: dict, notes:
             if bad:
                 records.append({**record, "outcome": NOT_INTERPRETABLE, "why": "; ".join(bad)})
                 continue
-            if len(seeds) < 2 or m.shape[0] < 2:
+            if len(seeds) < MIN_SEEDS or m.shape[0] < 2:
                 records.append({**record, "outcome": NOT_INTERPRETABLE,
-                                "why": f"{len(seeds)} paired seed(s): the seed-level test needs 2 or more"})
+                                "why": f"{len(seeds)} paired seed(s): a verdict rests on {MIN_SEEDS} or more"})
                 continue
             test = crossed_test(m, r)
             image = image_level_test(m, r)
@@ -173,9 +173,9 @@ def _trend(study: StudyArms, comparison: Comparison, degenerate: dict, notes: li
             f"{method_name(comparison.reference)}", "reference": f"slope over log10 {study.factor}",
             "radius": radius}
     seeds = sorted(set.intersection(*(set(g) for g in gains.values()))) if gains else []
-    if len(levels) < 3 or len(seeds) < 2:
-        notes.append(f"trend of the gain over {study.factor}: needs 3 or more levels and 2 or more seeds run at "
-                     f"every level (have {len(levels)} levels, {len(seeds)} seeds); not tested")
+    if len(levels) < 3 or len(seeds) < MIN_SEEDS:
+        notes.append(f"trend of the gain over {study.factor}: needs 3 or more levels and {MIN_SEEDS} or more seeds "
+                     f"run at every level (have {len(levels)} levels, {len(seeds)} seeds); not tested")
         return []
     x = np.log10(levels)
     slopes = np.array([np.polyfit(x, [gains[lv][s] for lv in levels], 1)[0] for s in seeds])

@@ -154,7 +154,7 @@ def store(tmp_path_factory):
         mp.setattr(tuning.tracking, "plot_certified_curve", lambda rows, path, title: Path(path).write_bytes(b"")
                    or Path(path))
         mixing = preset_study(uri, rng, difficulty, "mixing", ["0.25", "0.5", "0.75"], [0, 1, 2], shared=True)
-        sigma = preset_study(uri, rng, difficulty, "sigma", ["0.25", "0.5"], [0, 1], shared=False)
+        sigma = preset_study(uri, rng, difficulty, "sigma", ["0.25", "0.5"], [0, 1, 2], shared=False)
         blackbox = preset_study(uri, rng, difficulty, "blackbox", ["decrop", "decrop_blackbox"], [0], shared=True)
         search = search_study(uri, rng, difficulty)
     return SimpleNamespace(uri=uri, client=MlflowClient(uri), mixing=mixing, sigma=sigma, blackbox=blackbox,
@@ -368,7 +368,7 @@ def test_preset_report_layout_headline_epochs_budget_and_logging(store, presets_
     logged = {Path(f.path).name for f in store.client.list_artifacts(store.mixing.parent, "report")}
     assert "mixing-exp_accuracy_values.csv" in logged and "report.html" in logged  # a preset parent gets it
     per_run = pd.read_csv(out / "test_accuracy.csv")  # every run keeps its own Clopper-Pearson row
-    assert len(per_run) == 13 + 10 + 4 and "mixing-exp mixing=0.25" in set(per_run["setting"])
+    assert len(per_run) == 13 + 14 + 4 and "mixing-exp mixing=0.25" in set(per_run["setting"])
 
 
 def test_time_table_sums_the_logged_phases(store, presets_report, search_report):

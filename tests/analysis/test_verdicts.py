@@ -51,21 +51,32 @@ def test_a_claim_with_comparisons_not_run_is_never_reproduced_nor_not_reproduced
 def test_a_study_under_way_counts_the_declared_comparisons_it_has_not_run():
     """The sigma claim rests on DE-CROP against the baseline at four levels; a study with one level done (a
     strong effect there) is inconclusive, naming the three comparisons not run, not reproduced on one level."""
+    judged = verdict(sigma_study(seeds=4), PRESETS["sigma"].claim)
+    assert (judged.tests["outcome"] == SUPPORTED).all()  # where it ran, the effect is clear
+    assert judged.word == INCONCLUSIVE and "3 declared comparison(s) not run yet" in judged.reason
+    assert sum(note.endswith("not run") for note in judged.notes) == 3
+
+
+def test_two_seeds_are_too_few_for_a_verdict_however_clear_the_effect():
+    judged = verdict(sigma_study(seeds=2), PRESETS["sigma"].claim)
+    assert (judged.tests["outcome"] == NOT_INTERPRETABLE).all() and judged.tests["p"].isna().all()
+    assert set(judged.tests["why"]) == {"2 paired seed(s): a verdict rests on 3 or more"}
+    assert judged.word == NOT_TESTED
+
+
+def sigma_study(seeds: int) -> StudyArms:
+    """The sigma study with its first level run: DE-CROP far better than the baseline on every seed."""
     rng = np.random.default_rng(0)
     images = list(range(0, 800, 20))
     hard = rng.uniform(0, 1, len(images))
     arms = {}
     for method, skill in (("decrop", 0.8), ("baseline", 0.4), ("none", 0.2)):
         arm = Arm("0.25", method)
-        for seed in range(4):
+        for seed in range(seeds):
             margins = skill - hard + 0.05 * rng.standard_normal(len(images))
             arm.seeds[seed] = [CertRow(i, i % 10, i % 10, round(min(0.9, m), 4), 1, 0.1, 100)
                                for i, m in zip(images, margins) if m > 0]
             arm.runs[seed] = pd.Series({"params.certify.n": "1000", "params.certify.alpha": "0.001",
                                         "params.sigma": "0.25"})
         arms[("0.25", method)] = arm
-    study = StudyArms(PRESET, "s", "p", "sigma", "sigma", ["0.25"], arms, [0.0, 0.25, 0.5], [0.0, 0.25, 0.5])
-    judged = verdict(study, PRESETS["sigma"].claim)
-    assert (judged.tests["outcome"] == SUPPORTED).all()  # where it ran, the effect is clear
-    assert judged.word == INCONCLUSIVE and "3 declared comparison(s) not run yet" in judged.reason
-    assert sum(note.endswith("not run") for note in judged.notes) == 3
+    return StudyArms(PRESET, "s", "p", "sigma", "sigma", ["0.25"], arms, [0.0, 0.25, 0.5], [0.0, 0.25, 0.5])
