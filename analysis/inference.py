@@ -16,12 +16,12 @@ one is set to 0, and the variance below uses what remains). The variance of the 
     Var(mean d) = s2_seed / S + s2_image / I + s2_resid / (S I),
 
 estimated from the mean squares; its degrees of freedom by Satterthwaite, never more than those of MS_seed +
-MS_image: with few seeds the seed component rests on S - 1 degrees of freedom, and when its estimate falls below
-0 and is dropped from the variance, that uncertainty remains (without the cap the test rejects a true null far
-more often than its level when seeds differ and S is 2 or 3). The test of mu = 0 is the t test with that
-standard error and those degrees of freedom, and the 95% interval is built from the same two numbers, so the
-interval excludes 0 exactly when p < 0.05. A verdict needs `MIN_SEEDS` seeds: with 2 the test is too liberal
-whatever its degrees of freedom (`tests/analysis/test_inference.py` simulates its error rate). "No difference" claims get two one-sided tests (TOST) against a
+MS_image: the seed component rests on S - 1 degrees of freedom, and when its estimate falls below 0 and is
+dropped from the variance, that uncertainty remains (without the cap the test is more liberal with few seeds).
+The test of mu = 0 is the t test with that standard error and those degrees of freedom, and the 95% interval is
+built from the same two numbers, so the interval excludes 0 exactly when p < 0.05. A verdict needs `MIN_SEEDS`
+seeds: with 2 the test is too liberal whatever its degrees of freedom (`tests/analysis/test_inference.py`
+simulates its error rate). "No difference" claims get two one-sided tests (TOST) against a
 declared margin, which agree with the 90% interval lying inside (-margin, +margin).
 
 `seeds_for_power` turns estimated components into the number of seeds that detects a given difference with a
