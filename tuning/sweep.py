@@ -31,6 +31,7 @@ import secrets
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 if __package__ in (None, ""):  # run as `python tuning/sweep.py` (not imported): Python put tuning/ on sys.path,
     sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repo root holds the packages (a checkout, a job)
@@ -272,15 +273,49 @@ def mlflow_check_env():
     return mock.patch.dict(os.environ, {k: v for k, v in PREFLIGHT_MLFLOW_ENV.items() if k not in os.environ})
 
 
-def preflight(name: str, args: argparse.Namespace) -> None:
-    """Before Ray starts: the tracking server answers, and a study that exists is only continued with --resume
-    (ValueError naming the fix). Reads, never writes: a local store that does not exist yet is not created.
-    Every MLflow call here is bounded (`mlflow_check_env`): a server whose API errors is one line in seconds."""
+def preflight(name: str, args: argparse.Namespace, base: dict[str, Any]) -> None:
+    """Before Ray starts: the tracking server answers, and a study that exists is only continued with --resume,
+    by the command that started it (the same trials and profile; ValueError naming the fix). Reads, never
+    writes: a local store that does not exist yet is not created. Every MLflow call here is bounded
+    (`mlflow_check_env`): a server whose API errors is one line in seconds."""
     with mlflow_check_env():
-        _preflight(name, args)
+        _preflight(name, args, base)
 
 
-def _preflight(name: str, args: argparse.Namespace) -> None:
+# What a resumed study must share with the command that started it: Tune restores the trials it started with, so
+# other seeds, levels or trial counts would never run, and another profile or --set would train the trials still
+# to run differently from those already done. The training layout (workers, GPUs) may change between sittings.
+LAYOUT_PARAMS = ("workers_per_trial", "gpus_per_worker")
+
+
+def study_params(name: str, args: argparse.Namespace, base: dict[str, Any], classifier_sha256: str = ""
+                 ) -> dict[str, Any]:
+    """The parent run's params of study `name`: what its trials are (the preset's seeds and levels, or the
+    search's trials and seeds), the profile, the training layout, the classifier's sha256 and the flat config."""
+    preset = PRESETS.get(name)
+    return {"preset": name, "profile": args.profile, "workers_per_trial": args.workers_per_trial,
+            "gpus_per_worker": args.gpus_per_worker,
+            **({"num_trials": args.num_trials, "seed": args.seed, "confirm_seeds": args.confirm_seeds}
+               if preset is None else {"factor": preset.key, "seeds": args.seeds, "levels": args.levels or "all"}),
+            **({"classifier_sha256": classifier_sha256} if classifier_sha256 else {}),
+            **{f"base.{k}": v for k, v in base.items()}}
+
+
+def _check_resumed(study: str, tracker: Any, parent: str, params: dict[str, Any]) -> None:
+    """ValueError when the study's parent run was started with other trials or another config than `params`."""
+    changed = [d for d in tracker.param_differences(parent, params) if d[0] not in LAYOUT_PARAMS]
+    if not changed:
+        return
+    shown = "; ".join(f"{key} was {was} (this command: {now})" for key, was, now in changed[:3])
+    more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+    trials = {key for key, _, _ in changed} & {"seeds", "levels", "num_trials", "seed", "confirm_seeds"}
+    fix = ("; for more seeds or levels, run them as a new study (--study NAME) with the whole list: the "
+           "test-certified trials this one finished come from the trial cache, not rerun" if trials else "")
+    raise ValueError(f"--resume continues study {study!r} as it was started, but {shown}{more}. Resume it with "
+                     f"the command (profile, --set) that started it{fix}")
+
+
+def _preflight(name: str, args: argparse.Namespace, base: dict[str, Any]) -> None:
     study, storage, uri, experiment = study_place(name, args)
     if uri.startswith(("http://", "https://")):
         check_server(uri)
@@ -296,7 +331,10 @@ def _preflight(name: str, args: argparse.Namespace) -> None:
 
     from tuning.tracking import StudyTracker
     try:
-        exists = uri is not None and StudyTracker(uri, experiment).existing_parent(study, role)
+        tracker = StudyTracker(uri, experiment) if uri is not None else None
+        exists = tracker is not None and tracker.existing_parent(study, role)
+        if exists and args.resume:
+            _check_resumed(study, tracker, exists, study_params(name, args, base))
     except MlflowException as err:
         raise ValueError(f"--mlflow-uri {redact_uri(uri)} cannot be read as an MLflow store "
                          f"({str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__}); "
@@ -350,11 +388,9 @@ def open_study(name: str, args: argparse.Namespace, base: dict, concurrent: int,
     storage.mkdir(parents=True, exist_ok=True)
     tracker = StudyTracker(uri, experiment)
     preset = PRESETS.get(name)
-    params = {"preset": name, "profile": args.profile, "workers_per_trial": args.workers_per_trial,
-              "gpus_per_worker": args.gpus_per_worker,
-              **({"num_trials": args.num_trials, "seed": args.seed, "confirm_seeds": args.confirm_seeds}
-                 if preset is None else {"factor": preset.key, "seeds": args.seeds, "levels": args.levels or "all"}),
-              "classifier_sha256": classifier_sha256, **{f"base.{k}": v for k, v in base.items()}}
+    params = study_params(name, args, base, classifier_sha256)
+    if args.resume and (parent := tracker.existing_parent(study, PRESET_ROLE if preset else SWEEP_ROLE)):
+        _check_resumed(study, tracker, parent, params)  # now with the classifier's sha256, known since prepare
     parent = tracker.start_sweep(study, params, args.resume, role=SWEEP_ROLE if preset is None else PRESET_ROLE)
     settings = StudySettings(base=base, storage=str(storage), tracking_uri=uri, experiment=experiment,
                              parent_run_id=parent, workers=args.workers_per_trial,
@@ -403,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(profile_path(args.profile), args.overrides)
         levels = check_args(args, cfg, preset)
         for name in study_names(preset):
-            preflight(name, args)
+            preflight(name, args, to_flat(cfg))
         tic = time.perf_counter()
         # The data and the classifier (trained and cached once here, before trials could race to do it; a
         # user's file checked against the data) before Ray starts: a bad file is one line, not a traceback.

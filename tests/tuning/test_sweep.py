@@ -39,6 +39,26 @@ def test_an_existing_study_needs_resume(tmp_path, capsys):
     assert not ray.is_initialized()
 
 
+def test_a_study_resumes_only_with_the_trials_and_config_it_started_with(tmp_path, capsys):
+    """Tune restores the trials a study started with: a --resume asking for more seeds would never run them, and
+    another config would train the rest differently. Both stop before Ray starts, naming the way to more seeds."""
+    from decrop.config import load_config, to_flat
+    started = ["--preset", "mixing", "--seeds", "0", "1", "2", "--storage", str(tmp_path)]
+    base = to_flat(load_config(sweep.profile_path("quick"), []))
+    storage = tmp_path / "quick-mixing"
+    storage.mkdir()
+    StudyTracker(default_tracking_uri(storage), "quick-mixing").start_sweep(
+        "quick-mixing", sweep.study_params("mixing", sweep.parse_args(started), base), resume=False, role="preset")
+    assert sweep.main([*started[:-2], "3", *started[-2:], "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "seeds was [0, 1, 2] (this command: [0, 1, 2, 3])" in err
+    assert "as a new study (--study NAME) with the whole list" in err and "Traceback" not in err
+    assert sweep.main([*started, "--set", "train.epochs=5", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "base.train.epochs was 15 (this command: 5)" in err and "--study NAME" not in err
+    assert not ray.is_initialized()
+
+
 def test_search_space_samples_every_knob_and_maps_stage2():
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     seen = set()
