@@ -257,8 +257,8 @@ def check_metadata(meta: dict, where: str, shapes: tuple[tuple | None, int | Non
 def read_new_images(folder: str | Path, model: SmoothedModel) -> tuple[list[Path], Tensor, Tensor]:
     """(files, images (N, C, H, W) in [0, 1], labels (N,)) of a folder of images, or of class sub-folders named
     as the model's classes or by their indices, as a training folder may be (labels the class indices;
-    UNLABELLED without sub-folders). Every image must have the
-    model's input shape (FolderDataError naming the file otherwise)."""
+    UNLABELLED without sub-folders). Every image must have the model's input shape (FolderDataError naming the
+    file otherwise)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise SmoothedModelError(f"--images {folder} is not a folder")

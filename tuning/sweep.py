@@ -31,7 +31,7 @@ import secrets
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 if __package__ in (None, ""):  # run as `python tuning/sweep.py` (not imported): Python put tuning/ on sys.path,
     sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repo root holds the packages (a checkout, a job)
@@ -41,6 +41,9 @@ from decrop.config import MAX_SEED, check_name, load_config, to_flat  # noqa: E4
 from decrop.errors import BAD_INPUT  # noqa: E402
 from tuning.presets import ALL, PRESETS, SEARCH, preset_names, resolve  # noqa: E402
 from tuning.schema import PRESET_ROLE, SWEEP_ROLE, check_mlflow_sqlite, redact_uri, resolve_tracking_uri  # noqa: E402
+
+if TYPE_CHECKING:
+    from tuning.tracking import StudyTracker
 
 # Environment of every process of a study (`set_environment`). cluster/runtime_env.yaml (and rayjob.yaml) repeat it
 # for jobs on a cluster; a local Ray started by this driver inherits it from os.environ.
@@ -301,7 +304,7 @@ def study_params(name: str, args: argparse.Namespace, base: dict[str, Any], clas
             **{f"base.{k}": v for k, v in base.items()}}
 
 
-def _check_resumed(study: str, tracker: Any, parent: str, params: dict[str, Any]) -> None:
+def _check_resumed(study: str, tracker: StudyTracker, parent: str, params: dict[str, Any]) -> None:
     """ValueError when the study's parent run was started with other trials or another config than `params`."""
     changed = [d for d in tracker.param_differences(parent, params) if d[0] not in LAYOUT_PARAMS]
     if not changed:
