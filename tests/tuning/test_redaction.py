@@ -53,7 +53,7 @@ def test_sweep_start_line_shows_no_password(tmp_path, monkeypatch, capsys):
 
     # No server, no data, no Ray: the study's start line (open_study) is printed before its first trial.
     monkeypatch.setattr(tuning.tracking, "StudyTracker", Tracker)
-    monkeypatch.setattr(sweep, "preflight", lambda name, args: None)
+    monkeypatch.setattr(sweep, "preflight", lambda name, args, base: None)
     monkeypatch.setattr(decrop.prepare, "prepare", lambda cfg: SimpleNamespace(
         clean_accuracy=1.0, budget={"classifier_sha256": "0" * 64}))
     monkeypatch.setattr(sweep, "connect", lambda: None)
