@@ -12,7 +12,8 @@ family, whatever report shows them. Per test:
 - ``trend``: the per-seed slope of the gain against log10 of the level, t test over seeds; *supported* when
   significant and negative (the gain falls as the level grows), *contradicted* when significant and positive;
 - otherwise *open*. A test whose arm (or reference) is *degenerate* (certifies less than no denoiser at all at
-  r = 0) is *not interpretable* and leaves the family.
+  r = 0) is *not interpretable* and leaves the family; so is a test on fewer than 3 paired seeds (with 2, the
+  seed-level test rejects a true null too often: `analysis/inference.py`).
 
 The verdict: *reproduced* when every test is supported; *partly reproduced* when some are; *contradicted* when
 some are contradicted and none supported; *not reproduced* when none is either way but every ``better`` or
