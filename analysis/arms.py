@@ -65,6 +65,7 @@ class StudyArms:
     radii: list[float]  # of the tables: the paper's and the profile's
     profile_radii: list[float]  # the profile's certify.radii (the sweep's tests use these)
     notes: list[str] = field(default_factory=list)
+    resume: str = ""  # for a preset study not finished: the command that continues it (`resume_command`)
 
     def level_name(self, level: str | None) -> str:
         return "" if self.kind == CONFIRMATION else level_name(self.preset, self.factor, level)
@@ -134,8 +135,28 @@ def _study(kind: str, parent: pd.Series, trials: pd.DataFrame, rows: dict, label
     levels = _level_order(preset, tagged) if kind == PRESET else [None]
     factor = parent["factor"] if isinstance(parent["factor"], str) else None
     name = parent["study"] if isinstance(parent["study"], str) else parent["run_name"]
+    resume = resume_command(parent, name, preset) if kind == PRESET and parent.get("status") != "FINISHED" else ""
     return StudyArms(kind, name, parent["run_id"], preset, factor, levels, arms, sorted({*PAPER_RADII, *profile}),
-                     profile, notes)
+                     profile, notes, resume)
+
+
+def resume_command(parent: pd.Series, study: str, preset: str) -> str:
+    """The command that continues the preset study of `parent` as it was started (its profile, seeds and levels,
+    from the parent's params; `tuning/sweep.py` refuses a --resume that differs), with the store as STORE."""
+    def listed(key: str) -> str:
+        text = parent.get(f"params.{key}")
+        try:
+            values = ast.literal_eval(text) if isinstance(text, str) else None
+        except (ValueError, SyntaxError):
+            values = None
+        return " ".join(map(str, values)) if isinstance(values, (list, tuple)) else ""
+    profile = parent.get("params.profile")
+    profile = profile if isinstance(profile, str) else "quick"
+    seeds, levels = listed("seeds"), listed("levels")
+    return " ".join(["python tuning/sweep.py", f"--profile {profile}", f"--preset {preset}",
+                     *([f"--seeds {seeds}"] if seeds else []), *([f"--levels {levels}"] if levels else []),
+                     *([f"--study {study}"] if study != f"{profile}-{preset}" else []),
+                     "--mlflow-uri STORE --resume"])
 
 
 def find_studies(runs: pd.DataFrame, rows: dict[tuple[str, str], list[CertRow]]) -> list[StudyArms]:

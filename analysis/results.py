@@ -67,12 +67,15 @@ def results_markdown(sections: list[StudySection], provenance: str, command: str
                                    f"--mlflow-uri STORE --resume", "certified accuracy (%), r = 0 / 0.25 / 0.5": ""})
             continue
         v = section.verdict
-        summary.append({"claim": f"{name} ({preset.claim.source})", "verdict": v.word, "why": v.reason,
+        under_way = "; the study is under way (its command is below)" if section.resume else ""
+        summary.append({"claim": f"{name} ({preset.claim.source})", "verdict": v.word, "why": v.reason + under_way,
                         "certified accuracy (%), r = 0 / 0.25 / 0.5": _numbers(section)})
         details += [f"### {name}: {preset.claim.source}", "", f"> {preset.claim.quote}", ""]
         if preset.claim.note:
             details += [preset.claim.note, ""]
         details += [f"Verdict: **{v.word}** ({v.reason}).", ""]
+        if section.resume:
+            details += [f"The study is not finished; it continues with `{section.resume}`.", ""]
         details += [f"- degenerate arm (comparisons with it not interpretable): {d}" for d in v.degenerate]
         if not v.tests.empty:
             details += ["", markdown_table(verdict_display(v.tests)), ""]

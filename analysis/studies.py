@@ -60,6 +60,7 @@ class StudySection:
     claim: object = None  # the preset's `tuning.presets.Claim`, when it tests one
     verdict: Verdict | None = None
     values: pd.DataFrame = field(default_factory=pd.DataFrame)  # `arms.accuracy_values`
+    resume: str = ""  # the command that continues the study, while it is not finished
 
 
 def _slug(text: str) -> str:
@@ -367,4 +368,4 @@ def study_section(study: StudyArms, out: Path, curves: pd.DataFrame | None = Non
     heading = (f"The search {study.study}: confirmation on fresh seeds" if confirmation else
                f"Study {study.study}: preset {study.preset}"
                + (f" ({PRESETS[study.preset].source})" if study.preset in PRESETS else ""))
-    return StudySection(heading, items, {slug: table}, csvs, study.preset, claim, judged, values)
+    return StudySection(heading, items, {slug: table}, csvs, study.preset, claim, judged, values, study.resume)

@@ -80,3 +80,28 @@ def sigma_study(seeds: int) -> StudyArms:
                                         "params.sigma": "0.25"})
         arms[("0.25", method)] = arm
     return StudyArms(PRESET, "s", "p", "sigma", "sigma", ["0.25"], arms, [0.0, 0.25, 0.5], [0.0, 0.25, 0.5])
+
+
+def test_a_study_under_way_names_the_command_that_continues_it():
+    """The command is the one the study was started with (its profile, seeds, levels, name), so that the sweep's
+    check of a --resume against the parent run's params accepts it."""
+    from analysis.arms import resume_command
+    from analysis.results import results_markdown
+    from analysis.studies import StudySection
+    from tuning import sweep
+    parent = pd.Series({"status": "RUNNING", "params.profile": "studies", "params.seeds": "[0, 1, 2]",
+                        "params.levels": "['0.25', '0.5', '0.12']"})  # as the sweep logs them
+    command = resume_command(parent, "studies-sigma", "sigma")
+    assert command == ("python tuning/sweep.py --profile studies --preset sigma --seeds 0 1 2 --levels 0.25 0.5 "
+                       "0.12 --mlflow-uri STORE --resume")
+    args = sweep.parse_args(command.split()[2:])
+    assert (str(args.seeds), str(args.levels), args.profile) == (parent["params.seeds"], parent["params.levels"],
+                                                                 "studies")
+    named = resume_command(pd.Series({**parent, "params.levels": "all"}), "mine", "sigma")
+    assert named.endswith("--seeds 0 1 2 --study mine --mlflow-uri STORE --resume")
+    claim = PRESETS["sigma"].claim
+    section = StudySection("h", [], {}, preset="sigma", claim=claim, verdict=verdict(sigma_study(seeds=3), claim),
+                           resume=command)
+    page = results_markdown([section], "Provenance: -", "-")
+    assert f"The study is not finished; it continues with `{command}`." in page
+    assert "the study is under way (its command is below)" in page.split("## The tests of each claim")[0]
