@@ -441,8 +441,9 @@ def main(argv: list[str] | None = None) -> int:
         preset = resolve(args.preset)
         cfg = load_config(profile_path(args.profile), args.overrides)
         levels = check_args(args, cfg, preset)
+        base = to_flat(cfg)
         for name in study_names(preset):
-            preflight(name, args, to_flat(cfg))
+            preflight(name, args, base)
         tic = time.perf_counter()
         # The data and the classifier (trained and cached once here, before trials could race to do it; a
         # user's file checked against the data) before Ray starts: a bad file is one line, not a traceback.
@@ -460,7 +461,6 @@ def main(argv: list[str] | None = None) -> int:
     import optuna
 
     from tuning.studies import Interrupted, confirm, run_preset, run_search
-    base = to_flat(cfg)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # no line per Optuna study created in memory
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # nor per store opened
     connect()

@@ -97,13 +97,14 @@ def _quote(value: str) -> str:
     return f"'{value}'"
 
 
-def _differences(logged: Mapping[str, str], params: Mapping[str, Any]) -> list[tuple[str, str, str]]:
-    out = []
-    for key, value in params.items():
-        key, text = _param_key(key), str(value)[:_MAX_PARAM_VALUE]
-        if key in logged and logged[key] != text:
-            out.append((key, logged[key], text))
-    return out
+def _as_logged(params: Mapping[str, Any]) -> dict[str, str]:
+    """`params` as MLflow stores them: keys made valid, values strings cut to MLflow's length."""
+    return {_param_key(key): str(value)[:_MAX_PARAM_VALUE] for key, value in params.items()}
+
+
+def _differences(logged: Mapping[str, str], params: Mapping[str, str]) -> list[tuple[str, str, str]]:
+    """(key, logged, given) where `params` (already `_as_logged`) disagrees with what the run logged."""
+    return [(key, logged[key], text) for key, text in params.items() if key in logged and logged[key] != text]
 
 
 def _param_key(key: str) -> str:
@@ -258,19 +259,15 @@ class StudyTracker:
     def param_differences(self, run_id: str, params: Mapping[str, Any]) -> list[tuple[str, str, str]]:
         """(key, logged value, value in `params`) for every key of `params` the run logged with another value (as
         MLflow stores it: a string, the key and length as `_log_new_params` writes them)."""
-        return _differences(self.client.get_run(run_id).data.params, params)
+        return _differences(self.client.get_run(run_id).data.params, _as_logged(params))
 
     def _log_new_params(self, run: Run, params: Mapping[str, Any]) -> None:
         # MLflow params are immutable: re-logging a key with another value fails, so a resumed run keeps the
         # values it was started with and only gains keys it lacked.
-        logged = run.data.params
-        for key, was, now in _differences(logged, params):
+        logged, given = run.data.params, _as_logged(params)
+        for key, was, now in _differences(logged, given):
             log.warning("run %s keeps param %s=%r (not %r): params are immutable", run.info.run_id, key, was, now)
-        new = []
-        for key, value in params.items():
-            key, text = _param_key(key), str(value)[:_MAX_PARAM_VALUE]
-            if key not in logged:
-                new.append(Param(key, text))
+        new = [Param(key, text) for key, text in given.items() if key not in logged]
         for start in range(0, len(new), _PARAMS_PER_BATCH):
             self.client.log_batch(run.info.run_id, params=new[start:start + _PARAMS_PER_BATCH])
 
