@@ -13,6 +13,7 @@ epochs each arm trained and the data it used.
 from __future__ import annotations
 
 import ast
+import shlex
 import math
 from dataclasses import dataclass, field
 
@@ -141,19 +142,21 @@ def _study(kind: str, parent: pd.Series, trials: pd.DataFrame, rows: dict, label
 
 
 def resume_command(parent: pd.Series, study: str, preset: str) -> str:
-    """The command that continues the preset study of `parent` as it was started (its profile, seeds and levels,
-    from the parent's params; `tuning/sweep.py` refuses a --resume that differs), with the store as STORE."""
-    def listed(key: str) -> str:
+    """The command that continues the preset study of `parent` as it was started (its profile, --set overrides,
+    seeds and levels, from the parent's params; `tuning/sweep.py` refuses a --resume that differs), with the store
+    as STORE."""
+    def listed(key: str) -> list[str]:
         text = parent.get(f"params.{key}")
         try:
             values = ast.literal_eval(text) if isinstance(text, str) else None
         except (ValueError, SyntaxError):
             values = None
-        return " ".join(map(str, values)) if isinstance(values, (list, tuple)) else ""
+        return [str(value) for value in values] if isinstance(values, (list, tuple)) else []
     profile = parent.get("params.profile")
     profile = profile if isinstance(profile, str) else "quick"
-    seeds, levels = listed("seeds"), listed("levels")
-    return " ".join(["python tuning/sweep.py", f"--profile {profile}", f"--preset {preset}",
+    seeds, levels = " ".join(listed("seeds")), " ".join(listed("levels"))
+    overrides = [f"--set {shlex.quote(item)}" for item in listed("set")]
+    return " ".join(["python tuning/sweep.py", f"--profile {profile}", *overrides, f"--preset {preset}",
                      *([f"--seeds {seeds}"] if seeds else []), *([f"--levels {levels}"] if levels else []),
                      *([f"--study {study}"] if study != f"{profile}-{preset}" else []),
                      "--mlflow-uri STORE --resume"])

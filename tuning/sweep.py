@@ -288,7 +288,9 @@ def preflight(name: str, args: argparse.Namespace, base: dict[str, Any]) -> None
 # What a resumed study must share with the command that started it: Tune restores the trials it started with, so
 # other seeds, levels or trial counts would never run, and another profile or --set would train the trials still
 # to run differently from those already done. The training layout (workers, GPUs) may change between sittings.
-LAYOUT_PARAMS = ("workers_per_trial", "gpus_per_worker")
+# The --set strings are logged for the command that continues the study (`analysis.arms.resume_command`); their
+# effect is compared through the flat config (base.*), so another spelling of the same override is accepted.
+UNCHECKED_PARAMS = ("workers_per_trial", "gpus_per_worker", "set")
 
 
 def study_params(name: str, args: argparse.Namespace, base: dict[str, Any], classifier_sha256: str = ""
@@ -297,7 +299,7 @@ def study_params(name: str, args: argparse.Namespace, base: dict[str, Any], clas
     search's trials and seeds), the profile, the training layout, the classifier's sha256 and the flat config."""
     preset = PRESETS.get(name)
     return {"preset": name, "profile": args.profile, "workers_per_trial": args.workers_per_trial,
-            "gpus_per_worker": args.gpus_per_worker,
+            "gpus_per_worker": args.gpus_per_worker, "set": list(args.overrides),
             **({"num_trials": args.num_trials, "seed": args.seed, "confirm_seeds": args.confirm_seeds}
                if preset is None else {"factor": preset.key, "seeds": args.seeds, "levels": args.levels or "all"}),
             **({"classifier_sha256": classifier_sha256} if classifier_sha256 else {}),
@@ -306,7 +308,7 @@ def study_params(name: str, args: argparse.Namespace, base: dict[str, Any], clas
 
 def _check_resumed(study: str, tracker: StudyTracker, parent: str, params: dict[str, Any]) -> None:
     """ValueError when the study's parent run was started with other trials or another config than `params`."""
-    changed = [d for d in tracker.param_differences(parent, params) if d[0] not in LAYOUT_PARAMS]
+    changed = [d for d in tracker.param_differences(parent, params) if d[0] not in UNCHECKED_PARAMS]
     if not changed:
         return
     shown = "; ".join(f"{key} was {was} (this command: {now})" for key, was, now in changed[:3])

@@ -1,5 +1,7 @@
 """The one rule from a claim's tests to its verdict word (`analysis.verdicts`), on hand-made outcomes."""
 
+import shlex
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -99,6 +101,10 @@ def test_a_study_under_way_names_the_command_that_continues_it():
                                                                  "studies")
     named = resume_command(pd.Series({**parent, "params.levels": "all"}), "mine", "sigma")
     assert named.endswith("--seeds 0 1 2 --study mine --mlflow-uri STORE --resume")
+    overridden = pd.Series({**parent, "params.set": "['train.epochs=40', 'data.name=my images']"})
+    with_set = resume_command(overridden, "studies-sigma", "sigma")
+    assert "--set train.epochs=40 --set 'data.name=my images'" in with_set
+    assert sweep.parse_args(shlex.split(with_set)[2:]).overrides == ["train.epochs=40", "data.name=my images"]
     claim = PRESETS["sigma"].claim
     section = StudySection("h", [], {}, preset="sigma", claim=claim, verdict=verdict(sigma_study(seeds=3), claim),
                            resume=command)

@@ -47,8 +47,12 @@ def test_a_study_resumes_only_with_the_trials_and_config_it_started_with(tmp_pat
     base = to_flat(load_config(sweep.profile_path("quick"), []))
     storage = tmp_path / "quick-mixing"
     storage.mkdir()
-    StudyTracker(default_tracking_uri(storage), "quick-mixing").start_sweep(
-        "quick-mixing", sweep.study_params("mixing", sweep.parse_args(started), base), resume=False, role="preset")
+    tracker = StudyTracker(default_tracking_uri(storage), "quick-mixing")
+    parent = tracker.start_sweep("quick-mixing", sweep.study_params("mixing", sweep.parse_args(started), base),
+                                 resume=False, role="preset")
+    # --set is compared by its effect on the config: restating a profile value changes nothing
+    restated = sweep.parse_args([*started, "--set", "train.epochs=15"])
+    sweep._check_resumed("quick-mixing", tracker, parent, sweep.study_params("mixing", restated, base))
     assert sweep.main([*started[:-2], "3", *started[-2:], "--resume"]) == 2
     err = capsys.readouterr().err
     assert "seeds was [0, 1, 2] (this command: [0, 1, 2, 3])" in err
