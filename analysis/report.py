@@ -72,7 +72,7 @@ from analysis.store import open_store, store_uri  # noqa: E402
 from analysis.studies import StudySection, study_section  # noqa: E402
 from analysis.tables import tables  # noqa: E402
 from analysis.timing import time_table  # noqa: E402
-from tuning.schema import PARENT_ROLES  # noqa: E402
+from tuning.schema import PARENT_ROLES, TRIAL_ROLE  # noqa: E402
 from tuning.schema import redact_uri  # noqa: E402
 
 # While main() runs: a server that is down fails in seconds, not after MLflow's default ~2 minutes of retries,
@@ -107,23 +107,31 @@ def portable(uri: str) -> str:
     return uri
 
 
-def provenance(runs: pd.DataFrame) -> str:
-    """What the runs were made with: the commit(s), the profile(s), the classifier's sha256 and the seeds."""
+def provenance(runs: pd.DataFrame, certified: set[str]) -> str:
+    """What the runs were made with: the commit(s), the profile(s), the classifier's sha256 and the seeds of the
+    certified runs (the numbers rest on them); the seeds of trials still under way are named apart."""
     def values(*columns: str) -> str:
         found = sorted({str(v) for c in columns if c in runs for v in runs[c].dropna()})
         return ", ".join(found) or "not recorded"
+
+    def seeds_of(selected: pd.DataFrame) -> list[int]:
+        return sorted({int(float(s)) for s in selected.get("seed", pd.Series(dtype=float)).dropna()})
     commits = values("tags.decrop.git_commit")
-    seeds = sorted({int(float(s)) for s in runs.get("seed", pd.Series(dtype=float)).dropna()})
+    seeds = seeds_of(runs[runs.index.isin(certified)])
+    going = runs[~runs.index.isin(certified) & runs["status"].isin(["RUNNING", "SCHEDULED"])
+                 & (runs["role"] == TRIAL_ROLE)]
+    under_way = sorted(set(seeds_of(going)) - set(seeds))
     return (f"Provenance: commit {commits}; profile {values('params.profile')}; classifier sha256 "
             f"{values('params.budget.classifier_sha256', 'params.classifier_sha256')}; seeds "
-            f"{', '.join(map(str, seeds)) or 'not recorded'}.")
+            f"{', '.join(map(str, seeds)) or 'not recorded'}"
+            + (f" (trials under way: seed {', '.join(map(str, under_way))})" if under_way else "") + ".")
 
 
 def _summary(names: list[str], runs: pd.DataFrame, cert: pd.DataFrame, missing: list[str],
              studies: list[StudySection]) -> list[str]:
     counts = runs["role"].value_counts()
     lines = [f"Experiment(s) {', '.join(names)}: {len(runs)} runs ("
-             + ", ".join(f"{n} {role}" for role, n in counts.items()) + ").", provenance(runs),
+             + ", ".join(f"{n} {role}" for role, n in counts.items()) + ").", provenance(runs, set(cert["run_id"])),
              f"{cert.groupby(['run_id', 'label']).ngroups} certification tables read; every number below is "
              f"recomputed from their rows."]
     if studies:
@@ -198,7 +206,7 @@ def build_report(client: MlflowClient, uri: str, experiments: list, out: Path, p
     if not times.empty:
         csvs["time"] = times
     return Analysis(report, {**headline, **found}, cert, list(runs.index[runs["role"].isin(PARENT_ROLES)]), csvs,
-                    studies, provenance(runs))
+                    studies, provenance(runs, set(cert["run_id"])))
 
 
 def write_report(analysis: Analysis, out: Path) -> list[Path]:

@@ -366,3 +366,16 @@ def test_the_searchs_tables_are_the_same_as_before(sweep_report):
     markdown = (sweep_report / "report.md").read_text()
     assert "## The search sweep-exp: confirmation on fresh seeds" in markdown
     assert "## What drives the objective" in markdown and "## Where the time went" in markdown
+
+
+def test_provenance_names_the_seeds_the_numbers_rest_on_and_those_under_way_apart():
+    """A study under way: seed 2's trials are running (no certification yet), seed 1's DE-CROP is certified and
+    its baseline still running. The numbers rest on seeds 0 and 1; seed 2 is named as under way, not among them."""
+    runs = pd.DataFrame(
+        {"role": ["preset", "trial", "trial", "trial", "trial", "trial"],
+         "status": ["RUNNING", "FINISHED", "FINISHED", "RUNNING", "RUNNING", "FAILED"],
+         "seed": [np.nan, 0, 1, 1, 2, 3], "params.profile": "studies", "tags.decrop.git_commit": "abc"},
+        index=["parent", "a0", "a1", "b1", "a2", "a3"])
+    text = report.provenance(runs, {"a0", "a1"})
+    assert text.endswith("seeds 0, 1 (trials under way: seed 2).")
+    assert report.provenance(runs.drop(index=["b1", "a2"]), {"a0", "a1"}).endswith("seeds 0, 1.")
