@@ -220,6 +220,10 @@ class DecropConfig:
     stage2_epochs: int = _field(0, "epochs of stage 2, a run of its own after stage 1: the domain discriminator "
                                    "is added, the denoiser starts from stage 1's and the Adam-then-SGD schedule "
                                    "restarts (the released code's second script); 0 = stage 1 only", ge=0)
+    stage2_schedule: Literal["restart", "continue"] = _field(
+        "restart", "the denoiser's optimiser in stage 2: 'restart' Adam-then-SGD from its own epoch 0 (the released "
+                   "code's second script), or 'continue' stage 1's schedule (its optimiser and state; epoch e of "
+                   "DE-CROP then has the optimiser and learning rate of the baseline's epoch e)")
     beta_scale: float = _field(2.0, "w_beta: final scale of the gradient-reversal coefficient", ge=0)
     beta_gamma: float = _field(10.0, "gamma: steepness of the gradient-reversal ramp", gt=0)
     disc_lr: float = _field(1e-5, "Adam learning rate of the domain discriminator", gt=0)

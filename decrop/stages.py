@@ -91,11 +91,13 @@ class TrainHooks:
 
 @dataclass(frozen=True)
 class Stage:
-    """One training stage: its name, its epochs (with an Adam-then-SGD schedule of its own) and its objective."""
+    """One training stage: its name, its epochs, its objective and whether it continues the previous stage's
+    Adam-then-SGD schedule (else it starts one of its own)."""
 
     name: str
     epochs: int
     make_objective: Callable[[], Objective]
+    continues_schedule: bool = False
 
 
 def _unwrap(module: nn.Module) -> nn.Module:
@@ -105,7 +107,8 @@ def _unwrap(module: nn.Module) -> nn.Module:
 def run_stages(prep: Prepared, classifier: nn.Module, images: tuple[Tensor, ...], stages: list[Stage],
                sink: MetricSink | None = None, hooks: TrainHooks | None = None) -> tuple[nn.Module, TrainResult]:
     """Train a fresh denoiser on `images` (aligned tuples, one augmentation per sample) through consecutive
-    stages; each stage starts from the previous stage's denoiser with a fresh optimiser schedule. Returns the
+    stages; each stage starts from the previous stage's denoiser with a fresh optimiser schedule, or the previous
+    stage's schedule counted on (`Stage.continues_schedule`). Returns the
     (unwrapped) denoiser in eval mode and the per-epoch history (epochs counted over all stages)."""
     cfg, hooks = prep.cfg, hooks or TrainHooks()
     torch.manual_seed(cfg.seed)
@@ -120,7 +123,7 @@ def run_stages(prep: Prepared, classifier: nn.Module, images: tuple[Tensor, ...]
     if resume is not None:
         denoiser.load_state_dict(resume.denoiser)
     model = hooks.wrap(denoiser)
-    result, offset = TrainResult(), 0
+    result, offset, schedule = TrainResult(), 0, None
     for stage in stages:
         if done < offset + stage.epochs:
             in_stage = max(done - offset, 0)
@@ -130,9 +133,14 @@ def run_stages(prep: Prepared, classifier: nn.Module, images: tuple[Tensor, ...]
             if resume is not None and done == offset:
                 resume.restore_rng(prep.device, loader)
             objective = stage.make_objective()
-            schedule = AdamThenSGD(model.parameters(), cfg.train)
-            if resume is not None and in_stage > 0:
+            if schedule is None or not stage.continues_schedule:
+                schedule = AdamThenSGD(model.parameters(), cfg.train)
+            if stage.continues_schedule:
+                schedule.offset = offset
+            # A continued schedule resumed at the stage's start takes the previous stage's optimiser state.
+            if resume is not None and (in_stage > 0 or (stage.continues_schedule and done == offset)):
                 schedule.load_state_dict(resume.schedule, in_stage)
+            if resume is not None and in_stage > 0:
                 objective.load_state_dict(resume.objective)
                 resume.restore_rng(prep.device, loader)
 
@@ -164,7 +172,8 @@ def method_stages(method: str, prep: Prepared, classifier: nn.Module, hooks: Tra
                   ) -> list[Stage]:
     """The training stages of `method` (`ExperimentConfig.stage_epochs`): the baseline's one stage of L_lc;
     DE-CROP's stage 1 (L_lc + L_cs + L_mmd) and, when ``decrop.stage2_epochs`` > 0, stage 2, a run of its own
-    that adds the domain discriminator (its own Adam) to the stage-1 denoiser."""
+    that adds the domain discriminator (its own Adam) to the stage-1 denoiser, whose schedule restarts or continues
+    stage 1's (``decrop.stage2_schedule``)."""
     cfg, shard = prep.cfg, (hooks or TrainHooks()).shard
     epochs = cfg.stage_epochs(method)
     if method == "baseline":
@@ -172,7 +181,8 @@ def method_stages(method: str, prep: Prepared, classifier: nn.Module, hooks: Tra
     stages = [Stage("stage1", epochs[0], lambda: DecropObjective(cfg.sigma, cfg.decrop, shard=shard))]
     if len(epochs) > 1:
         stages.append(Stage("stage2", epochs[1], lambda: DecropObjective(
-            cfg.sigma, cfg.decrop, DomainDiscriminator(classifier.feature_dim).to(prep.device), shard=shard)))
+            cfg.sigma, cfg.decrop, DomainDiscriminator(classifier.feature_dim).to(prep.device), shard=shard),
+            continues_schedule=cfg.decrop.stage2_schedule == "continue"))
     return stages
 
 

@@ -3,10 +3,10 @@
 ``train_denoiser`` runs the epochs of one training stage over a DataLoader, asks the objective for a loss,
 steps the optimiser chosen by `AdamThenSGD` for that epoch, measures the validation metric and reports both
 through a `MetricSink`. Each stage has a schedule of its own (DE-CROP's stage 2 restarts Adam-then-SGD, as the
-released code's second script does). The classifier stays frozen: gradients off, eval mode (BatchNorm
-statistics untouched), restored afterwards. The loop knows nothing of Ray or MLflow; `tuning/` passes a
-DDP-wrapped denoiser, its own sink and an ``on_epoch_end`` hook that checkpoints; every worker iterates the same
-global batches (`decrop.distributed`).
+released code's second script does), unless it continues the previous stage's (``decrop.stage2_schedule``).
+The classifier stays frozen: gradients off, eval mode (BatchNorm statistics untouched), restored afterwards.
+The loop knows nothing of Ray or MLflow; `tuning/` passes a DDP-wrapped denoiser, its own sink and an
+``on_epoch_end`` hook that checkpoints; every worker iterates the same global batches (`decrop.distributed`).
 """
 
 from __future__ import annotations
@@ -31,22 +31,25 @@ class AdamThenSGD:
 
     The released code compared the optimiser name against a string with a trailing space, so it never
     switched; here the switch is keyed on the epoch number alone. Call `for_epoch` at the start of every
-    epoch; it returns the optimiser to step and sets its learning rate.
+    epoch of a stage; it returns the optimiser to step and sets its learning rate. ``offset`` is the number of
+    epochs of this schedule run before the stage's epoch 0 (a stage that continues the previous stage's
+    schedule sets it to that stage's epochs; 0 for a schedule of its own).
     """
 
-    def __init__(self, params, cfg: TrainConfig):
+    def __init__(self, params, cfg: TrainConfig, offset: int = 0):
         self.params = [p for p in params if p.requires_grad]
         self.cfg = cfg
+        self.offset = offset
         self.kind: str | None = None
         self.optimizer: torch.optim.Optimizer | None = None
 
     def kind_at(self, epoch: int) -> str:
-        return "adam" if epoch < self.cfg.adam_epochs else "sgd"
+        return "adam" if epoch + self.offset < self.cfg.adam_epochs else "sgd"
 
     def lr_at(self, epoch: int) -> float:
         if self.kind_at(epoch) == "adam":
             return self.cfg.lr
-        return self.cfg.lr * self.cfg.lr_gamma ** ((epoch - self.cfg.adam_epochs) // self.cfg.lr_step)
+        return self.cfg.lr * self.cfg.lr_gamma ** ((epoch + self.offset - self.cfg.adam_epochs) // self.cfg.lr_step)
 
     def for_epoch(self, epoch: int) -> torch.optim.Optimizer:
         kind = self.kind_at(epoch)

@@ -1,7 +1,7 @@
 """The training stages of one experiment: plain, interrupted and resumed (what Ray Train's retries rely on)."""
 
 import io
-
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -16,12 +16,15 @@ from decrop.stages import ResumeState, TrainHooks, method_stages, run_stages
 from decrop.samples import generate_samples
 
 
-@pytest.fixture(scope="module")
-def prep():
+SMALL = ["data.augment=2", "train.epochs=2", "train.adam_epochs=1", "train.batch_size=8", "denoiser.depth=3",
+         "denoiser.width=4", "decrop.stage2_epochs=2", "decrop.attack_steps=2", "decrop.interp_steps=2"]
+
+
+@pytest.fixture(scope="module", params=["restart", "continue"])
+def prep(request):
+    """Stage 2 with a schedule of its own, or stage 1's continued (`decrop.stage2_schedule`)."""
     torch.manual_seed(0)
-    cfg = load_config(None, ["data.augment=2", "train.epochs=2", "train.adam_epochs=1", "train.batch_size=8",
-                             "denoiser.depth=3", "denoiser.width=4", "decrop.stage2_epochs=2",
-                             "decrop.attack_steps=2", "decrop.interp_steps=2"])
+    cfg = load_config(None, [*SMALL, f"decrop.stage2_schedule={request.param}"])
     classifier = create_model("small_cnn", in_channels=1, num_classes=10).eval()
     images, labels = torch.rand(24, 1, 28, 28), torch.arange(24) % 10
     return Prepared(cfg=cfg, device=torch.device("cpu"), info=dataset_info("fashion_mnist"),
@@ -58,6 +61,33 @@ def test_resumed_run_equals_the_uninterrupted_one(prep, stop_after):
     assert [row["epoch"] for row in result.history] == list(range(stop_after + 1, 5))
     for key, value in straight.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[key]), key
+
+
+def test_a_continued_schedule_gives_decrop_the_baselines_optimiser_and_learning_rate_at_every_epoch(prep):
+    """With ``decrop.stage2_schedule=continue`` DE-CROP's epoch e (over both stages) steps the optimiser the
+    baseline's epoch e steps, at the same learning rate, and stage 2 keeps stage 1's SGD momentum; 'restart'
+    begins stage 2 with Adam again."""
+    cfg = replace(prep.cfg, train=replace(prep.cfg.train, lr_step=1, lr_gamma=0.5))
+    prep = replace(prep, cfg=cfg)
+    kinds = {}
+
+    def optimiser_of(name):
+        def keep(epoch, metrics, state):
+            schedule = state().schedule
+            kinds.setdefault(name, []).append(schedule["kind"])
+        return keep
+    _, base = run_stages(prep, prep.classifier, (prep.train_images,), method_stages("baseline", prep, prep.classifier),
+                         hooks=TrainHooks(on_epoch_end=optimiser_of("baseline")))
+    _, ours = run_stages(prep, prep.classifier, _decrop_images(prep), method_stages("decrop", prep, prep.classifier),
+                         hooks=TrainHooks(on_epoch_end=optimiser_of("decrop")))
+    lrs = [row["train/lr"] for row in base.history]
+    assert lrs == pytest.approx([1e-3, 1e-3, 5e-4, 2.5e-4]) and kinds["baseline"] == ["adam", "sgd", "sgd", "sgd"]
+    if cfg.decrop.stage2_schedule == "continue":
+        assert [row["train/lr"] for row in ours.history] == pytest.approx(lrs)
+        assert kinds["decrop"] == kinds["baseline"]
+    else:
+        assert [row["train/lr"] for row in ours.history] == pytest.approx([1e-3, 1e-3, 1e-3, 1e-3])
+        assert kinds["decrop"] == ["adam", "sgd", "adam", "sgd"]
 
 
 def test_resume_inside_stage_two_restores_the_discriminator_and_its_ramp(prep):
