@@ -70,6 +70,42 @@ a line fitted to it) converges only at its last epoch."""
     return int(epochs[min(first, len(epochs) - 1)]), plateau
 
 
+def end_below_best(epochs: np.ndarray, values: np.ndarray, smoothing: int = SMOOTHING) -> tuple[float, int, int]:
+    """(how far the mean over the curve's last `w` epochs lies below the best mean over any `w` consecutive
+    epochs of its second half, the last epoch of that best window, `w`), with `w` = `smoothing` or a twentieth of
+    the curve, whichever is more. A curve that ends at its plateau, or still rising, gives 0."""
+    order = np.argsort(epochs)
+    epochs, values = np.asarray(epochs)[order], np.asarray(values, dtype=float)[order]
+    window = max(smoothing, len(values) // 20)
+    if len(values) < 2 * window:
+        return 0.0, int(epochs[-1]), window
+    means = pd.Series(values).rolling(window).mean().to_numpy()
+    half = means[len(values) // 2:]
+    best = int(np.nanargmax(half)) + len(values) // 2
+    return max(float(means[best] - means[-1]), 0.0), int(epochs[best]), window
+
+
+def off_plateau(study: StudyArms, curves: pd.DataFrame, tolerance: float = TOLERANCE
+                ) -> dict[tuple[str | None, str], str]:
+    """The arms (level, method) of `study` whose learning curve (`load_curves`), averaged over their seeds, ends
+    more than `tolerance` below its own best (`end_below_best`): they were certified before training had settled
+    (a late learning-rate or optimiser switch, too short a budget after one), so their numbers may understate the
+    method. Values: why, in words."""
+    found = {}
+    for (level, method), own in curves.groupby(["level", "method"], sort=False, dropna=False):
+        mean = own.groupby("epoch")["value"].mean()
+        drop, epoch, window = end_below_best(mean.index.to_numpy(), mean.to_numpy())
+        if drop > tolerance:
+            level = None if pd.isna(level) else level
+            where = study.level_name(level) if level is not None else ""
+            at = f" at {where}" if where else ""
+            found[(level, method)] = (
+                f"{method_name(method)}{at}: its validation agreement (mean over {own['seed'].nunique()} seeds) "
+                f"ends {100 * drop:.1f} points below its best, the {window} epochs to epoch {epoch}: certified "
+                f"off its plateau, its numbers may understate the method")
+    return found
+
+
 def convergence_table(curves: pd.DataFrame) -> pd.DataFrame:
     """Per method: the epochs of its longest curve, the seeds, the plateau of the seed-mean curve, the epoch it
     reaches it within `TOLERANCE`, and its value at epoch 20 (the quick profile's old budget)."""

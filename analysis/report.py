@@ -48,7 +48,7 @@ import pandas as pd  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 
-from analysis.arms import find_studies  # noqa: E402
+from analysis.arms import PRESET, find_studies  # noqa: E402
 from analysis.budget import load_curves  # noqa: E402
 from analysis.figures import FigureOut, figures  # noqa: E402
 from analysis.results import write_results  # noqa: E402
@@ -194,7 +194,7 @@ def build_report(client: MlflowClient, uri: str, experiments: list, out: Path, p
     stats: Statistics = statistics(trials)
     progress(f"report: writing figures into {out}")
     out.mkdir(parents=True, exist_ok=True)
-    studies = [study_section(study, out, load_curves(client, study) if study.preset == "budget" else None)
+    studies = [study_section(study, out, load_curves(client, study) if study.kind == PRESET else None)
                for study in find_studies(runs, rows)]
     figs = _search_figures(figures(search, rows, trials, histories, out), trials, studies)
     times, time_notes = time_table(runs)

@@ -77,6 +77,7 @@ def results_markdown(sections: list[StudySection], provenance: str, command: str
         if section.resume:
             details += [f"The study is not finished; it continues with `{section.resume}`.", ""]
         details += [f"- degenerate arm (comparisons with it not interpretable): {d}" for d in v.degenerate]
+        details += [f"- off its plateau: {d}" for d in section.off_plateau]
         if not v.tests.empty:
             details += ["", markdown_table(verdict_display(v.tests)), ""]
         details += [f"- {n}" for n in v.notes] + [""]

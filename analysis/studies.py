@@ -28,7 +28,7 @@ from .arms import CONFIRMATION, PRESET, Arm, StudyArms, accuracy_values, budget_
 from .figures import FigureOut, arms_figure
 from .stats import format_p, holm, holm_verdict, paired_outcomes, paired_radii
 from .tables import method_name, radius_column
-from .budget import TOLERANCE, budget_figure, certified_by_budget, convergence_table
+from .budget import TOLERANCE, budget_figure, certified_by_budget, convergence_table, off_plateau
 from .verdicts import Verdict, degenerate_arms, verdict
 
 # The studies whose claim compares the levels with each other (the others compare DE-CROP with the baseline at
@@ -61,6 +61,7 @@ class StudySection:
     verdict: Verdict | None = None
     values: pd.DataFrame = field(default_factory=pd.DataFrame)  # `arms.accuracy_values`
     resume: str = ""  # the command that continues the study, while it is not finished
+    off_plateau: list[str] = field(default_factory=list)  # `analysis.budget.off_plateau`, in words
 
 
 def _slug(text: str) -> str:
@@ -328,7 +329,8 @@ def _intro(study: StudyArms, values: pd.DataFrame) -> list[tuple[str, object]]:
 
 def study_section(study: StudyArms, out: Path, curves: pd.DataFrame | None = None) -> StudySection:
     """Compute and lay out one study (figures written into `out`); `curves`: the per-epoch validation agreement
-    of its runs (`analysis.budget.load_curves`), shown for the training-budget study."""
+    of its runs (`analysis.budget.load_curves`): every arm is checked for ending off its plateau, and the
+    training-budget study shows them."""
     confirmation = study.kind == CONFIRMATION
     slug = _slug(f"{study.study}_confirmation" if confirmation else study.study)
     values = accuracy_values(study)
@@ -349,7 +351,10 @@ def study_section(study: StudyArms, out: Path, curves: pd.DataFrame | None = Non
         degenerate = degenerate_arms(study)
         if degenerate:
             items.append(("list", [f"degenerate arm: {why}" for why in degenerate.values()]))
-    if curves is not None and not curves.empty:
+    late = list(off_plateau(study, curves).values()) if curves is not None and not curves.empty else []
+    if late:
+        items.append(("list", [f"off its plateau: {why}" for why in late]))
+    if curves is not None and not curves.empty and study.preset == "budget":
         converged = convergence_table(curves)
         certified = certified_by_budget(study)
         items += budget_items(converged, budget_figure(curves, certified, out, f"{slug}_learning_curves"))
@@ -368,4 +373,5 @@ def study_section(study: StudyArms, out: Path, curves: pd.DataFrame | None = Non
     heading = (f"The search {study.study}: confirmation on fresh seeds" if confirmation else
                f"Study {study.study}: preset {study.preset}"
                + (f" ({PRESETS[study.preset].source})" if study.preset in PRESETS else ""))
-    return StudySection(heading, items, {slug: table}, csvs, study.preset, claim, judged, values, study.resume)
+    return StudySection(heading, items, {slug: table}, csvs, study.preset, claim, judged, values, study.resume,
+                        late)

@@ -22,7 +22,9 @@ tested* when no test could run. A claim whose declared comparisons did not all r
 run on fewer levels) is never *reproduced* nor *not reproduced*: those words speak for every comparison, so it is
 *inconclusive* until they have run (its Holm family is also smaller than the claim's); what ran can still support
 or contradict it. Beside each seed-level test, the image-level test (`analysis.stats.image_level_test`)
-describes only the trained models at hand ("for these trained models").
+describes only the trained models at hand ("for these trained models"). An arm whose learning curve (the
+label-free validation agreement, mean over its seeds) ends more than 1 point below its own best is marked *off
+its plateau* (`analysis.budget.off_plateau`): its numbers may understate the method; the verdict is unchanged.
 """
 
 from __future__ import annotations
