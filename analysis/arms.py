@@ -13,8 +13,8 @@ epochs each arm trained and the data it used.
 from __future__ import annotations
 
 import ast
-import shlex
 import math
+import shlex
 from dataclasses import dataclass, field
 
 import numpy as np
