@@ -128,10 +128,10 @@ def provenance(runs: pd.DataFrame, certified: set[str]) -> str:
 
 
 def _summary(names: list[str], runs: pd.DataFrame, cert: pd.DataFrame, missing: list[str],
-             studies: list[StudySection]) -> list[str]:
+             studies: list[StudySection], made_with: str) -> list[str]:
     counts = runs["role"].value_counts()
     lines = [f"Experiment(s) {', '.join(names)}: {len(runs)} runs ("
-             + ", ".join(f"{n} {role}" for role, n in counts.items()) + ").", provenance(runs, set(cert["run_id"])),
+             + ", ".join(f"{n} {role}" for role, n in counts.items()) + ").", made_with,
              f"{cert.groupby(['run_id', 'label']).ngroups} certification tables read; every number below is "
              f"recomputed from their rows."]
     if studies:
@@ -199,14 +199,15 @@ def build_report(client: MlflowClient, uri: str, experiments: list, out: Path, p
     figs = _search_figures(figures(search, rows, trials, histories, out), trials, studies)
     times, time_notes = time_table(runs)
     title = f"DE-CROP study report: {', '.join(names)}"
-    report = Report(title, portable(uri), _summary(names, runs, cert, missing, studies), found, figs, stats, notes, studies,
-                    times, time_notes, search=not trials.empty)
+    made_with = provenance(runs, set(cert["run_id"]))
+    report = Report(title, portable(uri), _summary(names, runs, cert, missing, studies, made_with), found, figs, stats,
+                    notes, studies, times, time_notes, search=not trials.empty)
     headline = {name: table for s in studies for name, table in s.tables.items()}
     csvs = {name: frame for s in studies for name, frame in s.csvs.items()}
     if not times.empty:
         csvs["time"] = times
     return Analysis(report, {**headline, **found}, cert, list(runs.index[runs["role"].isin(PARENT_ROLES)]), csvs,
-                    studies, provenance(runs, set(cert["run_id"])))
+                    studies, made_with)
 
 
 def write_report(analysis: Analysis, out: Path) -> list[Path]:

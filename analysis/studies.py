@@ -351,10 +351,11 @@ def study_section(study: StudyArms, out: Path, curves: pd.DataFrame | None = Non
         degenerate = degenerate_arms(study)
         if degenerate:
             items.append(("list", [f"degenerate arm: {why}" for why in degenerate.values()]))
-    late = list(off_plateau(study, curves).values()) if curves is not None and not curves.empty else []
+    has_curves = curves is not None and not curves.empty
+    late = list(off_plateau(study, curves).values()) if has_curves else []
     if late:
         items.append(("list", [f"off its plateau: {why}" for why in late]))
-    if curves is not None and not curves.empty and study.preset == "budget":
+    if has_curves and study.preset == "budget":
         converged = convergence_table(curves)
         certified = certified_by_budget(study)
         items += budget_items(converged, budget_figure(curves, certified, out, f"{slug}_learning_curves"))
