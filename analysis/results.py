@@ -28,6 +28,26 @@ comparisons, radii and direction, a margin for "similar" claims), and one rule t
 word (`analysis/verdicts.py`):
 """
 
+# The verdicts under the rules before issue 19 (3 seeds, 20 epochs, image-level tests that held the trained models
+# fixed), quoted from the archived page, so that each claim shows what its verdict was and the reader can see what
+# the new rules changed. The word in bold is the archived verdict, the rest its qualifier there. The augmentation
+# and black-box claims were declared differently then (see the archive).
+EARLIER_PAGE = "docs/archive/results-image-level.md"
+EARLIER_VERDICTS = {
+    "sigma": "**reproduced for sigma >= 0.25** (at 0.25 from r = 0.25 on; at 0.12 not shown)",
+    "data": "**reproduced for small k** (0.2% and 1% only; 5-100% not run)",
+    "mixing": "**reproduced** (within 1 point at every radius, no margin declared)",
+    "denoiser": "**partly reproduced** (significant at r = 0.25 and 0.5 with DnCNN, at 0.5 with MemNet)",
+    "n_interp": "**reproduced** (2 and 5 within 1 point of 1, no margin declared)",
+    "attack": "**partly reproduced** (each attack ahead at one or two radii; equivalence from non-significance; PGD "
+              "not best at r = 0)",
+    "boundary": "**not reproduced** (without boundary samples as good at r = 0 and 0.25, 2.3 points lower at 0.5, "
+                "not significant)",
+    "augment": "**not reproduced as an improvement** (then tested as 'stronger policies improve certification')",
+    "blackbox": "**partly reproduced** (then tested as 'also works': ahead of the baseline, not significant after "
+                "Holm)",
+}
+
 
 def _rule_text() -> str:
     """The rule, as the verdicts module states it (its docstring from the first list to the end)."""
@@ -64,16 +84,21 @@ def results_markdown(sections: list[StudySection], provenance: str, command: str
             summary.append({"claim": f"{name} ({preset.claim.source})", "verdict": "waiting",
                             "why": f"not run with these rules yet: python tuning/sweep.py --profile studies "
                                    f"--preset {name} --seeds {' '.join(map(str, seeds_for(name)))} "
-                                   f"--mlflow-uri STORE --resume", "certified accuracy (%), r = 0 / 0.25 / 0.5": ""})
+                                   f"--mlflow-uri STORE --resume", "certified accuracy (%), r = 0 / 0.25 / 0.5": "",
+                            "earlier verdict": EARLIER_VERDICTS.get(name, "")})
             continue
         v = section.verdict
         under_way = "; the study is under way (its command is below)" if section.resume else ""
         summary.append({"claim": f"{name} ({preset.claim.source})", "verdict": v.word, "why": v.reason + under_way,
-                        "certified accuracy (%), r = 0 / 0.25 / 0.5": _numbers(section)})
+                        "certified accuracy (%), r = 0 / 0.25 / 0.5": _numbers(section),
+                        "earlier verdict": EARLIER_VERDICTS.get(name, "")})
         details += [f"### {name}: {preset.claim.source}", "", f"> {preset.claim.quote}", ""]
         if preset.claim.note:
             details += [preset.claim.note, ""]
         details += [f"Verdict: **{v.word}** ({v.reason}).", ""]
+        if name in EARLIER_VERDICTS:
+            details += [f"Earlier verdict, under the rules before issue 19 (`{EARLIER_PAGE}`): "
+                        f"{EARLIER_VERDICTS[name]}.", ""]
         if section.resume:
             details += [f"The study is not finished; it continues with `{section.resume}`.", ""]
         details += [f"- degenerate arm (comparisons with it not interpretable): {d}" for d in v.degenerate]
@@ -84,7 +109,9 @@ def results_markdown(sections: list[StudySection], provenance: str, command: str
     lines += [markdown_table(pd.DataFrame(summary)), "", (
         f"Smallest effect worth detecting: {100 * SMALLEST_EFFECT:.0f} points (the power column of each test: the "
         f"seeds its own variance components call for). Headline claims (fig 1, tables 1 and 2) run at least 10 "
-        f"seeds."), "", "## The tests of each claim", "", *details,
+        f"seeds. The earlier verdict is the one under the rules before issue 19 (3 seeds, 20 epochs, image-level "
+        f"tests that held the trained models fixed, a baseline not converged), archived in `{EARLIER_PAGE}`."), "",
+        "## The tests of each claim", "", *details,
         "## The same studies at the paper's scale (CIFAR-10, GPU cluster)", "",
         "`configs/paper.yaml` is the paper's protocol (CIFAR-10, ResNet-110, DnCNN 17x64, 600 + 100 epochs, n 10,000, "
         "500 test images). With a Ray head, its job server and an MLflow server up (`cluster/README.md`), each study "

@@ -1,6 +1,8 @@
 """The one rule from a claim's tests to its verdict word (`analysis.verdicts`), on hand-made outcomes."""
 
+import re
 import shlex
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -111,3 +113,29 @@ def test_a_study_under_way_names_the_command_that_continues_it():
     page = results_markdown([section], "Provenance: -", "-")
     assert f"The study is not finished; it continues with `{command}`." in page
     assert "the study is under way (its command is below)" in page.split("## The tests of each claim")[0]
+
+
+def test_every_claim_shows_its_earlier_verdict_as_the_archived_page_gives_it():
+    """The results page quotes each claim's verdict under the rules before issue 19: the word must be the one the
+    archived page gives that claim's row (in the same order as the presets), and it shows for a waiting claim and
+    beside a judged one."""
+    from analysis.results import EARLIER_PAGE, EARLIER_VERDICTS, results_markdown
+    from analysis.studies import StudySection
+    claims = [name for name, preset in PRESETS.items() if preset.claim is not None]
+    assert sorted(EARLIER_VERDICTS) == sorted(claims)
+    archive = (Path(__file__).resolve().parents[2] / EARLIER_PAGE).read_text(encoding="utf-8")
+    rows = [line.split("|") for line in archive.split("## Verdicts")[1].splitlines() if line.startswith("| ")]
+    archived = {cells[1]: re.search(r"\*\*(.+?)\*\*", cells[4]).group(1) for cells in rows if "**" in cells[4]}
+    row_of = {"sigma": "(fig 1)", "attack": "(table 1)", "boundary": "(table 2)", "data": "(fig 2,",
+              "mixing": "(fig 3)", "denoiser": "(fig 5)", "n_interp": "(fig 6)", "augment": "Augmentation policies",
+              "blackbox": "black-box setting"}  # how the archived page names each claim
+    for name in claims:
+        [word] = [w for cell, w in archived.items() if row_of[name] in cell]
+        assert EARLIER_VERDICTS[name].startswith(f"**{word}**"), (name, word)
+    claim = PRESETS["sigma"].claim
+    section = StudySection("h", [], {}, preset="sigma", claim=claim, verdict=verdict(sigma_study(seeds=3), claim))
+    page = results_markdown([section], "Provenance: -", "-")
+    summary, details = page.split("## The tests of each claim")
+    for name in claims:
+        assert EARLIER_VERDICTS[name] in summary
+    assert f"Earlier verdict, under the rules before issue 19 (`{EARLIER_PAGE}`): {EARLIER_VERDICTS['sigma']}." in details
