@@ -42,7 +42,7 @@ EARLIER_VERDICTS = {
     "attack": "**partly reproduced** (each attack ahead at one or two radii; equivalence from non-significance; PGD "
               "not best at r = 0)",
     "boundary": "**not reproduced** (without boundary samples as good at r = 0 and 0.25, 2.3 points lower at 0.5, "
-                "not significant)",
+                "not significant; that arm then also trained on the same-class partner as a boundary sample)",
     "augment": "**not reproduced as an improvement** (then tested as 'stronger policies improve certification')",
     "blackbox": "**partly reproduced** (then tested as 'also works': ahead of the baseline, not significant after "
                 "Holm)",

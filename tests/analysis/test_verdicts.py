@@ -117,8 +117,7 @@ def test_a_study_under_way_names_the_command_that_continues_it():
 
 def test_every_claim_shows_its_earlier_verdict_as_the_archived_page_gives_it():
     """The results page quotes each claim's verdict under the rules before issue 19: the word must be the one the
-    archived page gives that claim's row (in the same order as the presets), and it shows for a waiting claim and
-    beside a judged one."""
+    archived page gives that claim's row, and it shows for a waiting claim and beside a judged one."""
     from analysis.results import EARLIER_PAGE, EARLIER_VERDICTS, results_markdown
     from analysis.studies import StudySection
     claims = [name for name, preset in PRESETS.items() if preset.claim is not None]
