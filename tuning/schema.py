@@ -33,6 +33,8 @@ PARENT_TAG = "mlflow.parentRunId"  # MLflow's own tag: the UI folds child runs u
 BEST_TRIAL_TAG = "decrop.best_trial_id"  # on a search's parent: the trial the search chose
 RESULT_TAG = "decrop.trial_result"  # the final result a trial reported to Tune, as JSON: proof it finished
 REUSED_TAG = "decrop.reused_from"  # a trial that took another study's result (tuning.trial_cache): its source
+WEIGHTS_TAG = "decrop.weights"  # on a trial that took a shelved result: `NOT_KEPT`
+NOT_KEPT = "not kept: a result from the shelf (tuning.trial_cache), rows and curves only"
 TERMINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
 # A trial's attempts: `trial/attempts` = n at step n when attempt n starts (Tune retries a failed trial, a resumed
 # study reruns an unfinished one), `trial/failed_attempts` = n at step n when failure n ends one (its last error line
@@ -48,6 +50,7 @@ BUDGET_PREFIX = "budget."  # a trial's data budget (decrop.prepare.Prepared.budg
 
 VALIDATION_LABEL = "validation"  # the search's certification of validation images: metrics certify/...
 OBJECTIVE_METRIC = "certify/objective"  # the search's objective (tuning.trainable.validation_objective)
+EPOCH_PREFIXES = ("train/", "val/")  # a trial's per-epoch metrics (its learning curves), logged at step = epoch
 AGREEMENT_METRIC = "val/agreement"  # the per-epoch validation agreement (ASHA's metric; the learning curves)
 CURVE_STEPS_PER_UNIT = 100  # certify*/curve: one step per hundredth of radius
 TEST_CURVE_METRIC = "certify_test/curve"  # every method's test curve under one name (the chart view overlays it)

@@ -107,6 +107,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--storage", type=Path, default=Path("~/decrop-runs"),
                    help="folder for trial checkpoints, denoisers and the default MLflow store")
     p.add_argument("--resume", action="store_true", help="continue an interrupted study of this name")
+    p.add_argument("--shelf", type=Path, default=None,
+                   help="folder of finished trials kept with the code (the paper's reruns: results): a trial "
+                        "found there is not computed again, the study's finished trials are added to it, and the "
+                        "trained classifier is the one kept there")
     p.add_argument("--seed", type=int, default=0, help="seed of the TPE sampler")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key of the profile for every trial, e.g. --set train.epochs=10")
@@ -194,12 +198,12 @@ def check_args(args: argparse.Namespace, cfg, preset: str) -> tuple | None:
     levels to run (None: all)."""
     if args.study is not None:
         check_name(args.study, "--study")
-    storage = args.storage.expanduser()
-    for folder in (storage, *storage.parents):
-        if folder.exists():
-            if not folder.is_dir():
-                raise ValueError(f"--storage {args.storage}: {folder} is a file, not a folder; choose a folder")
-            break
+    for flag, path in (("--storage", args.storage), ("--shelf", args.shelf)):
+        for folder in (path.expanduser(), *path.expanduser().parents) if path is not None else ():
+            if folder.exists():
+                if not folder.is_dir():
+                    raise ValueError(f"{flag} {path}: {folder} is a file, not a folder; choose a folder")
+                break
     positive = {"--num-trials": args.num_trials, "--workers-per-trial": args.workers_per_trial,
                 "--cert-shards": args.cert_shards}
     if args.max_concurrent is not None:
@@ -401,7 +405,8 @@ def open_study(name: str, args: argparse.Namespace, base: dict, concurrent: int,
                              parent_run_id=parent, workers=args.workers_per_trial,
                              gpus_per_worker=args.gpus_per_worker, cert_shards=args.cert_shards, preset=name,
                              factor=None if preset is None else preset.key, validate=preset is None,
-                             test=preset is not None, classifier_sha256=classifier_sha256)
+                             test=preset is not None, classifier_sha256=classifier_sha256,
+                             shelf=str(shelf_path(args.shelf)) if args.shelf is not None else "")
     print(f"{study}: storage {storage}, MLflow {redact_uri(uri)} (experiment {tracker.experiment_id})", flush=True)
     return Study(study, storage, tracker, parent, settings, args.resume, concurrent)
 
@@ -429,6 +434,38 @@ def concurrency(args: argparse.Namespace) -> int:
     return args.max_concurrent or max(1, int(resources.get(demand[0], 1) // demand[1]))
 
 
+def pin_classifier(cfg, shelf: Path | None) -> None:
+    """With --shelf and a classifier this platform trains: the shelf's classifier file into the cache where the
+    cache has none, or the cache's onto the shelf (tuning.trial_cache.pin_classifier); ValueError when the two
+    differ. (A user's classifier file is theirs: its sha256 in the trials' keys is enough.)"""
+    if shelf is not None and cfg.classifier.source == "train":
+        from decrop.classifier import classifier_path
+        from tuning.trial_cache import pin_classifier as pin
+        pin(classifier_path(cfg), str(shelf_path(shelf)))
+
+
+def shelf_path(shelf: Path) -> Path:
+    """The shelf's folder: absolute, or relative to the repository where it lies inside it (a Ray job's working
+    directory is a copy of the repository, so the trials find it there under the same relative path)."""
+    path = shelf.expanduser().resolve()
+    return path.relative_to(REPO) if path.is_relative_to(REPO) else path
+
+
+def shelve(study: Study, shelf: Path | None) -> None:
+    """With --shelf: the study's finished trials (the entries of the trial cache that its runs computed, with their
+    learning curves from the store) added to the shelf, so that a fresh machine finds them."""
+    if shelf is None:
+        return
+    from tuning import trial_cache
+    from tuning.tracking import StudyTracker
+
+    def curves_of(source: str) -> list[tuple[int, str, float]] | None:
+        experiment, _, trial_id = source.rpartition("/")
+        return StudyTracker(study.settings.tracking_uri, experiment).epoch_curves(trial_id)
+    added = trial_cache.shelve(study.settings.base["cache_dir"], str(shelf_path(shelf)), curves_of)
+    print(f"{study.name}: {added} finished trial(s) added to the shelf {shelf}", flush=True)
+
+
 def report(study: Study) -> None:
     """The study's analysis report (tables, figures, seed-level statistics and verdicts) into <storage>/report:
     the one place where the entry point calls analysis/ (the rest of tuning/ never imports it)."""
@@ -451,7 +488,9 @@ def main(argv: list[str] | None = None) -> int:
         # user's file checked against the data) before Ray starts: a bad file is one line, not a traceback.
         from decrop.prepare import prepare
         from decrop.runtime import release_memory
+        pin_classifier(cfg, args.shelf)  # the shelf's trials were trained against its classifier: take it
         prepared = prepare(cfg)
+        pin_classifier(cfg, args.shelf)  # ...or keep the one trained now there
         # The driver keeps nothing else of it: the clean accuracy, and the classifier's sha256 (trial cache keys).
         clean_accuracy, classifier_sha256 = prepared.clean_accuracy, prepared.budget["classifier_sha256"]
         del prepared
@@ -492,10 +531,12 @@ def main(argv: list[str] | None = None) -> int:
         except (RuntimeError, KeyboardInterrupt) as err:
             killed = isinstance(err, (KeyboardInterrupt, Interrupted))
             study.tracker.finish(study.parent, "KILLED" if killed else "FAILED")
+            shelve(study, args.shelf)
             print(f"error: {study.name} stopped: {err or 'interrupted'}; what finished is kept: rerun the same "
                   f"command with --resume to continue", file=sys.stderr)
             return 1
         study.tracker.finish(study.parent, "FINISHED")
+        shelve(study, args.shelf)
         phase = time.perf_counter()
         report(study)
         print(f"{study.name}: report written in {time.perf_counter() - phase:.0f}s", flush=True)

@@ -38,9 +38,10 @@ from ray.tune import Callback
 
 from decrop.rows import CertRow, average_certified_radius, certified_accuracy, read_rows, write_rows
 
-from .schema import (ATTEMPTS_METRIC, COMMIT_TAG, CURVE_STEPS_PER_UNIT, FAILURE_TAG, FAILURES_METRIC, PARENT_ROLES,
-                     PARENT_TAG, RESULT_TAG, ROLE_TAG, STUDY_TAG, SWEEP_ROLE, TEST_CURVE_METRIC, TERMINAL_STATUSES,
-                     TRIAL_ROLE, TRIAL_TAG, acr_key, certification_prefix, metric_key)
+from .schema import (ATTEMPTS_METRIC, COMMIT_TAG, CURVE_STEPS_PER_UNIT, EPOCH_PREFIXES, FAILURE_TAG,
+                     FAILURES_METRIC, PARENT_ROLES, PARENT_TAG, RESULT_TAG, ROLE_TAG, STUDY_TAG, SWEEP_ROLE,
+                     TEST_CURVE_METRIC, TERMINAL_STATUSES, TRIAL_ROLE, TRIAL_TAG, acr_key, certification_prefix,
+                     metric_key)
 
 log = logging.getLogger(__name__)
 
@@ -229,6 +230,23 @@ class StudyTracker:
                 self.client.set_tag(run_id, key, str(value))
         return run_id
 
+    def epoch_curves(self, trial_id: str) -> list[tuple[int, str, float]] | None:
+        """Trial `trial_id`'s learning curves in this experiment, (epoch, metric, value) for each per-epoch
+        ``train/*`` and ``val/*`` metric (`MlflowStatusCallback`); None when the experiment has no such trial."""
+        if self.client.get_experiment_by_name(self.experiment) is None:
+            return None
+        runs = self._search(f"tags.`{TRIAL_TAG}` = {_quote(trial_id)}")
+        if not runs:
+            return None
+        run_id = runs[0].info.run_id
+        return [(int(m.step), key, float(m.value)) for key in sorted(runs[0].data.metrics)
+                if key.startswith(EPOCH_PREFIXES) for m in self.client.get_metric_history(run_id, key)]
+
+    def log_curves(self, run_id: str, curves: Sequence[tuple[int, str, float]]) -> None:
+        """(epoch, metric, value) triples (`epoch_curves` of another run) logged at their epochs."""
+        now = int(time.time() * 1000)
+        self._log_batch(run_id, [Metric(key, float(value), now, int(epoch)) for epoch, key, value in curves])
+
     def start_attempt(self, run_id: str) -> int:
         """Count a new attempt of the run's trial (`ATTEMPTS_METRIC`); returns its number, 1 for the first."""
         attempt = len(self.client.get_metric_history(run_id, ATTEMPTS_METRIC)) + 1
@@ -308,7 +326,9 @@ class StudyTracker:
     def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int) -> None:
         """Log all `metrics` at `step` in one call; keys (``train/loss``, ``certify/acc_r0.25``) kept as given."""
         now = int(time.time() * 1000)
-        entries = [Metric(key, float(value), now, int(step)) for key, value in metrics.items()]
+        self._log_batch(run_id, [Metric(key, float(value), now, int(step)) for key, value in metrics.items()])
+
+    def _log_batch(self, run_id: str, entries: Sequence[Metric]) -> None:
         for start in range(0, len(entries), 1000):  # MLflow's batch limit
             self.client.log_batch(run_id, metrics=entries[start:start + 1000])
 
@@ -344,9 +364,7 @@ class StudyTracker:
         steps = range(int(top * CURVE_STEPS_PER_UNIT) + 2)
         accuracy = certified_accuracy(rows, [s / CURVE_STEPS_PER_UNIT for s in steps])
         now = int(time.time() * 1000)
-        entries = [Metric(key, float(acc), now, s) for s, acc in zip(steps, accuracy.values())]
-        for start in range(0, len(entries), 1000):
-            self.client.log_batch(run_id, metrics=entries[start:start + 1000])
+        self._log_batch(run_id, [Metric(key, float(acc), now, s) for s, acc in zip(steps, accuracy.values())])
 
     def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
         """Copy a local file (or folder) into the run's artifacts, under `artifact_path` if given."""

@@ -45,8 +45,8 @@ from . import trial_cache
 from .certify_tasks import certify_parallel
 from .space import trial_overrides
 from .torch_backend import torch_trainer
-from .schema import (AGREEMENT_METRIC, BUDGET_PREFIX, FACTOR_TAG, LEVEL_TAG, METHOD_TAG, OBJECTIVE_METRIC, PRESET_TAG,
-                     REUSED_TAG, SEED_TAG, VALIDATION_LABEL, VARIANT_TAG, metric_key)
+from .schema import (AGREEMENT_METRIC, BUDGET_PREFIX, FACTOR_TAG, LEVEL_TAG, METHOD_TAG, NOT_KEPT, OBJECTIVE_METRIC,
+                     PRESET_TAG, REUSED_TAG, SEED_TAG, VALIDATION_LABEL, VARIANT_TAG, WEIGHTS_TAG, metric_key)
 from .tracking import StudyTracker
 
 
@@ -70,6 +70,7 @@ class StudySettings:
     validate: bool = True
     test: bool = False
     classifier_sha256: str = ""  # of the classifier's file (a trial cache key must change with the classifier)
+    shelf: str = ""  # absolute folder of committed finished trials (tuning.trial_cache), also consulted for a result
 
 
 def trial_point(params: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
@@ -193,7 +194,7 @@ class Trial:
     def run(self) -> dict[str, float]:
         """Every phase after `open`; returns the result to report (also saved in the run)."""
         key = self.cache_key()
-        cached = trial_cache.load(self.cfg.cache_dir, key) if key else None
+        cached = trial_cache.load(self.cfg.cache_dir, key, self.settings.shelf) if key else None
         data = self.prepare(generate_samples=self.method == "decrop" and cached is None)
         if cached is not None:
             self.reuse(cached)
@@ -222,14 +223,18 @@ class Trial:
         self.clock.record(data["times"])
         return data
 
-    def reuse(self, cached: tuple) -> None:
-        source_weights, rows, source = cached
-        self.tracker.set_tag(self.run_id, REUSED_TAG, source)
-        if self.weights is not None:
+    def reuse(self, cached: trial_cache.Cached) -> None:
+        """The cached (or shelved) result as this trial's: its weights (a shelved trial has none: tag
+        `WEIGHTS_TAG`), its learning curves where they were kept, and its test rows."""
+        self.tracker.set_tag(self.run_id, REUSED_TAG, cached.source)
+        if self.weights is not None and cached.weights is not None:
             self.weights.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(source_weights, self.weights)
+            shutil.copyfile(cached.weights, self.weights)
             _log_weights(self.tracker, self.run_id, self.weights, self.cfg)
-        self.metrics.update(self.tracker.log_certification(self.run_id, rows, self.cfg.certify.radii,
+        elif cached.denoiser:
+            self.tracker.set_tag(self.run_id, WEIGHTS_TAG, NOT_KEPT)
+        self.tracker.log_curves(self.run_id, cached.curves)
+        self.metrics.update(self.tracker.log_certification(self.run_id, cached.rows, self.cfg.certify.radii,
                                                            f"test_{self.label}"))
         self.clock.lap("reused")
 

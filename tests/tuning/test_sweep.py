@@ -260,6 +260,44 @@ def test_every_preset_runs_in_a_smoke_setting(local_ray, tmp_path, preset, capsy
     assert (tmp_path / f"quick-{preset}" / "report" / "report.html").exists()
 
 
+@pytest.mark.ray
+def test_a_shelved_study_is_taken_whole_by_a_fresh_machine(local_ray, tmp_path, capsys):
+    """--shelf: a study's finished trials, kept in a folder (rows, learning curves and the classifier; no weights),
+    are what a fresh machine (an empty cache, a new store) takes instead of computing them again."""
+    from tuning.schema import NOT_KEPT, REUSED_TAG, WEIGHTS_TAG
+    shelf = tmp_path / "shelf"
+
+    def study(machine: str) -> dict:
+        args = ["--preset", "sigma", "--seeds", "0", "--levels", "0.25", "--storage", str(tmp_path / machine),
+                "--shelf", str(shelf)]
+        for item in [*TINY, "data.test_every=2000", "data.percent=0.2", f"cache_dir={tmp_path / machine}/cache"]:
+            args += ["--set", item]
+        assert sweep.main(args) == 0, capsys.readouterr().err
+        uri = default_tracking_uri(tmp_path / machine / "quick-sigma")
+        return {child.data.tags["decrop.method"]: (child, mlflow.MlflowClient(uri))
+                for child in _children(uri, "quick-sigma")[1]}
+
+    first = study("a")
+    assert "3 finished trial(s) added to the shelf" in capsys.readouterr().out
+    assert not list(shelf.rglob("denoiser.pt")) and str(tmp_path) not in "".join(
+        path.read_text() for path in shelf.rglob("*.json"))  # no weights, no path of the machine
+    second = study("b")
+    out = capsys.readouterr().out
+    assert "0 finished trial(s) added" in out, out[-2000:]
+    classifiers = [next((tmp_path / machine / "cache" / "classifiers").glob("*.pt")) for machine in "ab"]
+    assert classifiers[0].read_bytes() == classifiers[1].read_bytes()  # b took a's classifier, trained none
+    assert set(first) == set(second) == {"decrop", "baseline", "none"}
+    for method, (run, client) in second.items():
+        computed, computed_client = first[method]
+        assert run.data.tags[REUSED_TAG] == f"quick-sigma/{computed.data.tags['decrop.trial_id']}"
+        assert run.data.tags.get(WEIGHTS_TAG) == (None if method == "none" else NOT_KEPT)
+        acr = f"certify_test_{method}/acr"
+        assert run.data.metrics[acr] == computed.data.metrics[acr]
+        curves = [[(m.step, m.value) for m in c.get_metric_history(r.info.run_id, "val/agreement")]
+                  for r, c in ((run, client), (computed, computed_client))]
+        assert curves[0] == curves[1] and (method == "none") == (not curves[0])  # the learning curve, whole
+
+
 def test_the_ray_token_file_is_made_private_but_never_through_a_symlink(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
     token = tmp_path / "auth_token"
