@@ -16,6 +16,7 @@ import ast
 import math
 import shlex
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -144,7 +145,7 @@ def _study(kind: str, parent: pd.Series, trials: pd.DataFrame, rows: dict, label
 def resume_command(parent: pd.Series, study: str, preset: str) -> str:
     """The command that continues the preset study of `parent` as it was started (its profile, --set overrides,
     seeds and levels, from the parent's params; `tuning/sweep.py` refuses a --resume that differs), with the store
-    as STORE."""
+    as STORE and its shelf (`--shelf`) where it had one."""
     def listed(key: str) -> list[str]:
         text = parent.get(f"params.{key}")
         try:
@@ -156,10 +157,12 @@ def resume_command(parent: pd.Series, study: str, preset: str) -> str:
     profile = profile if isinstance(profile, str) else "quick"
     seeds, levels = " ".join(listed("seeds")), " ".join(listed("levels"))
     overrides = [f"--set {shlex.quote(item)}" for item in listed("set")]
+    shelf = parent.get("params.shelf")  # a folder of the repository (results), or SHELF: no path of a machine
+    shelf = (shelf if not Path(shelf).is_absolute() else "SHELF") if isinstance(shelf, str) else ""
     return " ".join(["python tuning/sweep.py", f"--profile {profile}", *overrides, f"--preset {preset}",
                      *([f"--seeds {seeds}"] if seeds else []), *([f"--levels {levels}"] if levels else []),
                      *([f"--study {study}"] if study != f"{profile}-{preset}" else []),
-                     "--mlflow-uri STORE --resume"])
+                     "--mlflow-uri STORE", *([f"--shelf {shlex.quote(shelf)}"] if shelf else []), "--resume"])
 
 
 def find_studies(runs: pd.DataFrame, rows: dict[tuple[str, str], list[CertRow]]) -> list[StudyArms]:

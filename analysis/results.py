@@ -84,7 +84,7 @@ def results_markdown(sections: list[StudySection], provenance: str, command: str
             summary.append({"claim": f"{name} ({preset.claim.source})", "verdict": "waiting",
                             "why": f"not run with these rules yet: python tuning/sweep.py --profile studies "
                                    f"--preset {name} --seeds {' '.join(map(str, seeds_for(name)))} "
-                                   f"--mlflow-uri STORE --resume", "certified accuracy (%), r = 0 / 0.25 / 0.5": "",
+                                   f"--mlflow-uri STORE --shelf results --resume", "certified accuracy (%), r = 0 / 0.25 / 0.5": "",
                             "earlier verdict": EARLIER_VERDICTS.get(name, "")})
             continue
         v = section.verdict

@@ -291,10 +291,11 @@ def preflight(name: str, args: argparse.Namespace, base: dict[str, Any]) -> None
 
 # What a resumed study must share with the command that started it: Tune restores the trials it started with, so
 # other seeds, levels or trial counts would never run, and another profile or --set would train the trials still
-# to run differently from those already done. The training layout (workers, GPUs) may change between sittings.
+# to run differently from those already done. The training layout (workers, GPUs)
+# and the shelf may change between sittings.
 # The --set strings are logged for the command that continues the study (`analysis.arms.resume_command`); their
 # effect is compared through the flat config (base.*), so another spelling of the same override is accepted.
-UNCHECKED_PARAMS = ("workers_per_trial", "gpus_per_worker", "set")
+UNCHECKED_PARAMS = ("workers_per_trial", "gpus_per_worker", "set", "shelf")
 
 
 def study_params(name: str, args: argparse.Namespace, base: dict[str, Any], classifier_sha256: str = ""
@@ -307,6 +308,7 @@ def study_params(name: str, args: argparse.Namespace, base: dict[str, Any], clas
             **({"num_trials": args.num_trials, "seed": args.seed, "confirm_seeds": args.confirm_seeds}
                if preset is None else {"factor": preset.key, "seeds": args.seeds, "levels": args.levels or "all"}),
             **({"classifier_sha256": classifier_sha256} if classifier_sha256 else {}),
+            **({"shelf": str(shelf_path(args.shelf))} if args.shelf is not None else {}),
             **{f"base.{k}": v for k, v in base.items()}}
 
 
@@ -447,7 +449,7 @@ def pin_classifier(cfg, shelf: Path | None) -> None:
 def shelf_path(shelf: Path) -> Path:
     """The shelf's folder: absolute, or relative to the repository where it lies inside it (a Ray job's working
     directory is a copy of the repository, so the trials find it there under the same relative path)."""
-    path = shelf.expanduser().resolve()
+    path = Path(os.path.abspath(shelf.expanduser()))  # not resolved: a link inside the repository stays inside
     return path.relative_to(REPO) if path.is_relative_to(REPO) else path
 
 

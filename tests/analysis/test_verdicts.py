@@ -106,6 +106,11 @@ def test_a_study_under_way_names_the_command_that_continues_it():
     overridden = pd.Series({**parent, "params.set": "['train.epochs=40', 'data.name=my images']"})
     with_set = resume_command(overridden, "studies-sigma", "sigma")
     assert "--set train.epochs=40 --set 'data.name=my images'" in with_set
+    shelved = resume_command(pd.Series({**parent, "params.shelf": "results"}), "studies-sigma", "sigma")
+    assert shelved.endswith("--mlflow-uri STORE --shelf results --resume")
+    assert sweep.parse_args(shelved.split()[2:]).shelf == Path("results")
+    elsewhere = resume_command(pd.Series({**parent, "params.shelf": "/home/me/shelf"}), "studies-sigma", "sigma")
+    assert "--shelf SHELF" in elsewhere and "/home/me" not in elsewhere  # no path of the machine
     assert sweep.parse_args(shlex.split(with_set)[2:]).overrides == ["train.epochs=40", "data.name=my images"]
     claim = PRESETS["sigma"].claim
     section = StudySection("h", [], {}, preset="sigma", claim=claim, verdict=verdict(sigma_study(seeds=3), claim),
