@@ -461,10 +461,10 @@ def shelve(study: Study, shelf: Path | None) -> None:
     from tuning import trial_cache
     from tuning.tracking import StudyTracker
 
-    def curves_of(source: str) -> list[tuple[int, str, float]] | None:
+    def finished(source: str) -> tuple[str, list[tuple[int, str, float]]] | None:
         experiment, _, trial_id = source.rpartition("/")
-        return StudyTracker(study.settings.tracking_uri, experiment).epoch_curves(trial_id)
-    added = trial_cache.shelve(study.settings.base["cache_dir"], str(shelf_path(shelf)), curves_of)
+        return StudyTracker(study.settings.tracking_uri, experiment).finished_trial(trial_id)
+    added = trial_cache.shelve(study.settings.base["cache_dir"], str(shelf_path(shelf)), finished)
     print(f"{study.name}: {added} finished trial(s) added to the shelf {shelf}", flush=True)
 
 
@@ -490,7 +490,10 @@ def main(argv: list[str] | None = None) -> int:
         # user's file checked against the data) before Ray starts: a bad file is one line, not a traceback.
         from decrop.prepare import prepare
         from decrop.runtime import release_memory
+        from tuning.trial_cache import other_code
         pin_classifier(cfg, args.shelf)  # the shelf's trials were trained against its classifier: take it
+        if args.shelf is not None and (warning := other_code(str(shelf_path(args.shelf)))):
+            print(f"warning: {warning}", file=sys.stderr, flush=True)
         prepared = prepare(cfg)
         pin_classifier(cfg, args.shelf)  # ...or keep the one trained now there
         # The driver keeps nothing else of it: the clean accuracy, and the classifier's sha256 (trial cache keys).

@@ -230,20 +230,22 @@ class StudyTracker:
                 self.client.set_tag(run_id, key, str(value))
         return run_id
 
-    def epoch_curves(self, trial_id: str) -> list[tuple[int, str, float]] | None:
-        """Trial `trial_id`'s learning curves in this experiment, (epoch, metric, value) for each per-epoch
-        ``train/*`` and ``val/*`` metric (`MlflowStatusCallback`); None when the experiment has no such trial."""
+    def finished_trial(self, trial_id: str) -> tuple[str, list[tuple[int, str, float]]] | None:
+        """(the commit that ran trial `trial_id` of this experiment, its learning curves: (epoch, metric, value)
+        for each per-epoch ``train/*`` and ``val/*`` metric, `MlflowStatusCallback`); None when the experiment has
+        no such trial."""
         if self.client.get_experiment_by_name(self.experiment) is None:
             return None
         runs = self._search(f"tags.`{TRIAL_TAG}` = {_quote(trial_id)}")
         if not runs:
             return None
-        run_id = runs[0].info.run_id
-        return [(int(m.step), key, float(m.value)) for key in sorted(runs[0].data.metrics)
-                if key.startswith(EPOCH_PREFIXES) for m in self.client.get_metric_history(run_id, key)]
+        run = runs[0]
+        return run.data.tags.get(COMMIT_TAG, "unknown"), [
+            (int(m.step), key, float(m.value)) for key in sorted(run.data.metrics) if key.startswith(EPOCH_PREFIXES)
+            for m in self.client.get_metric_history(run.info.run_id, key)]
 
     def log_curves(self, run_id: str, curves: Sequence[tuple[int, str, float]]) -> None:
-        """(epoch, metric, value) triples (`epoch_curves` of another run) logged at their epochs."""
+        """(epoch, metric, value) triples (`finished_trial`'s curves of another run) logged at their epochs."""
         now = int(time.time() * 1000)
         self._log_batch(run_id, [Metric(key, float(value), now, int(epoch)) for epoch, key, value in curves])
 

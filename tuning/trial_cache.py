@@ -144,25 +144,40 @@ def store(cache_dir: str, key: str, weights: Path | None, rows: list[CertRow], s
     _put(_folder(cache_dir, key), write)
 
 
-def shelve(cache_dir: str, shelf: str, curves_of: Callable[[str], list[tuple[int, str, float]] | None]) -> int:
-    """Each cache entry not on the shelf yet whose trial `curves_of(source)` knows (None: its run is in another
-    store, and it waits for that store's study), copied onto the shelf with those curves and without its
-    weights; the number shelved."""
+def shelve(cache_dir: str, shelf: str, finished: Callable[[str], tuple[str, list[tuple[int, str, float]]] | None]
+           ) -> int:
+    """Each cache entry not on the shelf yet whose trial `finished(source)` knows ((the commit that ran it, its
+    curves); None: its run is in another store, and it waits for that store's study), copied onto the shelf with
+    those curves and that commit, without its weights; the number shelved."""
     shelved = 0
     for folder in sorted((expand_path(cache_dir) / "trials").glob("[!.]*")):
         target = _shelf(shelf) / "trials" / folder.name
         if not (folder / "meta.json").is_file() or target.exists():
             continue
-        curves = curves_of(json.loads((folder / "meta.json").read_text())["source"])
-        if curves is None:
+        meta = json.loads((folder / "meta.json").read_text())
+        found = finished(meta["source"])
+        if found is None:
             continue
 
-        def write(work: Path, entry: Path = folder, kept: list = curves) -> None:
-            for name in ("test.tsv", "meta.json"):
-                shutil.copyfile(entry / name, work / name)
-            _write_curves(kept, work / CURVES)
+        def write(work: Path, entry: Path = folder, commit: str = found[0], curves: list = found[1]) -> None:
+            shutil.copyfile(entry / "test.tsv", work / "test.tsv")
+            (work / "meta.json").write_text(json.dumps({**json.loads((entry / "meta.json").read_text()),
+                                                        "commit": commit}))
+            _write_curves(curves, work / CURVES)
         shelved += _put(target, write)
     return shelved
+
+
+def other_code(shelf: str) -> str:
+    """A line for a shelf none of whose trials this checkout's code computed (their keys hold the code's hash, so
+    none would be reused), naming the commit to continue them from; "" when some match or the shelf is empty."""
+    metas = [json.loads(path.read_text()) for path in (_shelf(shelf) / "trials").glob("*/meta.json")]
+    if not metas or any(meta["code"] == code_hash() for meta in metas):
+        return ""
+    commits = sorted({meta.get("commit", "unknown")[:12] for meta in metas})
+    return (f"the shelf {shelf} holds {len(metas)} trial(s) computed by other code than this checkout's "
+            f"(decrop/, {', '.join(SOURCES[1:])}): none will be reused. To continue them, run from their commit "
+            f"({', '.join(commits)}), e.g. git worktree add ../reruns {commits[0]}")
 
 
 def pin_classifier(classifier: Path, shelf: str) -> None:

@@ -58,7 +58,7 @@ def test_the_shelf_keeps_rows_and_curves_without_weights_and_a_fresh_cache_finds
     trial_cache.store(cache, trained, weights, ROWS, "sigma/trial-1")
     trial_cache.store(cache, reference, None, ROWS[:1], "sigma/trial-2")
     trial_cache.store(cache, elsewhere, weights, ROWS, "other-store/trial-3")
-    known = {"sigma/trial-1": CURVES, "sigma/trial-2": []}
+    known = {"sigma/trial-1": ("abc123", CURVES), "sigma/trial-2": ("abc123", [])}
     assert trial_cache.shelve(cache, shelf, known.get) == 2  # trial-3's run is not in this store: it waits
     assert trial_cache.shelve(cache, shelf, known.get) == 0  # nothing twice
     assert not list((tmp_path / "shelf").rglob("*.pt"))  # no weights on the shelf
@@ -70,6 +70,17 @@ def test_the_shelf_keeps_rows_and_curves_without_weights_and_a_fresh_cache_finds
     assert sorted(shelved.curves) == sorted(CURVES)  # values at full precision
     assert trial_cache.load(str(tmp_path / "fresh"), reference, shelf).denoiser is False
     assert trial_cache.load(cache, trained, shelf).weights is not None  # the cache, where it has the entry, first
+
+
+def test_a_shelf_of_other_code_is_named_with_the_commit_to_continue_from(tmp_path, monkeypatch):
+    cache, shelf = str(tmp_path / "cache"), str(tmp_path / "shelf")
+    assert trial_cache.other_code(shelf) == ""  # no shelf yet
+    trial_cache.store(cache, "k1", None, ROWS, "sigma/trial-1")
+    trial_cache.shelve(cache, shelf, {"sigma/trial-1": ("0123456789abcdef", [])}.get)
+    assert trial_cache.other_code(shelf) == ""  # computed by this code
+    monkeypatch.setattr(trial_cache, "code_hash", lambda: "changed code")
+    line = trial_cache.other_code(shelf)
+    assert "1 trial(s) computed by other code" in line and "git worktree add ../reruns 0123456789ab" in line
 
 
 def test_the_classifier_is_pinned_to_the_shelfs_copy(tmp_path):
