@@ -80,18 +80,18 @@ def results_markdown(sections: list[StudySection], provenance: str, command: str
         if preset.claim is None:
             continue
         section = by_preset.get(name)
+        claim, earlier = f"{name} ({preset.claim.source})", EARLIER_VERDICTS.get(name, "")
         if section is None or section.verdict is None:
-            summary.append({"claim": f"{name} ({preset.claim.source})", "verdict": "waiting",
+            summary.append({"claim": claim, "verdict": "waiting",
                             "why": f"not run with these rules yet: python tuning/sweep.py --profile studies "
                                    f"--preset {name} --seeds {' '.join(map(str, seeds_for(name)))} "
-                                   f"--mlflow-uri STORE --shelf results --resume", "certified accuracy (%), r = 0 / 0.25 / 0.5": "",
-                            "earlier verdict": EARLIER_VERDICTS.get(name, "")})
+                                   f"--mlflow-uri STORE --shelf results --resume",
+                            "certified accuracy (%), r = 0 / 0.25 / 0.5": "", "earlier verdict": earlier})
             continue
         v = section.verdict
         under_way = "; the study is under way (its command is below)" if section.resume else ""
-        summary.append({"claim": f"{name} ({preset.claim.source})", "verdict": v.word, "why": v.reason + under_way,
-                        "certified accuracy (%), r = 0 / 0.25 / 0.5": _numbers(section),
-                        "earlier verdict": EARLIER_VERDICTS.get(name, "")})
+        summary.append({"claim": claim, "verdict": v.word, "why": v.reason + under_way,
+                        "certified accuracy (%), r = 0 / 0.25 / 0.5": _numbers(section), "earlier verdict": earlier})
         details += [f"### {name}: {preset.claim.source}", "", f"> {preset.claim.quote}", ""]
         if preset.claim.note:
             details += [preset.claim.note, ""]
