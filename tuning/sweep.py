@@ -291,8 +291,8 @@ def preflight(name: str, args: argparse.Namespace, base: dict[str, Any]) -> None
 
 # What a resumed study must share with the command that started it: Tune restores the trials it started with, so
 # other seeds, levels or trial counts would never run, and another profile or --set would train the trials still
-# to run differently from those already done. The training layout (workers, GPUs)
-# and the shelf may change between sittings.
+# to run differently from those already done. The training layout (workers, GPUs) and the shelf may change
+# between sittings.
 # The --set strings are logged for the command that continues the study (`analysis.arms.resume_command`); their
 # effect is compared through the flat config (base.*), so another spelling of the same override is accepted.
 UNCHECKED_PARAMS = ("workers_per_trial", "gpus_per_worker", "set", "shelf")

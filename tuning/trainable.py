@@ -70,7 +70,7 @@ class StudySettings:
     validate: bool = True
     test: bool = False
     classifier_sha256: str = ""  # of the classifier's file (a trial cache key must change with the classifier)
-    shelf: str = ""  # absolute folder of committed finished trials (tuning.trial_cache), also consulted for a result
+    shelf: str = ""  # folder of committed finished trials (tuning.trial_cache; relative: in the repository)
 
 
 def trial_point(params: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
