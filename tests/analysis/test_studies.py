@@ -192,7 +192,7 @@ def test_results_page_is_generated_from_the_stores_verdicts(store, tmp_path):
         assert rows["mixing (supplementary, fig 3)"] == word
     assert "Provenance: commit" in text and "seeds 0, 1, 2" in text and "/tmp" not in text
     assert ("python tuning/sweep.py --profile studies --preset attack --seeds 0 1 2 3 4 5 6 7 8 9 --mlflow-uri STORE "
-            "--resume") in text  # a headline claim: 10 seeds
+            "--shelf results --resume") in text  # a headline claim: 10 seeds, its trials kept on the shelf
 
 
 @pytest.fixture(scope="module")
