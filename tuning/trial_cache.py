@@ -74,6 +74,9 @@ def _shelf(shelf: str) -> Path:
     return path if path.is_absolute() else REPO / path
 
 
+CURVES = "curves.tsv"  # epoch, metric, value: a shelved trial's learning curves
+
+
 @dataclass(frozen=True)
 class Cached:
     """A finished trial's result: its denoiser's weights file (None for no denoiser, or on the shelf, which keeps
@@ -97,9 +100,6 @@ def load(cache_dir: str, key: str, shelf: str = "") -> Cached | None:
                           read_rows(folder / "test.tsv"), meta["source"], bool(meta["denoiser"]),
                           _read_curves(folder / CURVES))
     return None
-
-
-CURVES = "curves.tsv"  # epoch, metric, value: a shelved trial's learning curves
 
 
 def _read_curves(path: Path) -> list[tuple[int, str, float]]:
