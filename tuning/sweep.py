@@ -458,12 +458,16 @@ def shelve(study: Study, shelf: Path | None) -> None:
     learning curves from the store) added to the shelf, so that a fresh machine finds them."""
     if shelf is None:
         return
+    from functools import cache
+
     from tuning import trial_cache
     from tuning.tracking import StudyTracker
 
+    tracker = cache(lambda experiment: StudyTracker(study.settings.tracking_uri, experiment))  # one per experiment
+
     def finished(source: str) -> tuple[str, list[tuple[int, str, float]]] | None:
         experiment, _, trial_id = source.rpartition("/")
-        return StudyTracker(study.settings.tracking_uri, experiment).finished_trial(trial_id)
+        return tracker(experiment).finished_trial(trial_id)
     added = trial_cache.shelve(study.settings.base["cache_dir"], str(shelf_path(shelf)), finished)
     print(f"{study.name}: {added} finished trial(s) added to the shelf {shelf}", flush=True)
 

@@ -184,12 +184,17 @@ class StudyTracker:
     def existing_parent(self, study: str, role: str) -> str | None:
         """The id of `study`'s parent run, if the experiment and the run exist; creates nothing (a check before
         any work starts)."""
+        existing = self._search_existing(f"tags.`{STUDY_TAG}` = {_quote(study)} and tags.`{ROLE_TAG}` = "
+                                         f"{_quote(role)}")
+        return existing[0].info.run_id if existing else None
+
+    def _search_existing(self, filter_string: str) -> list[Run]:
+        """`_search`, where the experiment exists (and is not deleted); [] otherwise, creating nothing."""
         experiment = self.client.get_experiment_by_name(self.experiment)
         if experiment is None or experiment.lifecycle_stage == "deleted":
-            return None
+            return []
         self._experiment_id = experiment.experiment_id
-        existing = self._search(f"tags.`{STUDY_TAG}` = {_quote(study)} and tags.`{ROLE_TAG}` = {_quote(role)}")
-        return existing[0].info.run_id if existing else None
+        return self._search(filter_string)
 
     def find_trial_run(self, parent_run_id: str, trial_id: str) -> str | None:
         """The id of Tune trial `trial_id`'s child run under the parent run, or None."""
@@ -234,9 +239,7 @@ class StudyTracker:
         """(the commit that ran trial `trial_id` of this experiment, its learning curves: (epoch, metric, value)
         for each per-epoch ``train/*`` and ``val/*`` metric, `MlflowStatusCallback`); None when the experiment has
         no such trial."""
-        if self.client.get_experiment_by_name(self.experiment) is None:
-            return None
-        runs = self._search(f"tags.`{TRIAL_TAG}` = {_quote(trial_id)}")
+        runs = self._search_existing(f"tags.`{TRIAL_TAG}` = {_quote(trial_id)}")
         if not runs:
             return None
         run = runs[0]
